@@ -1,0 +1,109 @@
+#pragma once
+// The HDF5 Q/K(/V) store (schema: DESIGN.md). One file per (model, prompt):
+//   /             attributes model, source, num_layers, num_q_heads, num_kv_heads, head_dim,
+//                 seq_len, rope_theta, rope_applied, dtype, prompt_sha256, creator
+//   /layers/NN/q  [Hq, N, d]   /layers/NN/k, /layers/NN/v  [Hkv, N, d]   (float16 or float32)
+//   /tokens       int32 [N]    /needle (group, optional) attributes position, text
+// Layers are read one at a time (memory O(one layer)). Every read validates shapes and
+// attributes against each other and throws Error naming the file, dataset and mismatch.
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "proxyattn/dtype.hpp"
+#include "proxyattn/tensor.hpp"
+
+namespace proxyattn {
+
+struct Needle {
+  int64_t position = 0;  // token index where the needle sentence starts
+  std::string text;
+};
+
+struct StoreMeta {
+  std::string model;
+  std::string source;
+  int num_layers = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int64_t seq_len = 0;
+  double rope_theta = 10000.0;
+  bool rope_applied = true;
+  DType dtype = DType::f16;
+  std::string prompt_sha256;
+  std::string creator;
+  std::optional<Needle> needle;
+};
+
+// One layer's tensors, float32 in memory.
+struct LayerData {
+  int layer = 0;
+  Tensor3 q, k;           // [Hq, N, d], [Hkv, N, d]
+  std::optional<Tensor3> v;
+};
+
+// Which of q/k/v a dataset is.
+enum class Tensor { q, k, v };
+
+struct ReadOptions {
+  bool allow_nonfinite = false;  // otherwise NaN/Inf in a read dataset is an Error
+};
+
+class StoreReader {
+ public:
+  explicit StoreReader(const std::string& path, ReadOptions opts = {});
+  ~StoreReader();
+  StoreReader(StoreReader&&) noexcept;
+  StoreReader& operator=(StoreReader&&) noexcept;
+
+  const std::string& path() const;
+  const StoreMeta& meta() const;
+  // Layer ids present under /layers, ascending.
+  const std::vector<int>& layers() const;
+  bool has_v(int layer) const;
+  bool has_tokens() const;
+
+  LayerData read_layer(int layer, bool with_v = true) const;
+  // A window of one dataset: heads [h0, h1), tokens [t0, t1). Reads only that hyperslab.
+  Tensor3 read(int layer, Tensor which, int64_t h0, int64_t h1, int64_t t0, int64_t t1) const;
+  std::vector<int32_t> tokens() const;
+  // Storage dtype of a dataset as found in the file.
+  DType dataset_dtype(int layer, Tensor which) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct WriteOptions {
+  DType dtype = DType::f16;  // f16 or f32
+  int64_t chunk_tokens = 1024;
+  bool gzip = false;         // shuffle + gzip(4)
+};
+
+// Writes to "<path>.tmp-<pid>" and renames to path in commit(); a writer destroyed without
+// commit() removes its temporary file, so a failed run never leaves a partial store.
+class StoreWriter {
+ public:
+  StoreWriter(const std::string& path, const StoreMeta& meta, WriteOptions opts = {});
+  ~StoreWriter();
+  StoreWriter(const StoreWriter&) = delete;
+  StoreWriter& operator=(const StoreWriter&) = delete;
+
+  // q [Hq, N, d], k and v [Hkv, N, d]; shapes checked against meta.
+  void write_layer(int layer, ConstView q, ConstView k, const ConstView* v = nullptr);
+  void write_tokens(const std::vector<int32_t>& tokens);
+  void commit();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+std::string_view tensor_name(Tensor t);  // "q", "k", "v"
+Tensor parse_tensor(std::string_view s);
+
+}  // namespace proxyattn

@@ -1,0 +1,43 @@
+#include "proxyattn/tensor.hpp"
+
+#include <cmath>
+
+namespace proxyattn {
+
+Tensor3::Tensor3(int64_t heads, int64_t tokens, int64_t dim, float fill)
+    : heads_(heads), tokens_(tokens), dim_(dim) {
+  if (heads < 0 || tokens < 0 || dim < 0) throw Error("negative tensor shape");
+  data_.assign(static_cast<size_t>(heads * tokens * dim), fill);
+}
+
+Tensor3 to_tensor(ConstView v) {
+  Tensor3 t(v.heads, v.tokens, v.dim);
+  for (int64_t h = 0; h < v.heads; ++h)
+    for (int64_t n = 0; n < v.tokens; ++n) {
+      const float* src = v.row(h, n);
+      std::copy(src, src + v.dim, t.row(h, n));
+    }
+  return t;
+}
+
+FiniteCount count_nonfinite(ConstView v) {
+  FiniteCount c;
+  for (int64_t h = 0; h < v.heads; ++h)
+    for (int64_t n = 0; n < v.tokens; ++n) {
+      const float* r = v.row(h, n);
+      for (int64_t i = 0; i < v.dim; ++i) {
+        if (std::isnan(r[i])) ++c.nan;
+        else if (std::isinf(r[i])) ++c.inf;
+      }
+    }
+  return c;
+}
+
+void require_finite(ConstView v, const std::string& what) {
+  const FiniteCount c = count_nonfinite(v);
+  if (!c.ok())
+    throw Error(what + ": " + std::to_string(c.nan) + " NaN and " + std::to_string(c.inf) +
+                " Inf values (use --allow-nonfinite to read anyway)");
+}
+
+}  // namespace proxyattn
