@@ -14,6 +14,7 @@ APT_PACKAGES=(
   libgtest-dev           # tests
   libbenchmark-dev       # proxyattn-bench
   libtomlplusplus-dev    # optional: TOML model configs
+  libopenmpi-dev openmpi-bin   # optional: split analysis/benchmark work across MPI ranks
   python3-venv           # the scripts' venv
 )
 missing=()
