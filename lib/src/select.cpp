@@ -1,0 +1,227 @@
+// Selection of key blocks per (head, query block) into a BlockMask.
+#include "proxyattn/select.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "estimator_util.hpp"
+#include "proxyattn/error.hpp"
+
+namespace proxyattn {
+
+namespace {
+
+void check_scores(const BlockScores& s, const char* who) {
+  if (s.heads <= 0 || s.num_blocks <= 0 || s.block <= 0 ||
+      s.score.size() != static_cast<size_t>(s.heads) * s.num_blocks * s.num_blocks)
+    throw Error(std::string(who) + ": block scores of '" + s.method + "' are empty or mis-shaped");
+}
+
+void check_options(const SelectOptions& o) {
+  if (o.local_window < 0)
+    throw Error("select: local_window = " + std::to_string(o.local_window) + " must be >= 0");
+}
+
+// Forced flags of row i into `forced` (size >= i + 1); returns their count.
+int mark_forced(int i, const SelectOptions& o, std::vector<uint8_t>& forced) {
+  std::fill(forced.begin(), forced.begin() + i + 1, 0);
+  if (o.sink) forced[0] = 1;
+  if (o.diagonal) forced[i] = 1;
+  for (int w = 1; w <= o.local_window && i - w >= 0; ++w) forced[i - w] = 1;
+  int n = 0;
+  for (int j = 0; j <= i; ++j) n += forced[j];
+  return n;
+}
+
+int forced_count(int i, const SelectOptions& o) {
+  std::vector<uint8_t> f(i + 1);
+  return mark_forced(i, o, f);
+}
+
+// Score order for ranking: NaN lowest.
+inline bool better(float a, float b) {
+  if (std::isnan(a)) return false;
+  if (std::isnan(b)) return true;
+  return a > b;
+}
+
+// Blocks of row i: forced ones, then by descending score (ties lower j) up to the row total.
+void select_row(const float* score, int i, int64_t budget, const SelectOptions& o,
+                std::vector<uint8_t>& forced, std::vector<int32_t>& out) {
+  out.clear();
+  const int nf = mark_forced(i, o, forced);
+  const int64_t total = std::max<int64_t>(nf, std::min<int64_t>(budget, i + 1));
+  if (total >= i + 1) {
+    for (int j = 0; j <= i; ++j) out.push_back(j);
+    return;
+  }
+  std::vector<int32_t> rest;
+  for (int j = 0; j <= i; ++j) (forced[j] ? out : rest).push_back(j);
+  const size_t take = static_cast<size_t>(total - nf);
+  std::partial_sort(rest.begin(), rest.begin() + take, rest.end(), [&](int32_t a, int32_t b) {
+    if (better(score[a], score[b])) return true;
+    if (better(score[b], score[a])) return false;
+    return a < b;
+  });
+  out.insert(out.end(), rest.begin(), rest.begin() + take);
+  std::sort(out.begin(), out.end());
+}
+
+// Mask from per-row budgets row_k(h, i).
+template <class RowK>
+BlockMask select_with(const BlockScores& s, const SelectOptions& o, RowK&& row_k) {
+  const int nb = s.num_blocks;
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(s.heads) * nb);
+  detail::parallel_for(s.heads, [&](int64_t h) {
+    std::vector<uint8_t> forced(nb);
+    for (int i = 0; i < nb; ++i)
+      select_row(s.row(static_cast<int>(h), i), i, row_k(static_cast<int>(h), i), o, forced,
+                 rows[static_cast<size_t>(h) * nb + i]);
+  });
+  std::vector<int32_t> indptr{0}, indices;
+  for (const auto& r : rows) {
+    indices.insert(indices.end(), r.begin(), r.end());
+    indptr.push_back(static_cast<int32_t>(indices.size()));
+  }
+  return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
+}
+
+double causal_blocks(int nb) { return 0.5 * nb * (nb + 1.0); }
+
+}  // namespace
+
+std::string_view density_rule_name(DensityRule r) {
+  switch (r) {
+    case DensityRule::row_uniform: return "row_uniform";
+    case DensityRule::head_global: return "head_global";
+    case DensityRule::native_adjust: return "native_adjust";
+  }
+  return "?";
+}
+
+DensityRule parse_density_rule(std::string_view s) {
+  if (s == "row_uniform") return DensityRule::row_uniform;
+  if (s == "head_global") return DensityRule::head_global;
+  if (s == "native_adjust") return DensityRule::native_adjust;
+  throw Error("unknown density rule '" + std::string(s) + "' (valid: row_uniform, head_global, native_adjust)");
+}
+
+BlockMask select_blocks(const BlockScores& s, const Budgets& b, const SelectOptions& o) {
+  check_scores(s, "select_blocks");
+  check_options(o);
+  if (b.heads != s.heads || b.num_blocks != s.num_blocks ||
+      b.per_row_k.size() != static_cast<size_t>(s.heads) * s.num_blocks)
+    throw Error("select_blocks: budgets '" + b.kind + "' are for " + std::to_string(b.heads) + " heads x " +
+                std::to_string(b.num_blocks) + " blocks, scores '" + s.method + "' for " + std::to_string(s.heads) +
+                " x " + std::to_string(s.num_blocks));
+  return select_with(s, o, [&](int h, int i) { return static_cast<int64_t>(b.row_k(h, i)); });
+}
+
+BlockMask select_top_k(const BlockScores& s, int k, const SelectOptions& o) {
+  check_scores(s, "select_top_k");
+  check_options(o);
+  if (k < 1) throw Error("select_top_k: k = " + std::to_string(k) + " must be >= 1");
+  return select_with(s, o, [&](int, int) { return static_cast<int64_t>(k); });
+}
+
+BlockMask select_to_density(const BlockScores& s, double density, DensityRule rule, const SelectOptions& o) {
+  check_scores(s, "select_to_density");
+  check_options(o);
+  if (!(density > 0.0 && density <= 1.0))
+    throw Error("select_to_density: density = " + detail::str(density) + " must be in (0, 1]");
+  const int nb = s.num_blocks;
+  std::vector<int> nf(nb);
+  for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
+
+  if (rule == DensityRule::row_uniform) {
+    // Density of a shared per-row k is the same for every head: sum_i max(nf_i, min(k, i+1)).
+    int best_k = 1;
+    double best_err = 2.0;
+    for (int k = 1; k <= nb; ++k) {
+      double sel = 0;
+      for (int i = 0; i < nb; ++i) sel += std::max(nf[i], std::min(k, i + 1));
+      const double err = std::abs(sel / causal_blocks(nb) - density);
+      if (err < best_err - 1e-15) best_err = err, best_k = k;
+    }
+    return select_top_k(s, best_k, o);
+  }
+
+  const bool use_native = rule == DensityRule::native_adjust && s.native.has_value();
+  const int64_t target = std::llround(density * causal_blocks(nb));
+  std::vector<uint8_t> bitmap(static_cast<size_t>(s.heads) * nb * nb, 0);
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    struct Cell {
+      float score;
+      int32_t i, j;
+      uint8_t tier;  // 0 forced, 1 native, 2 other
+    };
+    std::vector<Cell> cells;
+    std::vector<uint8_t> forced(nb);
+    for (int i = 0; i < nb; ++i) {
+      mark_forced(i, o, forced);
+      for (int j = 0; j <= i; ++j) {
+        const uint8_t tier = forced[j] ? 0 : (use_native && s.native->contains(h, i, j) ? 1 : 2);
+        cells.push_back({s.at(h, i, j), i, j, tier});
+      }
+    }
+    std::stable_sort(cells.begin(), cells.end(), [](const Cell& a, const Cell& b) {
+      if (a.tier != b.tier) return a.tier < b.tier;
+      if (better(a.score, b.score)) return true;
+      if (better(b.score, a.score)) return false;
+      return a.i != b.i ? a.i < b.i : a.j < b.j;
+    });
+    int64_t nforced = 0;
+    for (const Cell& c : cells) nforced += c.tier == 0;
+    const int64_t take = std::min<int64_t>(static_cast<int64_t>(cells.size()), std::max(nforced, target));
+    for (int64_t t = 0; t < take; ++t)
+      bitmap[(static_cast<size_t>(h) * nb + cells[t].i) * nb + cells[t].j] = 1;
+  });
+  return BlockMask::from_bitmap(s.heads, s.seq_len, s.block, bitmap);
+}
+
+BlockMask select_budgets_to_density(const BlockScores& s, const Budgets& b, double density,
+                                    const SelectOptions& o, Budgets* scaled) {
+  check_scores(s, "select_budgets_to_density");
+  check_options(o);
+  if (!(density > 0.0 && density <= 1.0))
+    throw Error("select_budgets_to_density: density = " + detail::str(density) + " must be in (0, 1]");
+  if (b.heads != s.heads || b.num_blocks != s.num_blocks ||
+      b.per_row_k.size() != static_cast<size_t>(s.heads) * s.num_blocks)
+    throw Error("select_budgets_to_density: budgets '" + b.kind + "' do not match scores '" + s.method + "'");
+  const int nb = s.num_blocks;
+  std::vector<int> nf(nb);
+  for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
+  auto scaled_k = [&](double c, size_t r) {
+    return static_cast<int32_t>(std::max<int64_t>(1, std::llround(c * b.per_row_k[r])));
+  };
+  // Mean density over heads of the mask that scale c gives (selection keeps
+  // max(forced, min(k, i + 1)) blocks per row, independent of the scores).
+  auto density_of = [&](double c) {
+    double sel = 0;
+    for (int h = 0; h < s.heads; ++h)
+      for (int i = 0; i < nb; ++i) {
+        const size_t r = static_cast<size_t>(h) * nb + i;
+        sel += std::max<int64_t>(nf[i], std::min<int64_t>(scaled_k(c, r), i + 1));
+      }
+    return sel / (causal_blocks(nb) * s.heads);
+  };
+  int32_t kmin = nb;
+  for (int32_t k : b.per_row_k) kmin = std::min(kmin, std::max(1, k));
+  double lo = 0.0, hi = 2.0 * nb / kmin + 1.0;  // density_of(hi) == 1
+  for (int it = 0; it < 100; ++it) {  // lo: density < target, hi: density >= target
+    const double mid = 0.5 * (lo + hi);
+    (density_of(mid) < density ? lo : hi) = mid;
+  }
+  const double c = std::abs(density_of(lo) - density) < std::abs(density_of(hi) - density) ? lo : hi;
+  Budgets out = b;
+  out.kind = b.kind + "@density";
+  for (size_t r = 0; r < out.per_row_k.size(); ++r) out.per_row_k[r] = scaled_k(c, r);
+  for (int h = 0; h < s.heads; ++h) out.per_head_k[h] = b.per_head_k[h] * c;
+  BlockMask m = select_blocks(s, out, o);
+  if (scaled) *scaled = std::move(out);
+  return m;
+}
+
+}  // namespace proxyattn

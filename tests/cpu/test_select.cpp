@@ -1,0 +1,172 @@
+// Selection: the forced blocks, ranking and tie rules by hand, fixed-density rules, bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "estimator_test_util.hpp"
+#include "proxyattn/error.hpp"
+#include "proxyattn/select.hpp"
+#include "test_util.hpp"
+
+namespace proxyattn {
+namespace {
+
+std::vector<int32_t> row_of(const BlockMask& m, int h, int i) {
+  const auto r = m.row(h, i);
+  return {r.begin(), r.end()};
+}
+
+Budgets budgets_of(int heads, int nb, std::vector<int32_t> per_row) {
+  Budgets b;
+  b.kind = "hand";
+  b.heads = heads;
+  b.num_blocks = nb;
+  b.per_row_k = std::move(per_row);
+  b.per_head_k.assign(heads, 0.0);
+  return b;
+}
+
+// One head, Nb = 5 (N = 9, B = 2: the last block is partial). Row 4 scores
+// [0.1, 0.5, 0.5, 0.9, 0.2]: forced sink 0 and diagonal 4, then 3 (0.9), then the tie
+// 1 = 2 = 0.5 broken by the lower j.
+const std::vector<float> kScores = {
+    1, 0, 0, 0, 0,              //
+    .3f, .7f, 0, 0, 0,          //
+    .2f, .5f, .3f, 0, 0,        //
+    .4f, .1f, .2f, .3f, 0,      //
+    .1f, .5f, .5f, .9f, .2f};
+
+TEST(Select, HandComputedRanking) {
+  const BlockScores s = test::make_block_scores(1, 9, 2, kScores);
+  const BlockMask m2 = select_top_k(s, 2);
+  EXPECT_EQ(row_of(m2, 0, 0), (std::vector<int32_t>{0}));
+  EXPECT_EQ(row_of(m2, 0, 1), (std::vector<int32_t>{0, 1}));     // i + 1 <= k: all
+  EXPECT_EQ(row_of(m2, 0, 3), (std::vector<int32_t>{0, 3}));     // forced only
+  EXPECT_EQ(row_of(m2, 0, 4), (std::vector<int32_t>{0, 4}));
+  const BlockMask m3 = select_top_k(s, 3);
+  EXPECT_EQ(row_of(m3, 0, 2), (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_EQ(row_of(m3, 0, 3), (std::vector<int32_t>{0, 2, 3}));  // 0.2 beats 0.1
+  EXPECT_EQ(row_of(m3, 0, 4), (std::vector<int32_t>{0, 3, 4}));
+  const BlockMask m4 = select_top_k(s, 4);
+  EXPECT_EQ(row_of(m4, 0, 4), (std::vector<int32_t>{0, 1, 3, 4}));  // tie 1 vs 2 -> 1
+  // Without forced blocks: pure top-k of the row.
+  const BlockMask p = select_top_k(s, 2, SelectOptions{false, false, 0});
+  EXPECT_EQ(row_of(p, 0, 4), (std::vector<int32_t>{1, 3}));
+  EXPECT_EQ(row_of(p, 0, 3), (std::vector<int32_t>{0, 3}));
+  EXPECT_EQ(row_of(p, 0, 0), (std::vector<int32_t>{0}));
+  // Local window of 1 forces i - 1 too: row 4 = {0, 3, 4} at k = 2 (forced exceed the budget).
+  const BlockMask w = select_top_k(s, 2, SelectOptions{true, true, 1});
+  EXPECT_EQ(row_of(w, 0, 4), (std::vector<int32_t>{0, 3, 4}));
+  EXPECT_EQ(row_of(w, 0, 2), (std::vector<int32_t>{0, 1, 2}));
+}
+
+TEST(Select, PerRowBudgetsAndNaN) {
+  std::vector<float> sc = kScores;
+  sc[4 * 5 + 3] = std::numeric_limits<float>::quiet_NaN();  // NaN ranks lowest
+  const BlockScores s = test::make_block_scores(1, 9, 2, sc);
+  const BlockMask m = select_blocks(s, budgets_of(1, 5, {1, 1, 1, 1, 3}));
+  EXPECT_EQ(row_of(m, 0, 1), (std::vector<int32_t>{0, 1}));  // forced beat a budget of 1
+  EXPECT_EQ(row_of(m, 0, 4), (std::vector<int32_t>{0, 1, 4}));
+  EXPECT_EQ(select_blocks(s, budgets_of(1, 5, {9, 9, 9, 9, 9})), BlockMask::causal(1, 9, 2));
+}
+
+TEST(Select, Deterministic) {
+  const Tensor3 q = test::random_tensor(4, 300, 64, 2.0f);
+  const Tensor3 k = test::random_tensor(4, 300, 64);
+  EstimatorConfig c;
+  c.block = 64;
+  const BlockScores s = make_estimator("pooled")->estimate(q, k, c);
+  EXPECT_EQ(select_top_k(s, 2), select_top_k(s, 2));
+  BlockScores flat = s;
+  std::fill(flat.score.begin(), flat.score.end(), 0.5f);  // all ties: lowest j after forced
+  const BlockMask m = select_top_k(flat, 3);
+  EXPECT_EQ(row_of(m, 2, 4), (std::vector<int32_t>{0, 1, 4}));
+}
+
+// Nb = 4, sink + diagonal forced: rows keep max(forced, min(k, i+1)) = k=1,2: 1+2+2+2 = 7,
+// k=3: 9, k=4: 10 of 10 causal blocks.
+TEST(SelectDensity, RowUniform) {
+  std::vector<float> sc(16, 0.0f);
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j <= i; ++j) sc[i * 4 + j] = static_cast<float>(j + 1);
+  const BlockScores s = test::make_block_scores(1, 8, 2, sc);
+  EXPECT_NEAR(select_to_density(s, 0.5).density(), 0.7, 1e-12);   // lowest reachable
+  EXPECT_NEAR(select_to_density(s, 0.85).density(), 0.9, 1e-12);  // k = 3
+  EXPECT_NEAR(select_to_density(s, 0.8).density(), 0.7, 1e-12);   // tie 0.7 / 0.9 -> smaller k
+  EXPECT_NEAR(select_to_density(s, 1.0).density(), 1.0, 1e-12);
+}
+
+// head_global: forced first, then every other causal block of the head by score (ties lower
+// i, then j) up to round(density * 10).
+TEST(SelectDensity, HeadGlobalAndNativeAdjust) {
+  // Rows of Nb = 4 (forced: (0,0), (1,0), (1,1), (2,0), (2,2), (3,0), (3,3) = 7 blocks);
+  // others: (2,1) = 0.9, (3,1) = 0.1, (3,2) = 0.5.
+  std::vector<float> sc(16, 0.0f);
+  sc[2 * 4 + 1] = 0.9f;
+  sc[3 * 4 + 1] = 0.1f;
+  sc[3 * 4 + 2] = 0.5f;
+  BlockScores s = test::make_block_scores(1, 8, 2, sc);
+  BlockMask m = select_to_density(s, 0.8, DensityRule::head_global);
+  EXPECT_EQ(m.selected(), 8);
+  EXPECT_TRUE(m.contains(0, 2, 1));
+  m = select_to_density(s, 0.9, DensityRule::head_global);
+  EXPECT_EQ(m.selected(), 9);
+  EXPECT_TRUE(m.contains(0, 3, 2));
+  EXPECT_FALSE(m.contains(0, 3, 1));
+  EXPECT_EQ(select_to_density(s, 0.1, DensityRule::head_global).selected(), 7);  // forced only
+  // native_adjust: native holds (3, 1) -> it is kept before higher-scored non-native blocks
+  // (grow), and the native is cut by score when the target is below it.
+  s.native = BlockMask::from_rows(1, 8, 2, {{0}, {0, 1}, {0, 2}, {0, 1, 3}});
+  m = select_to_density(s, 0.8, DensityRule::native_adjust);
+  EXPECT_EQ(m.selected(), 8);
+  EXPECT_TRUE(m.contains(0, 3, 1));
+  EXPECT_FALSE(m.contains(0, 2, 1));
+  m = select_to_density(s, 0.9, DensityRule::native_adjust);
+  EXPECT_TRUE(m.contains(0, 3, 1));
+  EXPECT_TRUE(m.contains(0, 2, 1));
+  EXPECT_EQ(select_to_density(s, 0.7, DensityRule::native_adjust).selected(), 7);
+  EXPECT_EQ(parse_density_rule("native_adjust"), DensityRule::native_adjust);
+  EXPECT_EQ(density_rule_name(DensityRule::head_global), "head_global");
+}
+
+TEST(SelectDensity, BudgetsScaledToDensity) {
+  const Tensor3 q = test::random_tensor(6, 1031, 64, 2.0f);
+  const Tensor3 k = test::random_tensor(2, 1031, 64);
+  EstimatorConfig c;
+  c.block = 64;
+  const BlockScores s = make_estimator("proxy")->estimate(q, k, c);
+  // Heads with different budgets: 2, 4, 6, ... keep their ratios.
+  Budgets b = budgets_of(6, s.num_blocks, {});
+  for (int h = 0; h < 6; ++h)
+    for (int i = 0; i < s.num_blocks; ++i) b.per_row_k.push_back(2 * (h + 1));
+  for (int h = 0; h < 6; ++h) b.per_head_k[h] = 2 * (h + 1);
+  double prev = 0;
+  for (double target : {0.2, 0.3, 0.5, 0.8}) {
+    Budgets scaled;
+    const BlockMask m = select_budgets_to_density(s, b, target, {}, &scaled);
+    EXPECT_NEAR(m.density(), target, 0.05) << target;
+    EXPECT_GE(m.density(), prev);
+    prev = m.density();
+    EXPECT_LE(scaled.row_k(0, 5), scaled.row_k(5, 5));  // ordering of heads kept
+    EXPECT_EQ(m, select_blocks(s, scaled));
+  }
+}
+
+TEST(Select, BadInput) {
+  const BlockScores s = test::make_block_scores(1, 9, 2, kScores);
+  EXPECT_THROW(select_top_k(s, 0), Error);
+  EXPECT_THROW(select_to_density(s, 0.0), Error);
+  EXPECT_THROW(select_to_density(s, 1.5), Error);
+  EXPECT_THROW(select_to_density(s, std::nan("")), Error);
+  EXPECT_THROW(select_blocks(s, budgets_of(2, 5, std::vector<int32_t>(10, 1))), Error);
+  EXPECT_THROW(select_top_k(s, 1, SelectOptions{true, true, -1}), Error);
+  BlockScores bad = s;
+  bad.score.pop_back();
+  EXPECT_THROW(select_top_k(bad, 1), Error);
+  EXPECT_THROW(parse_density_rule("global"), Error);
+}
+
+}  // namespace
+}  // namespace proxyattn
