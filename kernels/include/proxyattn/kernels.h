@@ -1,0 +1,252 @@
+#pragma once
+// CUDA-free public API of the kernels (kernels/*.cu). Plain parameter structs holding raw device
+// pointers; every launcher returns a Status instead of throwing or exiting, so lib/ and apps/
+// compile with the host compiler alone and a build without CUDA links the stub (no_cuda.cpp),
+// where every call returns Status::no_cuda and device_count() returns 0.
+//
+// Layouts (all row-major, innermost dim contiguous, element strides given per tensor; a stride
+// of 0 means "contiguous"):
+//   q [Hq, N, d], k/v [Hkv, N, d], o [Hq, N, d]; lse [Hq, N] float32, natural log of the row's
+//   sum of exp(scale * q.k) over the keys it attends (causal). Query head h reads KV head
+//   h / (Hq / Hkv) (GQA by index, never a copy).
+//   BlockMask CSR: indptr [H * Nb + 1], indices int32, row r = h * Nb + i (query block i of
+//   head h), sorted key-block ids j <= i.
+// Numerics: bf16 or fp16 operands, fp32 accumulation and softmax statistics; the probabilities
+// are rounded to the operand type before the P.V product (as FlashAttention does).
+#include <cstddef>
+#include <cstdint>
+
+namespace proxyattn::kernels {
+
+enum class Status : int {
+  ok = 0,
+  no_cuda,           // library built without CUDA
+  no_device,         // no driver or no GPU
+  invalid_argument,  // a pointer, shape or option the kernels cannot take
+  unsupported,       // valid request this build has no kernel for (e.g. head_dim 96)
+  out_of_memory,
+  cuda_error,        // any other CUDA failure; last_error_detail() has the text
+};
+
+const char* status_string(Status s) noexcept;
+// Text of the last failure seen by this thread ("cudaErrorIllegalAddress: ..." or the argument
+// check that failed); empty when none.
+const char* last_error_detail() noexcept;
+
+// Number of CUDA devices; 0 when built without CUDA, without a driver or without a GPU. Never
+// throws, never aborts.
+int device_count() noexcept;
+
+struct DeviceInfo {
+  char name[256] = {0};
+  int sm_count = 0;
+  int cc_major = 0, cc_minor = 0;
+  size_t global_mem = 0;
+  size_t l2_bytes = 0;
+};
+Status device_info(int device, DeviceInfo* out) noexcept;
+
+enum class ElemType : int { f32 = 0, f16 = 1, bf16 = 2 };
+int elem_size(ElemType t) noexcept;
+
+// Opaque cudaStream_t; nullptr is the default (legacy) stream.
+using Stream = void*;
+
+// ---- memory ----------------------------------------------------------------------------------
+Status device_alloc(void** ptr, size_t bytes) noexcept;
+Status device_free(void* ptr) noexcept;
+Status copy_to_device(void* dst, const void* src, size_t bytes, Stream s = nullptr) noexcept;
+Status copy_to_host(void* dst, const void* src, size_t bytes, Stream s = nullptr) noexcept;
+Status copy_device(void* dst, const void* src, size_t bytes, Stream s = nullptr) noexcept;
+Status memset_device(void* dst, int byte, size_t bytes, Stream s = nullptr) noexcept;
+Status synchronize(Stream s = nullptr) noexcept;
+// Element-wise dtype conversion on the device (round to nearest even), n elements.
+Status convert(const void* src, ElemType src_type, void* dst, ElemType dst_type, int64_t n,
+               Stream s = nullptr) noexcept;
+// Fill n elements with one value (tests poison outputs with NaN).
+Status fill(void* dst, ElemType type, int64_t n, float value, Stream s = nullptr) noexcept;
+// Evict the L2 cache (writes a buffer larger than L2) before a cold timing.
+Status flush_l2(Stream s = nullptr) noexcept;
+
+// Move-only owning device buffer. allocate() reports failure as a Status; the destructor frees.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { reset(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ptr_ = o.ptr_;
+      bytes_ = o.bytes_;
+      o.ptr_ = nullptr;
+      o.bytes_ = 0;
+    }
+    return *this;
+  }
+  Status allocate(size_t bytes) noexcept {
+    reset();
+    if (bytes == 0) return Status::ok;
+    Status st = device_alloc(&ptr_, bytes);
+    if (st == Status::ok) bytes_ = bytes;
+    else ptr_ = nullptr;
+    return st;
+  }
+  void reset() noexcept {
+    if (ptr_) device_free(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* data() const noexcept { return ptr_; }
+  template <class T>
+  T* as() const noexcept { return static_cast<T*>(ptr_); }
+  size_t bytes() const noexcept { return bytes_; }
+  Status upload(const void* src, size_t bytes, Stream s = nullptr) const noexcept {
+    return bytes > bytes_ ? Status::invalid_argument : copy_to_device(ptr_, src, bytes, s);
+  }
+  Status download(void* dst, size_t bytes, Stream s = nullptr) const noexcept {
+    return bytes > bytes_ ? Status::invalid_argument : copy_to_host(dst, ptr_, bytes, s);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// CUDA-event timer for benchmarks: start/stop on a stream, elapsed_ms synchronizes on stop.
+class EventTimer {
+ public:
+  EventTimer() = default;
+  ~EventTimer();
+  EventTimer(const EventTimer&) = delete;
+  EventTimer& operator=(const EventTimer&) = delete;
+  Status start(Stream s = nullptr) noexcept;
+  Status stop(Stream s = nullptr) noexcept;
+  Status elapsed_ms(float* ms) noexcept;
+
+ private:
+  void* start_ = nullptr;
+  void* stop_ = nullptr;
+};
+
+// ---- attention -------------------------------------------------------------------------------
+struct AttentionParams {
+  const void* q = nullptr;  // [Hq, N, d], in_type
+  const void* k = nullptr;  // [Hkv, N, d], in_type
+  const void* v = nullptr;  // [Hkv, N, d], in_type (unused by row_lse)
+  void* o = nullptr;        // [Hq, N, d], out_type; may be null when only lse is wanted
+  float* lse = nullptr;     // [Hq, N]; may be null
+  ElemType in_type = ElemType::bf16;   // bf16 or f16
+  ElemType out_type = ElemType::bf16;  // in_type or f32
+  int q_heads = 0, kv_heads = 0, head_dim = 0;  // head_dim 64, 128 or 256
+  int64_t seq_len = 0;
+  // Element strides (0 = contiguous).
+  int64_t q_stride_head = 0, q_stride_token = 0;
+  int64_t k_stride_head = 0, k_stride_token = 0;
+  int64_t v_stride_head = 0, v_stride_token = 0;
+  int64_t o_stride_head = 0, o_stride_token = 0;
+  float scale = 0.0f;       // 0 -> 1 / sqrt(head_dim)
+  int64_t row_begin = 0;    // only query rows [row_begin, N) are computed (others untouched)
+  int variant = 0;          // full attention, d 128: schedule 0..3 (0 = default; full.cu, NOTES.md)
+  int kv_splits = 0;        // row_lse: keys split over this many CTAs per row tile, partial
+                            // results combined (0 = auto: only when rows are few; 1 = never)
+  Stream stream = nullptr;
+};
+
+// Full causal attention: o and lse for rows [row_begin, N).
+Status full_attention(const AttentionParams& p) noexcept;
+// Row log-sum-exp only (first pass of the oracle mass and the proxy scores): lse required.
+Status row_lse(const AttentionParams& p) noexcept;
+
+struct SparseAttentionParams {
+  AttentionParams attn;              // row_begin must be 0
+  const int32_t* indptr = nullptr;   // [Hq * Nb + 1], device
+  const int32_t* indices = nullptr;  // device
+  int block = 128;                   // mask block B: 64 or 128
+};
+// Block-sparse causal attention: query block i of head h attends the key blocks of its CSR row,
+// causal inside the diagonal block. A row with no blocks gives o = 0, lse = -inf.
+Status sparse_attention(const SparseAttentionParams& p) noexcept;
+
+// ---- block scores (oracle mass, proxy max-pool) ----------------------------------------------
+enum class BlockReduce : int {
+  mean_sum = 0,  // out[h,i,j] = (1/rows of block i) * sum_{q in i, k in j, k <= q} P[q,k]
+  max = 1,       // out[h,i,j] = max_{q in i, k in j, k <= q} P[q,k]
+};
+struct BlockScoreParams {
+  const void* q = nullptr;     // [Hq, N, d]
+  const void* k = nullptr;     // [Hkv, N, d]
+  const float* lse = nullptr;  // [Hq, N] natural log (from row_lse / full_attention)
+  float* out = nullptr;        // [Hq, Nb - row_block_begin, Nb], every entry written (0 above diag)
+  ElemType in_type = ElemType::bf16;
+  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t seq_len = 0;
+  int64_t q_stride_head = 0, q_stride_token = 0;
+  int64_t k_stride_head = 0, k_stride_token = 0;
+  float scale = 0.0f;
+  int block = 128;             // 64 or 128
+  int query_stride = 1;        // only rows r of a block with r % query_stride == 0 (offset in block)
+  int row_block_begin = 0;     // query blocks [row_block_begin, Nb)
+  BlockReduce reduce = BlockReduce::mean_sum;
+  int key_splits = 0;          // key blocks split over this many CTAs per query block
+                               // (0 = auto: only when query blocks are few; 1 = never)
+  Stream stream = nullptr;
+};
+// Second pass of the oracle (mean_sum) or of the ProxyAttn scores (max); never an N x N buffer.
+Status block_scores(const BlockScoreParams& p) noexcept;
+
+// ---- ProxyAttn building blocks ---------------------------------------------------------------
+constexpr int kMaxPoolGroups = 128;
+// dst[g] = mean over src heads [head_begin[g], head_end[g]) of src (same dtype, fp32 sums).
+struct PoolHeadsParams {
+  const void* src = nullptr;  // [heads, N, d]
+  void* dst = nullptr;        // [groups, N, d] contiguous
+  ElemType type = ElemType::bf16;
+  int heads = 0, head_dim = 0, groups = 0;
+  int64_t seq_len = 0;
+  int64_t stride_head = 0, stride_token = 0;
+  int32_t head_begin[kMaxPoolGroups] = {0};
+  int32_t head_end[kMaxPoolGroups] = {0};
+  Stream stream = nullptr;
+};
+Status pool_heads(const PoolHeadsParams& p) noexcept;
+
+// Dynamic budget (ALGORITHMS.md step 4): per head, k_h = fewest entries of mass[h, :] whose
+// descending-sorted prefix sum reaches gamma * sum (ties: lower index first), clamped to
+// [k_min, Nb]. kept (optional) = that prefix sum (fraction of the row total).
+struct BudgetParams {
+  const float* mass = nullptr;  // [heads, Nb] last-block mass p_h
+  int heads = 0, num_blocks = 0;
+  double gamma = 0.95;
+  int k_min = 2;
+  int32_t* k_out = nullptr;     // [heads]
+  double* kept = nullptr;       // [heads], may be null
+  Stream stream = nullptr;
+};
+Status dynamic_budget(const BudgetParams& p) noexcept;
+
+// Selection (select.hpp): per head h and query block i, the forced blocks (sink 0, diagonal i,
+// window i-1..i-w), then the best remaining causal blocks by score (ties: lower j; NaN lowest)
+// until the row holds max(forced, min(budget, i + 1)) blocks.
+struct SelectParams {
+  const float* scores = nullptr;  // [score_heads, Nb, Nb]; query head h uses score head
+                                  // h / (heads / score_heads)
+  int score_heads = 0, heads = 0, num_blocks = 0;
+  const int32_t* row_k = nullptr;   // [heads, Nb] per-row budgets; or null and then:
+  const int32_t* head_k = nullptr;  // [heads], row budget = k (mode 0) or
+  int mode = 0;                     // max(1, ceil(k (i + 1) / Nb)) (mode 1, proportional)
+  bool sink = true, diagonal = true;
+  int local_window = 0;
+  int32_t* indptr = nullptr;   // [heads * Nb + 1] written by select_counts
+  int32_t* indices = nullptr;  // [indptr[last]] written by select_fill
+  Stream stream = nullptr;
+};
+Status select_counts(const SelectParams& p) noexcept;
+Status select_fill(const SelectParams& p) noexcept;
+
+}  // namespace proxyattn::kernels

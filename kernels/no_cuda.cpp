@@ -1,0 +1,53 @@
+// Stub of the kernels API for builds without CUDA: every call reports Status::no_cuda and
+// device_count() is 0, so callers (lib/src/cuda_dispatch.cpp, tests) fail or skip cleanly.
+// Keep in sync with include/proxyattn/kernels.h.
+#include "proxyattn/kernels.h"
+
+namespace proxyattn::kernels {
+
+const char* status_string(Status s) noexcept {
+  switch (s) {
+    case Status::ok: return "ok";
+    case Status::no_cuda: return "built without CUDA";
+    case Status::no_device: return "no CUDA device";
+    case Status::invalid_argument: return "invalid argument";
+    case Status::unsupported: return "unsupported";
+    case Status::out_of_memory: return "out of device memory";
+    case Status::cuda_error: return "CUDA error";
+  }
+  return "unknown status";
+}
+const char* last_error_detail() noexcept { return "proxyattn was built without CUDA"; }
+int device_count() noexcept { return 0; }
+Status device_info(int, DeviceInfo*) noexcept { return Status::no_cuda; }
+int elem_size(ElemType t) noexcept { return t == ElemType::f32 ? 4 : 2; }
+
+Status device_alloc(void** ptr, size_t) noexcept {
+  if (ptr) *ptr = nullptr;
+  return Status::no_cuda;
+}
+Status device_free(void*) noexcept { return Status::no_cuda; }
+Status copy_to_device(void*, const void*, size_t, Stream) noexcept { return Status::no_cuda; }
+Status copy_to_host(void*, const void*, size_t, Stream) noexcept { return Status::no_cuda; }
+Status copy_device(void*, const void*, size_t, Stream) noexcept { return Status::no_cuda; }
+Status memset_device(void*, int, size_t, Stream) noexcept { return Status::no_cuda; }
+Status synchronize(Stream) noexcept { return Status::no_cuda; }
+Status convert(const void*, ElemType, void*, ElemType, int64_t, Stream) noexcept { return Status::no_cuda; }
+Status fill(void*, ElemType, int64_t, float, Stream) noexcept { return Status::no_cuda; }
+Status flush_l2(Stream) noexcept { return Status::no_cuda; }
+
+EventTimer::~EventTimer() = default;
+Status EventTimer::start(Stream) noexcept { return Status::no_cuda; }
+Status EventTimer::stop(Stream) noexcept { return Status::no_cuda; }
+Status EventTimer::elapsed_ms(float*) noexcept { return Status::no_cuda; }
+
+Status full_attention(const AttentionParams&) noexcept { return Status::no_cuda; }
+Status row_lse(const AttentionParams&) noexcept { return Status::no_cuda; }
+Status sparse_attention(const SparseAttentionParams&) noexcept { return Status::no_cuda; }
+Status block_scores(const BlockScoreParams&) noexcept { return Status::no_cuda; }
+Status pool_heads(const PoolHeadsParams&) noexcept { return Status::no_cuda; }
+Status dynamic_budget(const BudgetParams&) noexcept { return Status::no_cuda; }
+Status select_counts(const SelectParams&) noexcept { return Status::no_cuda; }
+Status select_fill(const SelectParams&) noexcept { return Status::no_cuda; }
+
+}  // namespace proxyattn::kernels

@@ -1,0 +1,58 @@
+// Block-sparse causal attention driven by the CSR BlockMask: one CTA per (query tile, head)
+// walks the key blocks of its mask row (attn_kernel in attention_core.cuh, sparse mode), so the
+// work is proportional to the selected blocks. Same numerics as the full kernel.
+//
+// Query tile BR divides the mask block B: B 128 -> 128 rows (d 64/128) or 64 rows (d 256);
+// B 64 -> 64 rows. Key tiles of 64; FA2's schedule (PIPE 0, no LAZY), as the full default.
+#include "attention_launch.cuh"
+
+namespace proxyattn::kernels {
+
+using detail::AttnArgs;
+using detail::AttnMode;
+using detail::fail;
+using detail::launch_attn;
+
+namespace {
+
+template <class T>
+Status dispatch_sparse(const AttnArgs& a, const SparseAttentionParams& sp) {
+  const AttentionParams& p = sp.attn;
+  cudaStream_t st = detail::stream_of(p.stream);
+  constexpr AttnMode M = AttnMode::sparse;
+  if (sp.block == 128) {
+    switch (p.head_dim) {
+      case 64: return launch_attn<64, 2, 4, 64, T, M, 0, false, 2>(a, p.q_heads, st);
+      case 128: return launch_attn<128, 2, 4, 64, T, M, 0, false, 2>(a, p.q_heads, st);
+      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false, 2>(a, p.q_heads, st);
+    }
+  } else {
+    switch (p.head_dim) {
+      case 64: return launch_attn<64, 1, 4, 64, T, M, 0, false>(a, p.q_heads, st);
+      case 128: return launch_attn<128, 1, 4, 64, T, M, 0, false>(a, p.q_heads, st);
+      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false>(a, p.q_heads, st);
+    }
+  }
+  return fail(Status::unsupported, "sparse_attention: head_dim must be 64, 128 or 256");
+}
+
+}  // namespace
+
+Status sparse_attention(const SparseAttentionParams& sp) noexcept {
+  AttnArgs a{};
+  Status s = detail::make_attn_args(sp.attn, true, &a);
+  if (s != Status::ok) return s;
+  if (sp.attn.row_begin != 0) return fail(Status::invalid_argument, "sparse_attention: row_begin must be 0");
+  if (!sp.attn.o && !sp.attn.lse) return fail(Status::invalid_argument, "sparse_attention: neither o nor lse given");
+  if (sp.block != 64 && sp.block != 128) return fail(Status::unsupported, "sparse_attention: block must be 64 or 128");
+  if (!sp.indptr || !sp.indices) return fail(Status::invalid_argument, "sparse_attention: null indptr/indices");
+  const int64_t nb = (sp.attn.seq_len + sp.block - 1) / sp.block;
+  if (nb > 0x7fffffff) return fail(Status::invalid_argument, "sparse_attention: too many blocks");
+  a.indptr = sp.indptr;
+  a.indices = sp.indices;
+  a.mask_block = sp.block;
+  a.nb = int(nb);
+  return sp.attn.in_type == ElemType::bf16 ? dispatch_sparse<__nv_bfloat16>(a, sp) : dispatch_sparse<__half>(a, sp);
+}
+
+}  // namespace proxyattn::kernels

@@ -1,0 +1,451 @@
+// Host-side dispatch from the lib types (views, BlockMask, BlockScores, Budgets) to the
+// CUDA-free kernels API. Plain C++: conversion to bf16/fp16 happens on the device, every Status
+// becomes an Error naming the operation.
+#include "proxyattn/cuda_dispatch.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "proxyattn/error.hpp"
+#include "proxyattn/kernels.h"
+
+namespace proxyattn {
+
+namespace kk = proxyattn::kernels;
+
+namespace {
+
+void check(kk::Status s, const std::string& what) {
+  if (s == kk::Status::ok) return;
+  std::string msg = "cuda: " + what + ": " + kk::status_string(s);
+  const char* d = kk::last_error_detail();
+  if (d && *d) msg += std::string(" (") + d + ")";
+  throw Error(msg);
+}
+
+kk::ElemType elem_of(DType t) {
+  switch (t) {
+    case DType::bf16: return kk::ElemType::bf16;
+    case DType::f16: return kk::ElemType::f16;
+    case DType::f32: break;
+  }
+  throw Error("cuda: compute dtype must be bfloat16 or float16, not float32");
+}
+
+kk::DeviceBuffer alloc(size_t bytes, const std::string& what) {
+  kk::DeviceBuffer b;
+  check(b.allocate(std::max<size_t>(bytes, 16)), "allocating " + what);
+  return b;
+}
+
+// Uploads a float32 view as a contiguous [heads, tokens, dim] tensor of type t.
+kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, const std::string& what) {
+  const size_t n = static_cast<size_t>(v.heads) * v.tokens * v.dim;
+  Tensor3 tmp;
+  const float* src = v.data;
+  if (!v.is_contiguous()) {
+    tmp = to_tensor(v);
+    src = tmp.data();
+  }
+  kk::DeviceBuffer out = alloc(n * kk::elem_size(t), what);
+  kk::DeviceBuffer staging = alloc(n * sizeof(float), what + " (staging)");
+  check(staging.upload(src, n * sizeof(float)), "uploading " + what);
+  check(kk::convert(staging.data(), kk::ElemType::f32, out.data(), t, static_cast<int64_t>(n)), "converting " + what);
+  check(kk::synchronize(), "converting " + what);
+  return out;
+}
+
+template <class T>
+std::vector<T> download(const kk::DeviceBuffer& b, size_t n, const std::string& what) {
+  std::vector<T> out(n);
+  check(b.download(out.data(), n * sizeof(T)), "downloading " + what);
+  return out;
+}
+
+// Times the kernels between construction and stop() with CUDA events.
+class KernelTimer {
+ public:
+  KernelTimer() { check(t_.start(), "event timer"); }
+  double stop() {
+    check(t_.stop(), "event timer");
+    float ms = 0;
+    check(t_.elapsed_ms(&ms), "event timer");
+    return ms;
+  }
+
+ private:
+  kk::EventTimer t_;
+};
+
+void check_block(int block, const char* what) {
+  validate_block_size(block);
+  if (block != 64 && block != 128)
+    throw Error(std::string("cuda: ") + what + ": block " + std::to_string(block) + " unsupported (64 or 128)");
+}
+
+}  // namespace
+
+bool cuda_available() noexcept { return kk::device_count() > 0; }
+
+std::string cuda_device_description() {
+  const int n = kk::device_count();
+  if (n <= 0) return "no CUDA device (" + std::string(kk::last_error_detail()) + ")";
+  kk::DeviceInfo info;
+  if (kk::device_info(0, &info) != kk::Status::ok) return "CUDA device 0 (no properties)";
+  return std::string(info.name) + " (sm_" + std::to_string(info.cc_major) + std::to_string(info.cc_minor) + ", " +
+         std::to_string(info.sm_count) + " SMs)";
+}
+
+struct CudaLayer::Impl {
+  AttentionShape s;
+  DType dtype = DType::bf16;
+  kk::ElemType et = kk::ElemType::bf16;
+  kk::DeviceBuffer q, k, v;
+  bool has_v = false;
+  std::vector<double> q_sqnorm;  // per query head, for ProxyPool::max_norm
+  double last_ms = 0;
+
+  kk::AttentionParams attn_params() const {
+    kk::AttentionParams p;
+    p.q = q.data();
+    p.k = k.data();
+    p.v = has_v ? v.data() : nullptr;
+    p.in_type = et;
+    p.q_heads = s.q_heads;
+    p.kv_heads = s.kv_heads;
+    p.head_dim = s.head_dim;
+    p.seq_len = s.seq_len;
+    return p;
+  }
+  // Row LSE of (qp, kp) with hq / hk heads into a [hq, N] device buffer.
+  kk::DeviceBuffer lse_of(const void* qp, const void* kp, int hq, int hk, int64_t row_begin) const {
+    kk::DeviceBuffer lse = alloc(sizeof(float) * hq * s.seq_len, "lse");
+    kk::AttentionParams p = attn_params();
+    p.q = qp;
+    p.k = kp;
+    p.v = nullptr;
+    p.q_heads = hq;
+    p.kv_heads = hk;
+    p.lse = lse.as<float>();
+    p.row_begin = row_begin;
+    check(kk::row_lse(p), "row_lse");
+    return lse;
+  }
+  kk::BlockScoreParams score_params(const void* qp, const void* kp, int hq, int hk, const float* lse, float* out,
+                                    int block) const {
+    kk::BlockScoreParams p;
+    p.q = qp;
+    p.k = kp;
+    p.lse = lse;
+    p.out = out;
+    p.in_type = et;
+    p.q_heads = hq;
+    p.kv_heads = hk;
+    p.head_dim = s.head_dim;
+    p.seq_len = s.seq_len;
+    p.block = block;
+    return p;
+  }
+  // Last-block mass [Hq, Nb] on the device.
+  kk::DeviceBuffer last_mass(int block) const {
+    const int nb = num_blocks_for(s.seq_len, block);
+    kk::DeviceBuffer lse = lse_of(q.data(), k.data(), s.q_heads, s.kv_heads, int64_t(nb - 1) * block);
+    kk::DeviceBuffer out = alloc(sizeof(float) * s.q_heads * nb, "last-block mass");
+    kk::BlockScoreParams p = score_params(q.data(), k.data(), s.q_heads, s.kv_heads, lse.as<float>(), out.as<float>(), block);
+    p.row_block_begin = nb - 1;
+    p.reduce = kk::BlockReduce::mean_sum;
+    check(kk::block_scores(p), "last-block mass");
+    check(kk::synchronize(), "last-block mass");
+    return out;
+  }
+};
+
+CudaLayer::CudaLayer(ConstView q, ConstView k, ConstView v, DType dtype) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.s = check_qkv(q, k, v);
+  m.dtype = dtype;
+  m.et = elem_of(dtype);
+  if (m.s.head_dim != 64 && m.s.head_dim != 128 && m.s.head_dim != 256)
+    throw Error("cuda: head_dim " + std::to_string(m.s.head_dim) + " unsupported (64, 128 or 256)");
+  if (!cuda_available()) throw Error("cuda: " + cuda_device_description());
+  m.q = upload_view(q, m.et, "q");
+  m.k = upload_view(k, m.et, "k");
+  m.has_v = !v.empty();
+  if (m.has_v) m.v = upload_view(v, m.et, "v");
+  m.q_sqnorm.assign(m.s.q_heads, 0.0);
+  for (int h = 0; h < m.s.q_heads; ++h) {
+    double acc = 0;
+    for (int64_t t = 0; t < q.tokens; ++t) {
+      const float* r = q.row(h, t);
+      for (int64_t c = 0; c < q.dim; ++c) acc += double(r[c]) * r[c];
+    }
+    m.q_sqnorm[h] = acc;
+  }
+}
+CudaLayer::~CudaLayer() = default;
+CudaLayer::CudaLayer(CudaLayer&&) noexcept = default;
+CudaLayer& CudaLayer::operator=(CudaLayer&&) noexcept = default;
+
+const AttentionShape& CudaLayer::shape() const { return impl_->s; }
+DType CudaLayer::dtype() const { return impl_->dtype; }
+bool CudaLayer::has_v() const { return impl_->has_v; }
+double CudaLayer::last_kernel_ms() const { return impl_->last_ms; }
+
+AttentionOutput CudaLayer::full_attention() const {
+  const Impl& m = *impl_;
+  if (!m.has_v) throw Error("cuda: full_attention needs V (the layer was uploaded without it)");
+  const size_t no = size_t(m.s.q_heads) * m.s.seq_len * m.s.head_dim, nl = size_t(m.s.q_heads) * m.s.seq_len;
+  kk::DeviceBuffer o = alloc(no * sizeof(float), "o"), lse = alloc(nl * sizeof(float), "lse");
+  kk::AttentionParams p = m.attn_params();
+  p.o = o.data();
+  p.out_type = kk::ElemType::f32;
+  p.lse = lse.as<float>();
+  KernelTimer t;
+  check(kk::full_attention(p), "full_attention");
+  impl_->last_ms = t.stop();
+  AttentionOutput out{Tensor3(m.s.q_heads, m.s.seq_len, m.s.head_dim), {}};
+  check(o.download(out.o.data(), no * sizeof(float)), "downloading o");
+  out.lse = download<float>(lse, nl, "lse");
+  return out;
+}
+
+AttentionOutput CudaLayer::sparse_attention(const BlockMask& mask) const {
+  const Impl& m = *impl_;
+  if (!m.has_v) throw Error("cuda: sparse_attention needs V (the layer was uploaded without it)");
+  if (mask.heads() != m.s.q_heads || mask.seq_len() != m.s.seq_len)
+    throw Error("cuda: sparse_attention: mask is for " + std::to_string(mask.heads()) + " heads x " +
+                std::to_string(mask.seq_len()) + " tokens, layer has " + std::to_string(m.s.q_heads) + " x " +
+                std::to_string(m.s.seq_len));
+  check_block(mask.block(), "sparse_attention");
+  const size_t no = size_t(m.s.q_heads) * m.s.seq_len * m.s.head_dim, nl = size_t(m.s.q_heads) * m.s.seq_len;
+  kk::DeviceBuffer o = alloc(no * sizeof(float), "o"), lse = alloc(nl * sizeof(float), "lse");
+  kk::DeviceBuffer ip = alloc(mask.indptr().size() * 4, "mask indptr");
+  kk::DeviceBuffer ix = alloc(mask.indices().size() * 4, "mask indices");
+  check(ip.upload(mask.indptr().data(), mask.indptr().size() * 4), "uploading mask indptr");
+  check(ix.upload(mask.indices().data(), mask.indices().size() * 4), "uploading mask indices");
+  kk::SparseAttentionParams sp;
+  sp.attn = m.attn_params();
+  sp.attn.o = o.data();
+  sp.attn.out_type = kk::ElemType::f32;
+  sp.attn.lse = lse.as<float>();
+  sp.indptr = ip.as<int32_t>();
+  sp.indices = ix.as<int32_t>();
+  sp.block = mask.block();
+  KernelTimer t;
+  check(kk::sparse_attention(sp), "sparse_attention");
+  impl_->last_ms = t.stop();
+  AttentionOutput out{Tensor3(m.s.q_heads, m.s.seq_len, m.s.head_dim), {}};
+  check(o.download(out.o.data(), no * sizeof(float)), "downloading o");
+  out.lse = download<float>(lse, nl, "lse");
+  return out;
+}
+
+std::vector<float> CudaLayer::row_lse() const {
+  const Impl& m = *impl_;
+  KernelTimer t;
+  kk::DeviceBuffer lse = m.lse_of(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, 0);
+  impl_->last_ms = t.stop();
+  return download<float>(lse, size_t(m.s.q_heads) * m.s.seq_len, "lse");
+}
+
+BlockMass CudaLayer::block_mass(int block) const {
+  const Impl& m = *impl_;
+  check_block(block, "block_mass");
+  const int nb = num_blocks_for(m.s.seq_len, block);
+  const size_t nm = size_t(m.s.q_heads) * nb * nb;
+  kk::DeviceBuffer out = alloc(nm * sizeof(float), "block mass");
+  KernelTimer t;
+  kk::DeviceBuffer lse = m.lse_of(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, 0);
+  kk::BlockScoreParams p = m.score_params(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, lse.as<float>(),
+                                          out.as<float>(), block);
+  p.reduce = kk::BlockReduce::mean_sum;
+  check(kk::block_scores(p), "block_mass");
+  impl_->last_ms = t.stop();
+  BlockMass bm;
+  bm.heads = m.s.q_heads;
+  bm.num_blocks = nb;
+  bm.block = block;
+  bm.seq_len = m.s.seq_len;
+  bm.mass = download<float>(out, nm, "block mass");
+  return bm;
+}
+
+std::vector<float> CudaLayer::maxpool_block_scores(int block, int query_stride) const {
+  const Impl& m = *impl_;
+  check_block(block, "maxpool_block_scores");
+  if (m.s.q_heads != m.s.kv_heads) throw Error("cuda: maxpool_block_scores needs one k head per q head");
+  if (query_stride < 1) throw Error("cuda: maxpool_block_scores: query_stride must be >= 1");
+  const int nb = num_blocks_for(m.s.seq_len, block);
+  const size_t nm = size_t(m.s.q_heads) * nb * nb;
+  kk::DeviceBuffer out = alloc(nm * sizeof(float), "block scores");
+  KernelTimer t;
+  kk::DeviceBuffer lse = m.lse_of(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, 0);
+  kk::BlockScoreParams p = m.score_params(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, lse.as<float>(),
+                                          out.as<float>(), block);
+  p.reduce = kk::BlockReduce::max;
+  p.query_stride = query_stride;
+  check(kk::block_scores(p), "maxpool_block_scores");
+  impl_->last_ms = t.stop();
+  return download<float>(out, nm, "block scores");
+}
+
+BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config) const {
+  const Impl& m = *impl_;
+  validate_estimator_config(config, m.s.q_heads);
+  const int block = config.block;
+  check_block(block, "proxy_scores");
+  const int g = config.proxy.groups, per = m.s.q_heads / g, r = m.s.group();
+  const int nb = num_blocks_for(m.s.seq_len, block);
+  const int64_t N = m.s.seq_len, d = m.s.head_dim;
+  const size_t esz = kk::elem_size(m.et);
+  kk::DeviceBuffer qg = alloc(size_t(g) * N * d * esz, "proxy q"), kg = alloc(size_t(g) * N * d * esz, "proxy k");
+  kk::DeviceBuffer out = alloc(size_t(g) * nb * nb * sizeof(float), "proxy scores");
+  KernelTimer t;
+  // Pool in chunks of kMaxPoolGroups groups.
+  for (int g0 = 0; g0 < g; g0 += kk::kMaxPoolGroups) {
+    const int gn = std::min(g - g0, kk::kMaxPoolGroups);
+    kk::PoolHeadsParams pq, pk;
+    pq.src = m.q.data();
+    pq.dst = static_cast<char*>(qg.data()) + size_t(g0) * N * d * esz;
+    pk.src = m.k.data();
+    pk.dst = static_cast<char*>(kg.data()) + size_t(g0) * N * d * esz;
+    pq.type = pk.type = m.et;
+    pq.heads = m.s.q_heads;
+    pk.heads = m.s.kv_heads;
+    pq.head_dim = pk.head_dim = m.s.head_dim;
+    pq.groups = pk.groups = gn;
+    pq.seq_len = pk.seq_len = N;
+    for (int x = 0; x < gn; ++x) {
+      const int gi = g0 + x, h0 = gi * per, h1 = h0 + per;
+      if (config.proxy.pool == ProxyPool::mean) {
+        pq.head_begin[x] = h0;
+        pq.head_end[x] = h1;
+        pk.head_begin[x] = h0 / r;
+        pk.head_end[x] = (h1 - 1) / r + 1;
+      } else {
+        int best = h0;
+        for (int h = h0; h < h1; ++h)
+          if (m.q_sqnorm[h] > m.q_sqnorm[best]) best = h;  // ties: the lower head
+        pq.head_begin[x] = best;
+        pq.head_end[x] = best + 1;
+        pk.head_begin[x] = best / r;
+        pk.head_end[x] = best / r + 1;
+      }
+    }
+    check(kk::pool_heads(pq), "proxy pool q");
+    check(kk::pool_heads(pk), "proxy pool k");
+  }
+  kk::DeviceBuffer lse = m.lse_of(qg.data(), kg.data(), g, g, 0);
+  kk::BlockScoreParams p = m.score_params(qg.data(), kg.data(), g, g, lse.as<float>(), out.as<float>(), block);
+  p.reduce = kk::BlockReduce::max;
+  p.query_stride = config.proxy.query_stride;
+  check(kk::block_scores(p), "proxy block scores");
+  impl_->last_ms = t.stop();
+  const std::vector<float> gs = download<float>(out, size_t(g) * nb * nb, "proxy scores");
+
+  BlockScores s;
+  s.method = "proxy";
+  s.heads = m.s.q_heads;
+  s.num_blocks = nb;
+  s.block = block;
+  s.seq_len = N;
+  s.score.resize(size_t(s.heads) * nb * nb);
+  s.group_of_head.resize(s.heads);
+  const size_t per_head = size_t(nb) * nb;
+  for (int h = 0; h < s.heads; ++h) {
+    s.group_of_head[h] = h / per;
+    std::copy_n(gs.begin() + size_t(h / per) * per_head, per_head, s.score.begin() + size_t(h) * per_head);
+  }
+  return s;
+}
+
+std::vector<double> CudaLayer::last_block_mass(int block) const {
+  const Impl& m = *impl_;
+  check_block(block, "last_block_mass");
+  const int nb = num_blocks_for(m.s.seq_len, block);
+  KernelTimer t;
+  kk::DeviceBuffer mass = m.last_mass(block);
+  impl_->last_ms = t.stop();
+  const std::vector<float> f = download<float>(mass, size_t(m.s.q_heads) * nb, "last-block mass");
+  return std::vector<double>(f.begin(), f.end());
+}
+
+Budgets CudaLayer::dynamic_budget(int block, const BudgetConfig& config) const {
+  const Impl& m = *impl_;
+  validate_budget_config(config);
+  check_block(block, "dynamic_budget");
+  const int nb = num_blocks_for(m.s.seq_len, block), H = m.s.q_heads;
+  kk::DeviceBuffer kh = alloc(sizeof(int32_t) * H, "budgets"), kept = alloc(sizeof(double) * H, "budget mass");
+  KernelTimer t;
+  kk::DeviceBuffer mass = m.last_mass(block);
+  kk::BudgetParams p;
+  p.mass = mass.as<float>();
+  p.heads = H;
+  p.num_blocks = nb;
+  p.gamma = config.gamma;
+  p.k_min = config.k_min;
+  p.k_out = kh.as<int32_t>();
+  p.kept = kept.as<double>();
+  check(kk::dynamic_budget(p), "dynamic_budget");
+  impl_->last_ms = t.stop();
+  const std::vector<int32_t> k = download<int32_t>(kh, H, "budgets");
+  Budgets b;
+  b.kind = "dynamic";
+  b.heads = H;
+  b.num_blocks = nb;
+  b.per_head_k.resize(H);
+  b.per_row_k.resize(size_t(H) * nb);
+  b.last_block_mass = download<double>(kept, H, "budget mass");
+  for (int h = 0; h < H; ++h) {
+    b.per_head_k[h] = k[h];
+    for (int i = 0; i < nb; ++i) b.per_row_k[size_t(h) * nb + i] = row_budget(k[h], i, nb, config.mode);
+  }
+  return b;
+}
+
+BlockMask select_blocks_cuda(const BlockScores& scores, const Budgets& budgets, const SelectOptions& options) {
+  const int H = scores.heads, nb = scores.num_blocks;
+  if (H <= 0 || nb <= 0 || scores.score.size() != size_t(H) * nb * nb)
+    throw Error("cuda: select_blocks: scores of '" + scores.method + "' are empty or mis-shaped");
+  if (budgets.heads != H || budgets.num_blocks != nb || budgets.per_row_k.size() != size_t(H) * nb)
+    throw Error("cuda: select_blocks: budgets (" + std::to_string(budgets.heads) + " heads x " +
+                std::to_string(budgets.num_blocks) + " blocks) do not match the scores (" + std::to_string(H) +
+                " x " + std::to_string(nb) + ")");
+  if (options.local_window < 0) throw Error("cuda: select_blocks: local_window must be >= 0");
+  if (!cuda_available()) throw Error("cuda: " + cuda_device_description());
+  kk::DeviceBuffer sc = alloc(scores.score.size() * sizeof(float), "scores");
+  kk::DeviceBuffer rk = alloc(budgets.per_row_k.size() * sizeof(int32_t), "row budgets");
+  kk::DeviceBuffer ip = alloc((size_t(H) * nb + 1) * sizeof(int32_t), "indptr");
+  check(sc.upload(scores.score.data(), scores.score.size() * sizeof(float)), "uploading scores");
+  check(rk.upload(budgets.per_row_k.data(), budgets.per_row_k.size() * sizeof(int32_t)), "uploading budgets");
+  kk::SelectParams p;
+  p.scores = sc.as<float>();
+  p.score_heads = H;
+  p.heads = H;
+  p.num_blocks = nb;
+  p.row_k = rk.as<int32_t>();
+  p.sink = options.sink;
+  p.diagonal = options.diagonal;
+  p.local_window = options.local_window;
+  p.indptr = ip.as<int32_t>();
+  check(kk::select_counts(p), "select_counts");
+  std::vector<int32_t> indptr = download<int32_t>(ip, size_t(H) * nb + 1, "indptr");
+  kk::DeviceBuffer ix = alloc(size_t(indptr.back()) * sizeof(int32_t), "indices");
+  p.indices = ix.as<int32_t>();
+  check(kk::select_fill(p), "select_fill");
+  std::vector<int32_t> indices = download<int32_t>(ix, size_t(indptr.back()), "indices");
+  return BlockMask(H, scores.seq_len, scores.block, std::move(indptr), std::move(indices));
+}
+
+AttentionOutput full_attention_cuda(ConstView q, ConstView k, ConstView v, DType dtype) {
+  return CudaLayer(q, k, v, dtype).full_attention();
+}
+AttentionOutput sparse_attention_cuda(ConstView q, ConstView k, ConstView v, const BlockMask& mask, DType dtype) {
+  return CudaLayer(q, k, v, dtype).sparse_attention(mask);
+}
+BlockMass block_mass_cuda(ConstView q, ConstView k, int block, DType dtype) {
+  return CudaLayer(q, k, {}, dtype).block_mass(block);
+}
+
+}  // namespace proxyattn

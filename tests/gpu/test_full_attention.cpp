@@ -1,0 +1,168 @@
+// GPU full causal attention and row LSE vs the CPU reference (attention.hpp) on fresh random
+// inputs rounded through the device dtype: odd N, GQA 1/3/4, head dims 64/128/256, bf16 and
+// fp16, NaN-poisoned outputs, every tile variant, O in f32 and in the operand dtype.
+#include <gtest/gtest.h>
+
+#include <tuple>
+
+#include "gpu_test_util.hpp"
+#include "proxyattn/attention.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
+
+namespace proxyattn {
+namespace {
+
+namespace kk = proxyattn::kernels;
+
+struct Case {
+  int hq, hkv, d;
+  int64_t n;
+};
+
+std::vector<Case> cases() {
+  if (test::small_mode()) return {{2, 2, 64, 37}, {3, 1, 128, 130}, {4, 1, 256, 67}};
+  return {{2, 2, 64, 1},   {4, 4, 64, 127},  {6, 2, 128, 300},  {8, 2, 128, 257},
+          {3, 1, 256, 129}, {4, 1, 128, 1000}, {2, 2, 256, 333}, {4, 1, 64, 2049}};
+}
+
+class FullAttention : public ::testing::TestWithParam<std::tuple<Case, DType>> {};
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FullAttention, ::testing::Combine(::testing::ValuesIn(cases()),
+                                                                   ::testing::Values(DType::bf16, DType::f16)),
+                         [](const auto& info) {
+                           const Case c = std::get<0>(info.param);
+                           return "Hq" + std::to_string(c.hq) + "_Hkv" + std::to_string(c.hkv) + "_d" +
+                                  std::to_string(c.d) + "_N" + std::to_string(c.n) + "_" +
+                                  (std::get<1>(info.param) == DType::bf16 ? "bf16" : "f16");
+                         });
+
+TEST_P(FullAttention, MatchesCpuReference) {
+  PROXYATTN_REQUIRE_GPU();
+  const auto [c, dt] = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt),
+                v = test::random_rounded(c.hkv, c.n, c.d, dt);
+  const AttentionOutput ref = full_attention_cpu(q, k, v);
+  const double tol = test::rel_tol(dt);
+  const kk::ElemType et = test::elem_of(dt);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt);
+  const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
+
+  kk::AttentionParams p;
+  p.q = dq.data();
+  p.k = dk.data();
+  p.v = dv.data();
+  p.in_type = et;
+  p.q_heads = c.hq;
+  p.kv_heads = c.hkv;
+  p.head_dim = c.d;
+  p.seq_len = c.n;
+
+  const int variants = c.d == 128 ? 4 : 1;
+  for (int variant = 0; variant < variants; ++variant)
+    for (kk::ElemType ot : {kk::ElemType::f32, et}) {
+      kk::DeviceBuffer o = test::poisoned(no, ot), lse = test::poisoned(nl, kk::ElemType::f32);
+      p.o = o.data();
+      p.out_type = ot;
+      p.lse = lse.as<float>();
+      p.variant = variant;
+      test::kcheck(kk::full_attention(p), "full_attention");
+      test::kcheck(kk::synchronize(), "full_attention sync");
+      const std::string tag = "v" + std::to_string(variant) + (ot == kk::ElemType::f32 ? " f32" : " 16b");
+      test::expect_rel(("O " + tag).c_str(), test::download_as_float(o, no, ot), ref.o.storage(), tol);
+      test::expect_rel(("LSE " + tag).c_str(), test::download_as_float(lse, nl, kk::ElemType::f32), ref.lse, tol);
+    }
+
+  // Row LSE only: keys split automatically (0), never (1), in 3 or 7 parts, and from a row_begin.
+  for (int splits : {0, 1, 3, 7}) {
+    kk::DeviceBuffer lse = test::poisoned(nl, kk::ElemType::f32);
+    kk::AttentionParams pl = p;
+    pl.o = nullptr;
+    pl.v = nullptr;
+    pl.lse = lse.as<float>();
+    pl.variant = 0;
+    pl.kv_splits = splits;
+    test::kcheck(kk::row_lse(pl), "row_lse");
+    test::expect_rel(("row_lse splits " + std::to_string(splits)).c_str(),
+                     test::download_as_float(lse, nl, kk::ElemType::f32), ref.lse, tol);
+    if (c.n > 2) {
+      const int64_t rb = c.n - c.n / 3 - 1;
+      pl.row_begin = rb;
+      kk::DeviceBuffer lse2 = test::poisoned(nl, kk::ElemType::f32);
+      pl.lse = lse2.as<float>();
+      test::kcheck(kk::row_lse(pl), "row_lse row_begin");
+      const std::vector<float> got = test::download_as_float(lse2, nl, kk::ElemType::f32);
+      std::vector<float> g2, r2;
+      int64_t untouched = 0;
+      for (int h = 0; h < c.hq; ++h)
+        for (int64_t t = 0; t < c.n; ++t) {
+          const size_t i = size_t(h) * c.n + t;
+          if (t < rb) untouched += std::isnan(got[i]) ? 1 : 0;
+          else {
+            g2.push_back(got[i]);
+            r2.push_back(ref.lse[i]);
+          }
+        }
+      EXPECT_EQ(untouched, int64_t(c.hq) * rb);
+      test::expect_rel(("row_lse rows >= row_begin, splits " + std::to_string(splits)).c_str(), g2, r2, tol);
+    }
+  }
+  // A row range: rows before row_begin stay untouched (NaN), the rest match.
+  if (c.n > 2) {
+    const int64_t rb = c.n / 2 + 1;
+    kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
+    kk::AttentionParams pr = p;
+    pr.o = o.data();
+    pr.out_type = kk::ElemType::f32;
+    pr.lse = lse.as<float>();
+    pr.variant = 0;
+    pr.row_begin = rb;
+    test::kcheck(kk::full_attention(pr), "full_attention row_begin");
+    const std::vector<float> got = test::download_as_float(o, no, kk::ElemType::f32);
+    std::vector<float> got_tail, ref_tail;
+    int64_t untouched = 0;
+    for (int h = 0; h < c.hq; ++h)
+      for (int64_t t = 0; t < c.n; ++t)
+        for (int x = 0; x < c.d; ++x) {
+          const size_t i = (size_t(h) * c.n + t) * c.d + x;
+          if (t < rb) untouched += std::isnan(got[i]) ? 1 : 0;
+          else {
+            got_tail.push_back(got[i]);
+            ref_tail.push_back(ref.o.storage()[i]);
+          }
+        }
+    EXPECT_EQ(untouched, int64_t(c.hq) * rb * c.d) << "rows before row_begin were written";
+    test::expect_rel("O rows >= row_begin", got_tail, ref_tail, tol);
+  }
+}
+
+// The lib dispatch (upload f32, convert on device, download f32) on one shape per dtype.
+TEST(FullAttentionDispatch, MatchesCpuReference) {
+  PROXYATTN_REQUIRE_GPU();
+  for (DType dt : {DType::bf16, DType::f16}) {
+    const Tensor3 q = test::random_rounded(6, 211, 128, dt, 1.5f), k = test::random_rounded(2, 211, 128, dt),
+                  v = test::random_rounded(2, 211, 128, dt);
+    const AttentionOutput ref = full_attention_cpu(q, k, v);
+    const AttentionOutput got = full_attention_cuda(q, k, v, dt);
+    test::expect_rel("dispatch O", got.o.storage(), ref.o.storage(), test::rel_tol(dt));
+    test::expect_rel("dispatch LSE", got.lse, ref.lse, test::rel_tol(dt));
+  }
+}
+
+TEST(KernelsApi, RejectsBadArguments) {
+  kk::AttentionParams p;  // all null
+  p.head_dim = 128;
+  p.q_heads = 2;
+  p.kv_heads = 2;
+  p.seq_len = 10;
+  const kk::Status s = kk::full_attention(p);
+  if (kk::device_count() == 0)
+    EXPECT_NE(s, kk::Status::ok);
+  else
+    EXPECT_EQ(s, kk::Status::invalid_argument) << kk::last_error_detail();
+  p.head_dim = 96;
+  EXPECT_NE(kk::full_attention(p), kk::Status::ok);
+}
+
+}  // namespace
+}  // namespace proxyattn
