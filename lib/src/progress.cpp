@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <exception>
 
 namespace proxyattn {
 
@@ -15,7 +16,16 @@ Progress::Progress(std::string label, int64_t total, bool quiet)
     : label_(std::move(label)), total_(total), quiet_(quiet), tty_(::isatty(STDERR_FILENO) != 0),
       start_(std::chrono::steady_clock::now()), last_draw_(start_) {}
 
-Progress::~Progress() { done(); }
+// While an exception unwinds the error line is the only thing the user should see.
+Progress::~Progress() {
+  if (std::uncaught_exceptions() > 0) {
+    std::lock_guard lock(mu_);
+    if (!finished_ && tty_ && !quiet_) std::fputc('\n', stderr);
+    finished_ = true;
+    return;
+  }
+  done();
+}
 
 void Progress::set_label(std::string label) {
   std::lock_guard lock(mu_);

@@ -1,0 +1,919 @@
+// HDF5 Q/K(/V) store: reader and writer for the schema in DESIGN.md (see store.hpp).
+//
+// Choices worth knowing:
+// - float16 in files is the IEEE half type h5py defines (a copy of IEEE_F32LE with fields
+//   15/10/5/0/10, bias 15). HDF5 1.10 has no native half, and its soft conversion is slow, so we
+//   read the raw 16 bits with the file's own type as memory type and convert with half_to_float.
+//   (Never NATIVE_UINT16 as memory type: HDF5 would convert values, not copy bits.)
+// - num_layers is the model's layer count; a store may hold a subset of layers (ids in
+//   [0, num_layers)), named /layers/NN with at least two digits.
+// - HDF5 is not built thread-safe on Debian: every HDF5 call runs under one process-wide lock.
+// - HDF5's own error-stack printing is silenced; failures become one Error naming the file, the
+//   object and the innermost HDF5 message.
+#include "proxyattn/store.hpp"
+
+#include <hdf5.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "proxyattn/error.hpp"
+#include "proxyattn/io.hpp"
+#include "proxyattn/version.hpp"
+
+namespace proxyattn {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// HDF5 plumbing
+
+std::recursive_mutex& h5_mutex() {
+  static std::recursive_mutex m;
+  return m;
+}
+
+// Holds the HDF5 lock; also (re)silences automatic error printing, which is per thread in
+// thread-safe builds.
+struct H5Lock {
+  std::lock_guard<std::recursive_mutex> guard{h5_mutex()};
+  H5Lock() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+};
+
+herr_t innermost_cb(unsigned n, const H5E_error2_t* e, void* data) {
+  if (n == 0 && e && e->desc) *static_cast<std::string*>(data) = e->desc;
+  return 0;
+}
+
+// The most specific message on HDF5's error stack (e.g. "truncated file: eof = ..."), cleared.
+std::string h5_detail() {
+  std::string s;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, innermost_cb, &s);
+  H5Eclear2(H5E_DEFAULT);
+  return s.empty() ? std::string() : " (" + s + ")";
+}
+
+// Owning hid_t with its close function.
+class Handle {
+ public:
+  Handle() = default;
+  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  Handle(Handle&& o) noexcept : id_(std::exchange(o.id_, -1)), close_(o.close_) {}
+  Handle& operator=(Handle&& o) noexcept {
+    if (this != &o) {
+      reset();
+      id_ = std::exchange(o.id_, -1);
+      close_ = o.close_;
+    }
+    return *this;
+  }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  ~Handle() { reset(); }
+  void reset() {
+    if (id_ >= 0 && close_) close_(id_);
+    id_ = -1;
+  }
+  // Close now and report whether HDF5 succeeded (used for the file in commit()).
+  bool close() {
+    if (id_ < 0) return true;
+    const herr_t r = close_(id_);
+    id_ = -1;
+    return r >= 0;
+  }
+  hid_t get() const { return id_; }
+  operator hid_t() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+
+ private:
+  hid_t id_ = -1;
+  herr_t (*close_)(hid_t) = nullptr;
+};
+
+Handle h5type(hid_t id) { return Handle(id, H5Tclose); }
+Handle h5space(hid_t id) { return Handle(id, H5Sclose); }
+Handle h5plist(hid_t id) { return Handle(id, H5Pclose); }
+
+// Throws Error(ctx + ": " + what + HDF5 detail) when id < 0 / status < 0.
+hid_t check_id(hid_t id, const std::string& ctx) {
+  if (id < 0) throw Error(ctx + h5_detail());
+  return id;
+}
+void check_status(herr_t st, const std::string& ctx) {
+  if (st < 0) throw Error(ctx + h5_detail());
+}
+
+// IEEE binary16 as h5py defines it.
+Handle make_half_type() {
+  Handle t = h5type(H5Tcopy(H5T_IEEE_F32LE));
+  if (!t.valid() || H5Tset_fields(t, 15, 10, 5, 0, 10) < 0 || H5Tset_size(t, 2) < 0 ||
+      H5Tset_ebias(t, 15) < 0)
+    throw Error("cannot build the HDF5 float16 type" + h5_detail());
+  return t;
+}
+
+// h5py's numpy-bool type: enum of int8 {FALSE = 0, TRUE = 1}.
+Handle make_bool_type() {
+  Handle t = h5type(H5Tenum_create(H5T_STD_I8LE));
+  const int8_t f = 0, tr = 1;
+  if (!t.valid() || H5Tenum_insert(t, "FALSE", &f) < 0 || H5Tenum_insert(t, "TRUE", &tr) < 0)
+    throw Error("cannot build the HDF5 bool type" + h5_detail());
+  return t;
+}
+
+Handle make_vlen_utf8() {
+  Handle t = h5type(H5Tcopy(H5T_C_S1));
+  if (!t.valid() || H5Tset_size(t, H5T_VARIABLE) < 0 || H5Tset_cset(t, H5T_CSET_UTF8) < 0)
+    throw Error("cannot build the HDF5 string type" + h5_detail());
+  return t;
+}
+
+std::string class_name(H5T_class_t c) {
+  switch (c) {
+    case H5T_INTEGER: return "integer";
+    case H5T_FLOAT: return "float";
+    case H5T_STRING: return "string";
+    case H5T_BITFIELD: return "bitfield";
+    case H5T_OPAQUE: return "opaque";
+    case H5T_COMPOUND: return "compound";
+    case H5T_REFERENCE: return "reference";
+    case H5T_ENUM: return "enum";
+    case H5T_VLEN: return "variable-length";
+    case H5T_ARRAY: return "array";
+    default: return "unknown";
+  }
+}
+
+std::string shape_str(const std::vector<hsize_t>& d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(d[i]);
+  }
+  return s + "]";
+}
+
+// Storage float type of a dataset; `swap` set when the 16-bit data is big-endian.
+struct FloatKind {
+  DType dtype;
+  bool big_endian = false;
+};
+
+// Classifies a float type as f32 / f16 / bf16 by its bit layout, not just its size.
+FloatKind classify_float(hid_t t, const std::string& what) {
+  const H5T_class_t c = H5Tget_class(t);
+  if (c != H5T_FLOAT)
+    throw Error(what + ": expected float16 or float32 data, found " + class_name(c));
+  const size_t size = H5Tget_size(t);
+  size_t spos = 0, epos = 0, esize = 0, mpos = 0, msize = 0;
+  H5Tget_fields(t, &spos, &epos, &esize, &mpos, &msize);
+  const size_t bias = H5Tget_ebias(t);
+  const bool be = H5Tget_order(t) == H5T_ORDER_BE;
+  if (size == 4 && spos == 31 && epos == 23 && esize == 8 && mpos == 0 && msize == 23 && bias == 127)
+    return {DType::f32, be};
+  if (size == 2 && spos == 15 && epos == 10 && esize == 5 && mpos == 0 && msize == 10 && bias == 15)
+    return {DType::f16, be};
+  if (size == 2 && spos == 15 && epos == 7 && esize == 8 && mpos == 0 && msize == 7 && bias == 127)
+    return {DType::bf16, be};
+  throw Error(what + ": unsupported float type (" + std::to_string(size * 8) +
+              "-bit); expected float16 or float32");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attributes
+
+struct AttrReader {
+  hid_t obj;
+  std::string ctx;  // "<file>" or "<file>: /needle"
+
+  std::string where(const char* name) const { return ctx + ": attribute " + name; }
+
+  bool exists(const char* name) const {
+    const htri_t e = H5Aexists(obj, name);
+    if (e < 0) throw Error(where(name) + ": cannot query" + h5_detail());
+    return e > 0;
+  }
+
+  // Opens a one-value attribute; returns it with its file type.
+  std::pair<Handle, Handle> open(const char* name) const {
+    if (!exists(name)) throw Error(where(name) + ": missing");
+    Handle a(check_id(H5Aopen(obj, name, H5P_DEFAULT), where(name) + ": cannot open"), H5Aclose);
+    Handle sp = h5space(check_id(H5Aget_space(a), where(name) + ": cannot read dataspace"));
+    const hssize_t n = H5Sget_simple_extent_npoints(sp);
+    if (n != 1)
+      throw Error(where(name) + ": expected a single value, found " + std::to_string(n));
+    Handle t = h5type(check_id(H5Aget_type(a), where(name) + ": cannot read type"));
+    return {std::move(a), std::move(t)};
+  }
+
+  int64_t integer(const char* name) const {
+    auto [a, t] = open(name);
+    const H5T_class_t c = H5Tget_class(t);
+    if (c == H5T_INTEGER) {
+      int64_t v = 0;
+      check_status(H5Aread(a, H5T_NATIVE_INT64, &v), where(name) + ": cannot read");
+      return v;
+    }
+    if (c == H5T_ENUM) return enum_value(a, t, name);
+    throw Error(where(name) + ": expected an integer, found " + class_name(c));
+  }
+
+  // Enums (h5py's bool is enum int8 {FALSE, TRUE}) are read with their native enum type and
+  // the stored integer converted from the base type.
+  int64_t enum_value(hid_t a, hid_t t, const char* name) const {
+    Handle native = h5type(check_id(H5Tget_native_type(t, H5T_DIR_ASCEND), where(name) + ": bad enum"));
+    alignas(8) unsigned char buf[16] = {};
+    if (H5Tget_size(native) > 8) throw Error(where(name) + ": enum base type too wide");
+    check_status(H5Aread(a, native, buf), where(name) + ": cannot read");
+    Handle base = h5type(check_id(H5Tget_super(native), where(name) + ": bad enum"));
+    check_status(H5Tconvert(base, H5T_NATIVE_INT64, 1, buf, nullptr, H5P_DEFAULT),
+                 where(name) + ": cannot convert enum value");
+    int64_t v = 0;
+    std::memcpy(&v, buf, sizeof v);
+    return v;
+  }
+
+  double real(const char* name) const {
+    auto [a, t] = open(name);
+    const H5T_class_t c = H5Tget_class(t);
+    if (c != H5T_FLOAT && c != H5T_INTEGER)
+      throw Error(where(name) + ": expected a number, found " + class_name(c));
+    double v = 0;
+    check_status(H5Aread(a, H5T_NATIVE_DOUBLE, &v), where(name) + ": cannot read");
+    return v;
+  }
+
+  bool boolean(const char* name) const {
+    auto [a, t] = open(name);
+    const H5T_class_t c = H5Tget_class(t);
+    int64_t v = 0;
+    if (c == H5T_INTEGER) {
+      check_status(H5Aread(a, H5T_NATIVE_INT64, &v), where(name) + ": cannot read");
+    } else if (c == H5T_ENUM) {
+      v = enum_value(a, t, name);
+    } else {
+      throw Error(where(name) + ": expected a bool or integer, found " + class_name(c));
+    }
+    if (v != 0 && v != 1) throw Error(where(name) + ": expected 0 or 1, found " + std::to_string(v));
+    return v != 0;
+  }
+
+  std::string string(const char* name) const {
+    auto [a, t] = open(name);
+    const H5T_class_t c = H5Tget_class(t);
+    if (c != H5T_STRING) throw Error(where(name) + ": expected a string, found " + class_name(c));
+    const H5T_cset_t cset = H5Tget_cset(t);
+    if (H5Tis_variable_str(t) > 0) {
+      Handle mem = h5type(H5Tcopy(H5T_C_S1));
+      H5Tset_size(mem, H5T_VARIABLE);
+      H5Tset_cset(mem, cset);
+      char* p = nullptr;
+      check_status(H5Aread(a, mem, &p), where(name) + ": cannot read");
+      std::string s = p ? p : "";
+      if (p) H5free_memory(p);
+      return s;
+    }
+    const size_t size = H5Tget_size(t);
+    Handle mem = h5type(H5Tcopy(H5T_C_S1));
+    H5Tset_size(mem, size);
+    H5Tset_cset(mem, cset);
+    H5Tset_strpad(mem, H5Tget_strpad(t));
+    std::vector<char> buf(size + 1, '\0');
+    check_status(H5Aread(a, mem, buf.data()), where(name) + ": cannot read");
+    std::string s(buf.data(), strnlen(buf.data(), size));
+    if (H5Tget_strpad(t) == H5T_STR_SPACEPAD)
+      while (!s.empty() && s.back() == ' ') s.pop_back();
+    return s;
+  }
+};
+
+void write_attr(hid_t obj, const char* name, hid_t ftype, hid_t mtype, const void* value,
+                const std::string& ctx) {
+  Handle sp = h5space(H5Screate(H5S_SCALAR));
+  Handle a(check_id(H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT),
+                    ctx + ": cannot create attribute " + name),
+           H5Aclose);
+  check_status(H5Awrite(a, mtype, value), ctx + ": cannot write attribute " + name);
+}
+void write_attr_int(hid_t obj, const char* name, int64_t v, const std::string& ctx) {
+  write_attr(obj, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, ctx);
+}
+void write_attr_double(hid_t obj, const char* name, double v, const std::string& ctx) {
+  write_attr(obj, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, ctx);
+}
+void write_attr_bool(hid_t obj, const char* name, bool v, const std::string& ctx) {
+  Handle t = make_bool_type();
+  const int8_t b = v ? 1 : 0;
+  write_attr(obj, name, t, t, &b, ctx);
+}
+void write_attr_str(hid_t obj, const char* name, const std::string& v, const std::string& ctx) {
+  Handle t = make_vlen_utf8();
+  const char* p = v.c_str();
+  write_attr(obj, name, t, t, &p, ctx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout helpers
+
+std::string layer_group_name(int layer, int num_layers) {
+  const int width = std::max<int>(2, static_cast<int>(std::to_string(std::max(num_layers - 1, 0)).size()));
+  std::string s = std::to_string(layer);
+  if (static_cast<int>(s.size()) < width) s.insert(0, width - s.size(), '0');
+  return s;
+}
+
+bool link_exists(hid_t loc, const std::string& name) {
+  const htri_t e = H5Lexists(loc, name.c_str(), H5P_DEFAULT);
+  H5Eclear2(H5E_DEFAULT);
+  return e > 0;
+}
+
+std::vector<hsize_t> dims_of(hid_t ds, const std::string& what) {
+  Handle sp = h5space(check_id(H5Dget_space(ds), what + ": cannot read dataspace"));
+  const int rank = H5Sget_simple_extent_ndims(sp);
+  if (rank < 0) throw Error(what + ": cannot read rank" + h5_detail());
+  std::vector<hsize_t> d(static_cast<size_t>(rank));
+  if (rank > 0) H5Sget_simple_extent_dims(sp, d.data(), nullptr);
+  return d;
+}
+
+}  // namespace
+
+std::string_view tensor_name(Tensor t) {
+  switch (t) {
+    case Tensor::q: return "q";
+    case Tensor::k: return "k";
+    case Tensor::v: return "v";
+  }
+  return "?";
+}
+
+Tensor parse_tensor(std::string_view s) {
+  if (s == "q" || s == "Q") return Tensor::q;
+  if (s == "k" || s == "K") return Tensor::k;
+  if (s == "v" || s == "V") return Tensor::v;
+  throw Error("unknown tensor '" + std::string(s) + "' (expected q, k or v)");
+}
+
+// =============================================================================================
+// Reader
+
+namespace {
+struct DatasetInfo {
+  bool present = false;
+  FloatKind kind{DType::f32};
+};
+struct LayerInfo {
+  std::string group;  // full path, e.g. "/layers/03"
+  DatasetInfo ds[3];  // q, k, v
+};
+}  // namespace
+
+struct StoreReader::Impl {
+  std::string path;
+  ReadOptions opts;
+  StoreMeta meta;
+  std::vector<int> layers;
+  std::map<int, LayerInfo> info;
+  bool has_tokens = false;
+  Handle file;
+
+  std::string ctx(const std::string& obj) const { return path + ": " + obj; }
+
+  const LayerInfo& layer(int l) const {
+    auto it = info.find(l);
+    if (it == info.end()) {
+      std::string have;
+      for (size_t i = 0; i < layers.size(); ++i) {
+        if (i) have += ',';
+        have += std::to_string(layers[i]);
+      }
+      throw Error(path + ": layer " + std::to_string(l) + " not in store (layers present: " + have + ")");
+    }
+    return it->second;
+  }
+
+  int64_t heads_of(Tensor t) const { return t == Tensor::q ? meta.num_q_heads : meta.num_kv_heads; }
+
+  std::string ds_path(int l, Tensor t) const {
+    return layer(l).group + "/" + std::string(tensor_name(t));
+  }
+
+  void open_file();
+  void read_meta();
+  void scan_layers();
+  DatasetInfo check_dataset(hid_t group, const std::string& gpath, Tensor t, bool required) const;
+  Tensor3 read_window(int l, Tensor t, int64_t h0, int64_t h1, int64_t t0, int64_t t1) const;
+};
+
+void StoreReader::Impl::open_file() {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw Error(path + ": no such file");
+  if (!fs::is_regular_file(path, ec)) throw Error(path + ": not a regular file");
+  if (fs::file_size(path, ec) == 0) throw Error(path + ": empty file, not an HDF5 store");
+  const htri_t is = H5Fis_hdf5(path.c_str());
+  if (is <= 0) {
+    H5Eclear2(H5E_DEFAULT);
+    throw Error(path + ": not an HDF5 file");
+  }
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f < 0) throw Error(path + ": cannot open HDF5 file (truncated or corrupt?)" + h5_detail());
+  file = Handle(f, H5Fclose);
+}
+
+void StoreReader::Impl::read_meta() {
+  AttrReader ar{file, path};
+  auto positive_int = [&](const char* name) {
+    const int64_t v = ar.integer(name);
+    if (v <= 0 || v > (int64_t{1} << 30))
+      throw Error(ar.where(name) + ": must be positive, found " + std::to_string(v));
+    return v;
+  };
+  meta.num_layers = static_cast<int>(positive_int("num_layers"));
+  meta.num_q_heads = static_cast<int>(positive_int("num_q_heads"));
+  meta.num_kv_heads = static_cast<int>(positive_int("num_kv_heads"));
+  meta.head_dim = static_cast<int>(positive_int("head_dim"));
+  {
+    const int64_t n = ar.integer("seq_len");
+    if (n <= 0) throw Error(ar.where("seq_len") + ": must be positive, found " + std::to_string(n) + " (N = 0)");
+    meta.seq_len = n;
+  }
+  if (meta.num_q_heads % meta.num_kv_heads != 0)
+    throw Error(path + ": attributes num_q_heads=" + std::to_string(meta.num_q_heads) +
+                " is not a multiple of num_kv_heads=" + std::to_string(meta.num_kv_heads));
+  meta.rope_theta = ar.real("rope_theta");
+  if (!(meta.rope_theta > 0) || !std::isfinite(meta.rope_theta))
+    throw Error(ar.where("rope_theta") + ": must be a positive number");
+  meta.rope_applied = ar.boolean("rope_applied");
+  {
+    const std::string d = ar.string("dtype");
+    try {
+      meta.dtype = parse_dtype(d);
+    } catch (const Error&) {
+      throw Error(ar.where("dtype") + ": unknown dtype '" + d + "'");
+    }
+  }
+  meta.model = ar.string("model");
+  meta.source = ar.string("source");
+  meta.prompt_sha256 = ar.string("prompt_sha256");
+  meta.creator = ar.string("creator");
+
+  if (link_exists(file, "needle")) {
+    const std::string np = "/needle";
+    const hid_t g = H5Gopen2(file, np.c_str(), H5P_DEFAULT);
+    if (g < 0) throw Error(ctx(np) + ": not a group" + h5_detail());
+    Handle gh(g, H5Gclose);
+    AttrReader nr{gh, ctx(np)};
+    Needle n;
+    n.position = nr.integer("position");
+    if (n.position < 0 || n.position >= meta.seq_len)
+      throw Error(nr.where("position") + ": " + std::to_string(n.position) + " outside [0, seq_len=" +
+                  std::to_string(meta.seq_len) + ")");
+    n.text = nr.string("text");
+    meta.needle = std::move(n);
+  }
+}
+
+DatasetInfo StoreReader::Impl::check_dataset(hid_t group, const std::string& gpath, Tensor t,
+                                             bool required) const {
+  const std::string name(tensor_name(t));
+  const std::string what = ctx(gpath + "/" + name);
+  DatasetInfo di;
+  if (!link_exists(group, name)) {
+    if (required) throw Error(what + ": missing dataset");
+    return di;
+  }
+  const hid_t d = H5Dopen2(group, name.c_str(), H5P_DEFAULT);
+  if (d < 0) throw Error(what + ": not a dataset" + h5_detail());
+  Handle ds(d, H5Dclose);
+  const std::vector<hsize_t> dims = dims_of(ds, what);
+  const int64_t H = heads_of(t);
+  if (dims.size() != 3)
+    throw Error(what + ": expected rank 3 [heads, tokens, dim], found rank " + std::to_string(dims.size()) +
+                " " + shape_str(dims));
+  const std::vector<hsize_t> want{static_cast<hsize_t>(H), static_cast<hsize_t>(meta.seq_len),
+                                  static_cast<hsize_t>(meta.head_dim)};
+  if (dims != want) {
+    std::string why;
+    if (dims[0] != want[0])
+      why = "heads " + std::to_string(dims[0]) + " != " + (t == Tensor::q ? "num_q_heads" : "num_kv_heads") +
+            "=" + std::to_string(H);
+    else if (dims[1] != want[1])
+      why = "tokens " + std::to_string(dims[1]) + " != seq_len=" + std::to_string(meta.seq_len);
+    else
+      why = "dim " + std::to_string(dims[2]) + " != head_dim=" + std::to_string(meta.head_dim) +
+            (t == Tensor::q ? "" : " (d of " + name + " differs from d of q?)");
+    throw Error(what + ": shape " + shape_str(dims) + " disagrees with the attributes: " + why +
+                " (expected " + shape_str(want) + ")");
+  }
+  Handle ty = h5type(check_id(H5Dget_type(ds), what + ": cannot read type"));
+  di.kind = classify_float(ty, what);
+  if (di.kind.dtype != meta.dtype)
+    throw Error(what + ": stored as " + std::string(dtype_name(di.kind.dtype)) +
+                " but attribute dtype says " + std::string(dtype_name(meta.dtype)));
+  di.present = true;
+  return di;
+}
+
+void StoreReader::Impl::scan_layers() {
+  if (!link_exists(file, "layers")) throw Error(ctx("/layers") + ": missing group");
+  const hid_t g = H5Gopen2(file, "layers", H5P_DEFAULT);
+  if (g < 0) throw Error(ctx("/layers") + ": not a group" + h5_detail());
+  Handle lg(g, H5Gclose);
+  H5G_info_t gi;
+  check_status(H5Gget_info(lg, &gi), ctx("/layers") + ": cannot list");
+  for (hsize_t i = 0; i < gi.nlinks; ++i) {
+    const ssize_t len = H5Lget_name_by_idx(lg, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+    if (len < 0) throw Error(ctx("/layers") + ": cannot list" + h5_detail());
+    std::string name(static_cast<size_t>(len) + 1, '\0');
+    H5Lget_name_by_idx(lg, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size(), H5P_DEFAULT);
+    name.resize(static_cast<size_t>(len));
+    const std::string gpath = "/layers/" + name;
+    if (name.empty() || name.size() > 9 ||
+        !std::all_of(name.begin(), name.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      throw Error(ctx(gpath) + ": layer group names must be layer numbers (e.g. /layers/03)");
+    const int id = std::stoi(name);
+    if (id >= meta.num_layers)
+      throw Error(ctx(gpath) + ": layer " + std::to_string(id) + " >= num_layers=" +
+                  std::to_string(meta.num_layers));
+    if (info.count(id))
+      throw Error(ctx(gpath) + ": duplicate layer " + std::to_string(id) + " (also " + info[id].group + ")");
+    const hid_t lh = H5Gopen2(lg, name.c_str(), H5P_DEFAULT);
+    if (lh < 0) throw Error(ctx(gpath) + ": not a group" + h5_detail());
+    Handle lgh(lh, H5Gclose);
+    LayerInfo li;
+    li.group = gpath;
+    li.ds[0] = check_dataset(lgh, gpath, Tensor::q, true);
+    li.ds[1] = check_dataset(lgh, gpath, Tensor::k, true);
+    li.ds[2] = check_dataset(lgh, gpath, Tensor::v, false);
+    info.emplace(id, std::move(li));
+  }
+  if (info.empty()) throw Error(ctx("/layers") + ": no layers stored");
+  for (const auto& [id, li] : info) layers.push_back(id);
+
+  if (link_exists(file, "tokens")) {
+    const std::string what = ctx("/tokens");
+    const hid_t d = H5Dopen2(file, "tokens", H5P_DEFAULT);
+    if (d < 0) throw Error(what + ": not a dataset" + h5_detail());
+    Handle ds(d, H5Dclose);
+    const auto dims = dims_of(ds, what);
+    if (dims.size() != 1)
+      throw Error(what + ": expected rank 1 [seq_len], found rank " + std::to_string(dims.size()) + " " +
+                  shape_str(dims));
+    if (dims[0] != static_cast<hsize_t>(meta.seq_len))
+      throw Error(what + ": length " + std::to_string(dims[0]) + " != seq_len=" + std::to_string(meta.seq_len));
+    Handle ty = h5type(check_id(H5Dget_type(ds), what + ": cannot read type"));
+    if (H5Tget_class(ty) != H5T_INTEGER)
+      throw Error(what + ": expected integer token ids, found " + class_name(H5Tget_class(ty)));
+    has_tokens = true;
+  }
+}
+
+Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, int64_t t0,
+                                       int64_t t1) const {
+  const LayerInfo& li = layer(l);
+  const DatasetInfo& di = li.ds[static_cast<int>(t)];
+  const std::string dpath = li.group + "/" + std::string(tensor_name(t));
+  const std::string what = ctx(dpath);
+  if (!di.present) throw Error(what + ": missing dataset");
+  const int64_t H = heads_of(t), N = meta.seq_len, d = meta.head_dim;
+  if (h0 < 0 || h1 < h0 || h1 > H)
+    throw Error(what + ": heads " + std::to_string(h0) + ":" + std::to_string(h1) + " outside [0, " +
+                std::to_string(H) + "]");
+  if (t0 < 0 || t1 < t0 || t1 > N)
+    throw Error(what + ": tokens " + std::to_string(t0) + ":" + std::to_string(t1) + " outside [0, " +
+                std::to_string(N) + "]");
+  Tensor3 out(h1 - h0, t1 - t0, d);
+  if (out.size() == 0) return out;
+
+  {
+    H5Lock lock;
+    const hid_t dh = H5Dopen2(file, dpath.c_str(), H5P_DEFAULT);
+    if (dh < 0) throw Error(what + ": cannot open" + h5_detail());
+    Handle ds(dh, H5Dclose);
+    Handle fspace = h5space(check_id(H5Dget_space(ds), what + ": cannot read dataspace"));
+    const hsize_t n = static_cast<hsize_t>(t1 - t0);
+    if (di.kind.dtype == DType::f32) {
+      // HDF5 converts float32 of either byte order to native directly; one read for the window.
+      const hsize_t start[3] = {static_cast<hsize_t>(h0), static_cast<hsize_t>(t0), 0};
+      const hsize_t count[3] = {static_cast<hsize_t>(h1 - h0), n, static_cast<hsize_t>(d)};
+      check_status(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr),
+                   what + ": bad selection");
+      Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
+      check_status(H5Dread(ds, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, out.data()),
+                   what + ": read failed");
+    } else {
+      // 16-bit: raw bits with the file's own type as memory type, one head at a time (bounded
+      // scratch), converted here.
+      Handle ftype = h5type(check_id(H5Dget_type(ds), what + ": cannot read type"));
+      const hsize_t count[3] = {1, n, static_cast<hsize_t>(d)};
+      Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
+      std::vector<uint16_t> raw(static_cast<size_t>(n) * d);
+      const bool half = di.kind.dtype == DType::f16, swap = di.kind.big_endian;
+      for (int64_t h = h0; h < h1; ++h) {
+        const hsize_t start[3] = {static_cast<hsize_t>(h), static_cast<hsize_t>(t0), 0};
+        check_status(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr),
+                     what + ": bad selection");
+        check_status(H5Dread(ds, ftype, mspace, fspace, H5P_DEFAULT, raw.data()), what + ": read failed");
+        float* dst = out.row(h - h0, 0);
+        const int64_t m = static_cast<int64_t>(raw.size());
+#pragma omp parallel for schedule(static) if (m > (1 << 16))
+        for (int64_t i = 0; i < m; ++i) {
+          uint16_t b = raw[static_cast<size_t>(i)];
+          if (swap) b = static_cast<uint16_t>((b >> 8) | (b << 8));
+          dst[i] = half ? half_to_float(b) : bf16_to_float(b);
+        }
+      }
+    }
+  }
+
+  if (!opts.allow_nonfinite) {
+    int64_t nan = 0, inf = 0;
+    const float* p = out.data();
+    const int64_t m = out.size();
+#pragma omp parallel for reduction(+ : nan, inf) schedule(static) if (m > (1 << 16))
+    for (int64_t i = 0; i < m; ++i) {
+      if (std::isnan(p[i])) ++nan;
+      else if (std::isinf(p[i])) ++inf;
+    }
+    if (nan || inf)
+      throw Error(what + ": " + std::to_string(nan) + " NaN and " + std::to_string(inf) +
+                  " Inf values (non-finite data is an error unless allowed, e.g. --allow-nonfinite)");
+  }
+  return out;
+}
+
+StoreReader::StoreReader(const std::string& path, ReadOptions opts) : impl_(std::make_unique<Impl>()) {
+  impl_->path = path;
+  impl_->opts = opts;
+  H5Lock lock;
+  impl_->open_file();
+  impl_->read_meta();
+  impl_->scan_layers();
+}
+
+StoreReader::~StoreReader() {
+  if (impl_) {
+    H5Lock lock;
+    impl_.reset();
+  }
+}
+StoreReader::StoreReader(StoreReader&&) noexcept = default;
+StoreReader& StoreReader::operator=(StoreReader&& o) noexcept {
+  if (this != &o) {
+    H5Lock lock;
+    impl_ = std::move(o.impl_);
+  }
+  return *this;
+}
+
+const std::string& StoreReader::path() const { return impl_->path; }
+const StoreMeta& StoreReader::meta() const { return impl_->meta; }
+const std::vector<int>& StoreReader::layers() const { return impl_->layers; }
+bool StoreReader::has_v(int layer) const { return impl_->layer(layer).ds[2].present; }
+bool StoreReader::has_tokens() const { return impl_->has_tokens; }
+
+DType StoreReader::dataset_dtype(int layer, Tensor which) const {
+  const auto& di = impl_->layer(layer).ds[static_cast<int>(which)];
+  if (!di.present) throw Error(impl_->ctx(impl_->ds_path(layer, which)) + ": missing dataset");
+  return di.kind.dtype;
+}
+
+Tensor3 StoreReader::read(int layer, Tensor which, int64_t h0, int64_t h1, int64_t t0, int64_t t1) const {
+  return impl_->read_window(layer, which, h0, h1, t0, t1);
+}
+
+LayerData StoreReader::read_layer(int layer, bool with_v) const {
+  const auto& m = impl_->meta;
+  LayerData out;
+  out.layer = layer;
+  out.q = read(layer, Tensor::q, 0, m.num_q_heads, 0, m.seq_len);
+  out.k = read(layer, Tensor::k, 0, m.num_kv_heads, 0, m.seq_len);
+  if (with_v && has_v(layer)) out.v = read(layer, Tensor::v, 0, m.num_kv_heads, 0, m.seq_len);
+  return out;
+}
+
+std::vector<int32_t> StoreReader::tokens() const {
+  const std::string what = impl_->ctx("/tokens");
+  if (!impl_->has_tokens) throw Error(what + ": missing dataset");
+  std::vector<int32_t> out(static_cast<size_t>(impl_->meta.seq_len));
+  H5Lock lock;
+  const hid_t d = H5Dopen2(impl_->file, "tokens", H5P_DEFAULT);
+  if (d < 0) throw Error(what + ": cannot open" + h5_detail());
+  Handle ds(d, H5Dclose);
+  check_status(H5Dread(ds, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()), what + ": read failed");
+  return out;
+}
+
+// =============================================================================================
+// Writer
+
+struct StoreWriter::Impl {
+  std::string path, tmp;
+  StoreMeta meta;
+  WriteOptions opts;
+  Handle file, layers_group;
+  std::vector<bool> written;
+  bool committed = false;
+
+  std::string ctx(const std::string& obj) const { return path + ": " + obj; }
+  void write_dataset(hid_t group, const std::string& gpath, Tensor t, ConstView x);
+};
+
+namespace {
+void validate_write_meta(const StoreMeta& m, const WriteOptions& o, const std::string& path) {
+  auto pos = [&](const char* field, int64_t v) {
+    if (v <= 0) throw Error(path + ": cannot write store: " + field + " must be positive, got " + std::to_string(v));
+  };
+  pos("num_layers", m.num_layers);
+  pos("num_q_heads", m.num_q_heads);
+  pos("num_kv_heads", m.num_kv_heads);
+  pos("head_dim", m.head_dim);
+  pos("seq_len", m.seq_len);
+  if (m.num_q_heads % m.num_kv_heads != 0)
+    throw Error(path + ": cannot write store: num_q_heads=" + std::to_string(m.num_q_heads) +
+                " is not a multiple of num_kv_heads=" + std::to_string(m.num_kv_heads));
+  if (!(m.rope_theta > 0) || !std::isfinite(m.rope_theta))
+    throw Error(path + ": cannot write store: rope_theta must be a positive number");
+  if (o.dtype != DType::f16 && o.dtype != DType::f32)
+    throw Error(path + ": cannot write store: dtype " + std::string(dtype_name(o.dtype)) +
+                " not supported (float16 or float32)");
+  if (o.chunk_tokens <= 0) throw Error(path + ": cannot write store: chunk_tokens must be positive");
+  if (m.needle && (m.needle->position < 0 || m.needle->position >= m.seq_len))
+    throw Error(path + ": cannot write store: needle position outside [0, seq_len)");
+}
+}  // namespace
+
+StoreWriter::StoreWriter(const std::string& path, const StoreMeta& meta, WriteOptions opts)
+    : impl_(std::make_unique<Impl>()) {
+  auto& I = *impl_;
+  I.path = path;
+  I.meta = meta;
+  I.meta.dtype = opts.dtype;  // the attribute describes the datasets as written
+  if (I.meta.creator.empty()) I.meta.creator = "proxyattn " + version();
+  I.opts = opts;
+  validate_write_meta(I.meta, opts, path);
+  require_writable_parent(path);
+  I.tmp = temp_path_for(path);
+  I.written.assign(static_cast<size_t>(meta.num_layers), false);
+
+  H5Lock lock;
+  if (opts.gzip && H5Zfilter_avail(H5Z_FILTER_DEFLATE) <= 0)
+    throw Error(path + ": gzip requested but this HDF5 has no deflate filter");
+  const hid_t f = H5Fcreate(I.tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  if (f < 0) throw Error(path + ": cannot create " + I.tmp + h5_detail());
+  I.file = Handle(f, H5Fclose);
+  const StoreMeta& m = I.meta;
+  const std::string& c = path;
+  write_attr_str(I.file, "model", m.model, c);
+  write_attr_str(I.file, "source", m.source, c);
+  write_attr_int(I.file, "num_layers", m.num_layers, c);
+  write_attr_int(I.file, "num_q_heads", m.num_q_heads, c);
+  write_attr_int(I.file, "num_kv_heads", m.num_kv_heads, c);
+  write_attr_int(I.file, "head_dim", m.head_dim, c);
+  write_attr_int(I.file, "seq_len", m.seq_len, c);
+  write_attr_double(I.file, "rope_theta", m.rope_theta, c);
+  write_attr_bool(I.file, "rope_applied", m.rope_applied, c);
+  write_attr_str(I.file, "dtype", std::string(dtype_name(m.dtype)), c);
+  write_attr_str(I.file, "prompt_sha256", m.prompt_sha256, c);
+  write_attr_str(I.file, "creator", m.creator, c);
+  I.layers_group = Handle(check_id(H5Gcreate2(I.file, "layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                                   I.ctx("/layers") + ": cannot create group"),
+                          H5Gclose);
+  if (m.needle) {
+    Handle g(check_id(H5Gcreate2(I.file, "needle", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                      I.ctx("/needle") + ": cannot create group"),
+             H5Gclose);
+    write_attr_int(g, "position", m.needle->position, I.ctx("/needle"));
+    write_attr_str(g, "text", m.needle->text, I.ctx("/needle"));
+  }
+}
+
+StoreWriter::~StoreWriter() {
+  if (!impl_) return;
+  H5Lock lock;
+  impl_->layers_group.reset();
+  impl_->file.reset();
+  if (!impl_->committed && !impl_->tmp.empty()) {
+    std::error_code ec;
+    fs::remove(impl_->tmp, ec);
+  }
+}
+
+void StoreWriter::Impl::write_dataset(hid_t group, const std::string& gpath, Tensor t, ConstView x) {
+  const std::string name(tensor_name(t));
+  const std::string what = ctx(gpath + "/" + name);
+  const int64_t H = x.heads, N = x.tokens, d = x.dim;
+  const hsize_t dims[3] = {static_cast<hsize_t>(H), static_cast<hsize_t>(N), static_cast<hsize_t>(d)};
+  const hsize_t chunk[3] = {1, static_cast<hsize_t>(std::min<int64_t>(opts.chunk_tokens, N)),
+                            static_cast<hsize_t>(d)};
+  Handle fspace = h5space(H5Screate_simple(3, dims, nullptr));
+  Handle dcpl = h5plist(H5Pcreate(H5P_DATASET_CREATE));
+  check_status(H5Pset_chunk(dcpl, 3, chunk), what + ": cannot set chunking");
+  if (opts.gzip) {
+    check_status(H5Pset_shuffle(dcpl), what + ": cannot set shuffle");
+    check_status(H5Pset_deflate(dcpl, 4), what + ": cannot set gzip");
+  }
+  const bool half = opts.dtype == DType::f16;
+  Handle ftype = half ? make_half_type() : h5type(H5Tcopy(H5T_IEEE_F32LE));
+  Handle ds(check_id(H5Dcreate2(group, name.c_str(), ftype, fspace, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+                     what + ": cannot create dataset"),
+            H5Dclose);
+  // One head at a time: bounded scratch, and views with any strides are accepted.
+  const hsize_t count[3] = {1, static_cast<hsize_t>(N), static_cast<hsize_t>(d)};
+  Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
+  std::vector<uint16_t> h16(half ? static_cast<size_t>(N * d) : 0);
+  std::vector<float> h32(half ? 0 : static_cast<size_t>(N * d));
+  for (int64_t h = 0; h < H; ++h) {
+#pragma omp parallel for schedule(static) if (N * d > (1 << 16))
+    for (int64_t n = 0; n < N; ++n) {
+      const float* src = x.row(h, n);
+      if (half)
+        for (int64_t c = 0; c < d; ++c) h16[static_cast<size_t>(n * d + c)] = float_to_half(src[c]);
+      else
+        std::memcpy(h32.data() + n * d, src, static_cast<size_t>(d) * sizeof(float));
+    }
+    const hsize_t start[3] = {static_cast<hsize_t>(h), 0, 0};
+    check_status(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr),
+                 what + ": bad selection");
+    const herr_t st = half ? H5Dwrite(ds, ftype, mspace, fspace, H5P_DEFAULT, h16.data())
+                           : H5Dwrite(ds, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, h32.data());
+    check_status(st, what + ": write failed (disk full?)");
+  }
+}
+
+void StoreWriter::write_layer(int layer, ConstView q, ConstView k, const ConstView* v) {
+  auto& I = *impl_;
+  const StoreMeta& m = I.meta;
+  if (I.committed) throw Error(I.path + ": write_layer after commit");
+  if (layer < 0 || layer >= m.num_layers)
+    throw Error(I.path + ": layer " + std::to_string(layer) + " outside [0, num_layers=" +
+                std::to_string(m.num_layers) + ")");
+  if (I.written[static_cast<size_t>(layer)])
+    throw Error(I.path + ": layer " + std::to_string(layer) + " written twice");
+  const std::string gpath = "/layers/" + layer_group_name(layer, m.num_layers);
+  auto check = [&](ConstView x, Tensor t, int64_t H) {
+    const std::string what = I.ctx(gpath + "/" + std::string(tensor_name(t)));
+    if (x.data == nullptr && !(x.heads == 0 || x.tokens == 0 || x.dim == 0))
+      throw Error(what + ": null data");
+    if (x.heads != H || x.tokens != m.seq_len || x.dim != m.head_dim)
+      throw Error(what + ": shape [" + std::to_string(x.heads) + ", " + std::to_string(x.tokens) + ", " +
+                  std::to_string(x.dim) + "] disagrees with the store (expected [" + std::to_string(H) + ", " +
+                  std::to_string(m.seq_len) + ", " + std::to_string(m.head_dim) + "])");
+  };
+  check(q, Tensor::q, m.num_q_heads);
+  check(k, Tensor::k, m.num_kv_heads);
+  if (v) check(*v, Tensor::v, m.num_kv_heads);
+
+  H5Lock lock;
+  Handle g(check_id(H5Gcreate2(I.file, gpath.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                    I.ctx(gpath) + ": cannot create group"),
+           H5Gclose);
+  I.write_dataset(g, gpath, Tensor::q, q);
+  I.write_dataset(g, gpath, Tensor::k, k);
+  if (v) I.write_dataset(g, gpath, Tensor::v, *v);
+  I.written[static_cast<size_t>(layer)] = true;
+}
+
+void StoreWriter::write_tokens(const std::vector<int32_t>& tokens) {
+  auto& I = *impl_;
+  const std::string what = I.ctx("/tokens");
+  if (I.committed) throw Error(what + ": write after commit");
+  if (static_cast<int64_t>(tokens.size()) != I.meta.seq_len)
+    throw Error(what + ": " + std::to_string(tokens.size()) + " tokens != seq_len=" + std::to_string(I.meta.seq_len));
+  H5Lock lock;
+  if (link_exists(I.file, "tokens")) throw Error(what + ": written twice");
+  const hsize_t n = tokens.size();
+  Handle sp = h5space(H5Screate_simple(1, &n, nullptr));
+  Handle ds(check_id(H5Dcreate2(I.file, "tokens", H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                     what + ": cannot create dataset"),
+            H5Dclose);
+  check_status(H5Dwrite(ds, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, tokens.data()),
+               what + ": write failed");
+}
+
+void StoreWriter::commit() {
+  auto& I = *impl_;
+  if (I.committed) return;
+  if (std::none_of(I.written.begin(), I.written.end(), [](bool b) { return b; }))
+    throw Error(I.path + ": no layers written; refusing to commit an empty store");
+  {
+    H5Lock lock;
+    I.layers_group.reset();
+    if (!I.file.close()) throw Error(I.path + ": closing the HDF5 file failed (disk full?)" + h5_detail());
+  }
+  std::error_code ec;
+  fs::rename(I.tmp, I.path, ec);
+  if (ec) throw Error(I.path + ": cannot rename temporary file " + I.tmp + ": " + ec.message());
+  I.committed = true;
+}
+
+}  // namespace proxyattn
