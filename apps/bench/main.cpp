@@ -1,0 +1,348 @@
+// proxyattn-bench: kernel time over lengths x dtypes x methods (GPU: CUDA events, L2 flushed;
+// CPU: the reference at small N), Google Benchmark underneath, long-format JSON/CSV/Markdown out.
+//
+//   proxyattn-bench --sweep configs/sweeps/fig4_speedup.json --out results/fig4 --export-masks masks/
+//   proxyattn-bench --device cpu --lengths 512,1000 --methods full,sparse@0.2 --model configs/models/smollm2-135m.json
+//
+// Flags --benchmark_* go to Google Benchmark (e.g. --benchmark_out=gb.json); everything else is ours.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <benchmark/benchmark.h>
+#include <fmt/format.h>
+
+#include "bench.hpp"
+#include "cli_common.hpp"
+#include "masks.hpp"
+#include "proxyattn/attention.hpp"
+#include "proxyattn/error.hpp"
+#include "proxyattn/io.hpp"
+#include "proxyattn/version.hpp"
+#include "report.hpp"
+#include "runner.hpp"
+#include "sweep.hpp"
+
+namespace proxyattn::bench {
+namespace {
+
+struct Case {
+  Method method;
+  int64_t n = 0;
+  DType dtype = DType::bf16;
+};
+
+// Google Benchmark's console output goes to stderr (progress); --quiet silences it.
+class QuietReporter : public benchmark::BenchmarkReporter {
+ public:
+  bool ReportContext(const Context&) override { return true; }
+  void ReportRuns(const std::vector<Run>&) override {}
+};
+
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string hostname() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof buf - 1) != 0) return "unknown";
+  return buf;
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+Row base_row(const Sweep& sw, const Runner& runner, const Case& c) {
+  Row r;
+  r.device = runner.device();
+  r.family = family_name(c.method.family);
+  r.method = c.method.label;
+  r.n = c.n;
+  r.dtype = c.dtype == DType::f16 ? "fp16" : "bf16";
+  r.q_heads = sw.model.num_q_heads;
+  r.kv_heads = sw.model.num_kv_heads;
+  r.head_dim = sw.model.head_dim;
+  r.block = sw.block;
+  if (c.method.family == Family::sparse && c.method.mask_file.empty()) r.density_target = c.method.density;
+  if (c.method.family == Family::proxyattn) {
+    r.gamma = c.method.gamma;
+    if (c.method.target_density) r.density_target = c.method.density;
+  }
+  return r;
+}
+
+// The cases in run order: by length, then dtype, then the sweep's method order (so inputs are
+// generated and uploaded once per length). Mask-file methods run at their file's length.
+std::vector<Case> expand_cases(const Sweep& sw) {
+  std::vector<int64_t> lengths = sw.lengths;
+  std::map<std::string, int64_t> file_n;
+  for (const Method& m : sw.methods)
+    if (!m.mask_file.empty()) {
+      file_n[m.mask_file] = read_mask_file(m.mask_file).seq_len();
+      if (std::find(lengths.begin(), lengths.end(), file_n[m.mask_file]) == lengths.end())
+        lengths.push_back(file_n[m.mask_file]);
+    }
+  std::sort(lengths.begin(), lengths.end());
+  std::vector<Case> cases;
+  for (int64_t n : lengths)
+    for (DType t : sw.dtypes)
+      for (const Method& m : sw.methods) {
+        const bool in_sweep = std::find(sw.lengths.begin(), sw.lengths.end(), n) != sw.lengths.end();
+        if (!m.mask_file.empty() ? file_n[m.mask_file] != n : !in_sweep) continue;
+        cases.push_back(Case{m, n, t});
+      }
+  return cases;
+}
+
+int run(int argc, char** argv) {
+  // Google Benchmark takes its own --benchmark_* flags; CLI11 gets the rest.
+  static char gb_name[] = "proxyattn-bench";  // GB prints errors as "<argv0>: error: ..."
+  std::vector<char*> gb_args{gb_name}, our_args{argv[0]};
+  for (int i = 1; i < argc; ++i) (std::string(argv[i]).rfind("--benchmark_", 0) == 0 ? gb_args : our_args).push_back(argv[i]);
+  int gb_argc = static_cast<int>(gb_args.size());
+  benchmark::Initialize(&gb_argc, gb_args.data());
+  if (benchmark::ReportUnrecognizedArguments(gb_argc, gb_args.data())) return 2;
+
+  CLI::App app{"proxyattn-bench: attention kernel time over lengths, densities and methods "
+               "(GPU: CUDA events, L2 flushed; CPU: the reference at small N)",
+               "proxyattn-bench"};
+  cli::add_version_flag(app);
+  std::string sweep_path, out_dir, export_masks, export_check;
+  SweepOverrides o;
+  std::string device, model, inputs, mask_file;
+  int64_t check_len = 2048;
+  double check_density = 0.1;
+  int cpu_threads_opt = 0;
+  bool quiet = false;
+  app.add_option("--sweep", sweep_path, "sweep file (configs/sweeps/NAME.json); flags below override its axes");
+  app.add_option("--device", device, "auto (default: cuda when a GPU is usable), cpu or cuda");
+  app.add_option("--model", model, "model config (default configs/models/llama-3.1-8b.json)");
+  app.add_option("--lengths", o.lengths, "sequence lengths, e.g. 4K,8K,131072")->delimiter(',');
+  app.add_option("--dtypes", o.dtypes, "bf16 and/or fp16")->delimiter(',');
+  app.add_option("--methods", o.methods,
+                 "full, sparse, sparse@D, estimate, estimate:NAME, proxyattn, proxyattn@gamma=G, proxyattn@density=D")
+      ->delimiter(',');
+  app.add_option("--densities", o.densities, "densities of bare 'sparse'")->delimiter(',');
+  app.add_option("--estimators", o.estimators, "estimators of bare 'estimate'")->delimiter(',');
+  app.add_option("--gammas", o.gammas, "gammas of bare 'proxyattn'")->delimiter(',');
+  app.add_option("--proxyattn-densities", o.proxyattn_densities, "target densities of bare 'proxyattn'")->delimiter(',');
+  app.add_option("--groups", o.groups, "proxy groups g (estimate:proxy expands over them)")->delimiter(',');
+  app.add_option("--query-stride", o.query_strides, "proxy query stride s")->delimiter(',');
+  app.add_option("--mask-file", mask_file, "also time the block-sparse kernel on this .pxm mask (its N)");
+  app.add_option("--inputs", inputs, "synth (default) or random");
+  int block = 0, reps = 0, warmup = -1, k_min = 0;
+  int64_t seed = -1, cpu_max_len = 0;
+  double mem_frac = 0;
+  app.add_option("--block", block, "mask block size (64 or 128)");
+  app.add_option("--reps", reps, "timed repetitions per case");
+  app.add_option("--warmup", warmup, "untimed runs before timing");
+  app.add_option("--seed", seed, "seed of inputs and random masks");
+  app.add_option("--k-min", k_min, "dynamic budget lower clamp");
+  app.add_option("--cpu-max-len", cpu_max_len, "longest N the CPU reference runs (default 8192)");
+  app.add_option("--cpu-threads", cpu_threads_opt, "threads of the CPU reference (0 = OpenMP default)");
+  app.add_option("--gpu-mem-fraction", mem_frac, "skip cases needing more than this share of GPU memory (0.9)");
+  app.add_option("--out", out_dir, "write bench.json, bench.csv and bench.md here");
+  app.add_option("--export-masks", export_masks, "write every timed mask (.pxm) and manifest.json here");
+  app.add_option("--export-check", export_check,
+                 "write a check case (bf16 q/k/v, our block-sparse output, its mask) for scripts/bench_peers.py");
+  app.add_option("--check-len", check_len, "length of the check case (default 2048)");
+  app.add_option("--check-density", check_density, "density of the check case's mask (default 0.1)");
+  app.add_flag("--quiet", quiet, "no progress on stderr");
+  if (auto code = cli::parse(app, static_cast<int>(our_args.size()), our_args.data())) return *code;
+  if (!device.empty()) o.device = device;
+  if (!model.empty()) o.model = model;
+  if (!inputs.empty()) o.inputs = inputs;
+  if (!mask_file.empty()) o.mask_file = mask_file;
+  if (block) o.block = block;
+  if (reps) o.repetitions = reps;
+  if (warmup >= 0) o.warmup = warmup;
+  if (k_min) o.k_min = k_min;
+  if (seed >= 0) o.seed = static_cast<uint64_t>(seed);
+  if (cpu_max_len) o.cpu_max_len = cpu_max_len;
+  if (mem_frac != 0) o.gpu_mem_fraction = mem_frac;
+  if (!(check_density > 0 && check_density <= 1))
+    throw Error(fmt::format("--check-density {} is outside (0, 1]", check_density));
+  if (check_len < 1) throw Error("--check-len must be >= 1");
+  if (reps < 0) throw Error("--reps must be >= 1");
+  if (cpu_threads_opt < 0) throw Error("--cpu-threads must be >= 0");
+  if (cpu_threads_opt > 0) set_cpu_threads(cpu_threads_opt);
+
+  Sweep sw = load_sweep(sweep_path, o);
+  std::vector<Case> cases = expand_cases(sw);
+  if (cases.empty()) throw Error("the sweep expands to no cases");
+  if (!out_dir.empty()) {
+    // Created only once the sweep is known to be valid; checked before hours of timing.
+    std::error_code ec;
+    std::filesystem::create_directories(out_dir, ec);
+    require_writable_parent((std::filesystem::path(out_dir) / "bench.json").string());
+  }
+
+  std::string dev = sw.device;
+  if (dev == "auto") dev = gpu_available() ? "cuda" : "cpu";
+  std::unique_ptr<Runner> runner = dev == "cuda" ? make_gpu_runner(sw) : make_cpu_runner(sw);
+  MaskExporter exporter;
+  if (!export_masks.empty()) exporter = MaskExporter(export_masks);
+
+  if (!export_check.empty()) {
+    if (!quiet) std::fprintf(stderr, "proxyattn-bench: writing the check case (N=%lld) to %s\n",
+                             static_cast<long long>(check_len), export_check.c_str());
+    runner->export_check(export_check, check_len, check_density);
+  }
+
+  nlohmann::json ctx = runner->context();
+  std::string cmd;
+  for (int i = 0; i < argc; ++i) cmd += (i ? " " : "") + std::string(argv[i]);
+  ctx["tool"] = "proxyattn-bench";
+  ctx["version"] = version();
+  ctx["git_sha"] = git_sha();
+  ctx["built_with_cuda"] = built_with_cuda();
+  ctx["library_versions"] = library_versions();
+  ctx["date"] = utc_now();
+  ctx["host"] = hostname();
+  ctx["command"] = cmd;
+  ctx["device"] = dev;
+  ctx["timing"] = runner->timing_method();
+  ctx["sweep"] = sw.name;
+  ctx["figure"] = sw.figure;
+  ctx["model"] = sw.model.name;
+  ctx["model_source"] = sw.model_source;
+  ctx["q_heads"] = sw.model.num_q_heads;
+  ctx["kv_heads"] = sw.model.num_kv_heads;
+  ctx["head_dim"] = sw.model.head_dim;
+  ctx["inputs"] = sw.inputs;
+  ctx["flops"] = "dense causal 4 N^2 d Hq / 2; work done = that x element density (kernel time)";
+  benchmark::AddCustomContext("proxyattn_device", ctx.value("device_name", std::string("?")));
+  benchmark::AddCustomContext("proxyattn_git_sha", git_sha());
+  if (ctx.contains("nvidia_smi_start")) benchmark::AddCustomContext("nvidia_smi", ctx["nvidia_smi_start"].get<std::string>());
+
+  std::vector<Row> rows;
+  rows.reserve(cases.size());
+  for (const Case& c : cases) {
+    Row r = base_row(sw, *runner, c);
+    const std::string why = runner->skip_reason(c.method, c.n, c.dtype);
+    if (!why.empty()) {
+      r.status = "skipped";
+      r.reason = why;
+    } else {
+      r.status = "skipped";
+      r.reason = "filtered out by --benchmark_filter";
+    }
+    rows.push_back(std::move(r));
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    if (rows[i].reason != "filtered out by --benchmark_filter") continue;
+    const Case c = cases[i];
+    const std::string name = fmt::format("{}/N={}/{}", c.method.label, length_label(c.n), rows[i].dtype);
+    Runner* rn = runner.get();
+    Row* row = &rows[i];
+    MaskExporter* ex = &exporter;
+    const int warm = sw.warmup;
+    benchmark::RegisterBenchmark(name.c_str(), [rn, row, ex, c, warm](benchmark::State& st) {
+      std::vector<Timing> times;
+      try {
+        rn->prepare(c.method, c.n, c.dtype);
+        for (int w = 0; w < warm; ++w) rn->run_once();
+        for (auto _ : st) {
+          const Timing t = rn->run_once();
+          st.SetIterationTime(t.total_ms * 1e-3);
+          times.push_back(t);
+        }
+        rn->describe(*row);
+        // The masks the peers time again (FlexAttention): random density and ProxyAttn's own.
+        const bool exportable = c.method.family == Family::sparse || c.method.family == Family::proxyattn;
+        if (exportable && ex->enabled() && rn->mask() && !ex->has(c.method.label, c.n))
+          ex->add(c.method.label, c.n, *rn->mask(), {{"dtype_timed", row->dtype}});
+        rn->end_case();
+      } catch (const std::exception& e) {
+        row->status = "error";
+        row->reason = e.what();
+        st.SkipWithError(e.what());
+        try {
+          rn->end_case();
+        } catch (...) {
+        }
+        return;
+      }
+      std::vector<double> total, est, kern;
+      std::map<std::string, std::vector<double>> stages;
+      for (const Timing& t : times) {
+        total.push_back(t.total_ms);
+        est.push_back(t.estimation_ms);
+        kern.push_back(t.kernel_ms);
+        for (const auto& [k, v] : t.stages) stages[k].push_back(v);
+      }
+      row->status = "ok";
+      row->reason.clear();
+      row->reps = static_cast<int>(times.size());
+      row->total_ms = median_of(total);
+      row->total_ms_min = *std::min_element(total.begin(), total.end());
+      row->total_ms_max = *std::max_element(total.begin(), total.end());
+      if (c.method.family == Family::estimate || c.method.family == Family::proxyattn) row->estimation_ms = median_of(est);
+      if (c.method.family != Family::estimate) row->kernel_ms = median_of(kern);
+      for (const auto& [k, v] : stages) row->extra["stages_median"][k] = median_of(v);
+      st.counters["median_ms"] = *row->total_ms;
+    })
+        ->UseManualTime()
+        ->Iterations(sw.repetitions)
+        ->Unit(benchmark::kMillisecond);
+  }
+
+  if (quiet) {
+    QuietReporter rep;
+    benchmark::RunSpecifiedBenchmarks(&rep);
+  } else {
+    benchmark::ConsoleReporter rep(benchmark::ConsoleReporter::OO_None);
+    rep.SetOutputStream(&std::cerr);
+    rep.SetErrorStream(&std::cerr);
+    benchmark::RunSpecifiedBenchmarks(&rep);
+  }
+  benchmark::Shutdown();
+
+  finish_rows(rows);
+  ctx["nvidia_smi_end"] = runner->context().value("nvidia_smi_end", std::string());
+  nlohmann::json config = sw.raw;
+  config["resolved"] = {{"device", dev},
+                        {"model", sw.model.name},
+                        {"block", sw.block},
+                        {"repetitions", sw.repetitions},
+                        {"warmup", sw.warmup},
+                        {"seed", sw.seed},
+                        {"inputs", sw.inputs},
+                        {"cpu_max_len", sw.cpu_max_len},
+                        {"k_min", sw.k_min},
+                        {"gpu_mem_fraction", sw.gpu_mem_fraction}};
+  if (!out_dir.empty()) write_reports(out_dir, rows, ctx, config);
+  exporter.write();
+  std::fputs(rows_to_markdown(rows, ctx).c_str(), stdout);
+  int errors = 0;
+  for (const Row& r : rows) errors += r.status == "error";
+  if (errors) {
+    std::fprintf(stderr, "proxyattn-bench: error: %d case(s) failed (reasons in the report)\n", errors);
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace proxyattn::bench
+
+int main(int argc, char** argv) {
+  return proxyattn::cli::guarded("proxyattn-bench", [&] { return proxyattn::bench::run(argc, argv); });
+}

@@ -1,0 +1,21 @@
+#pragma once
+// Rendering of a bench run: JSON (schema_version, context, config, rows), CSV (one row per case,
+// kRowColumns) and a Markdown table; every file written atomically.
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bench.hpp"
+
+namespace proxyattn::bench {
+
+nlohmann::json row_to_json(const Row& r);
+std::string rows_to_csv(const std::vector<Row>& rows);
+std::string rows_to_markdown(const std::vector<Row>& rows, const nlohmann::json& context);
+
+// DIR/bench.json, DIR/bench.csv, DIR/bench.md (DIR created when missing).
+void write_reports(const std::string& dir, const std::vector<Row>& rows, const nlohmann::json& context,
+                   const nlohmann::json& config);
+
+}  // namespace proxyattn::bench
