@@ -1,0 +1,55 @@
+#pragma once
+// Reports are data first: one nlohmann::json document (report.json) that holds the provenance,
+// the configuration and every number; CSV files and report.md are rendered from that document
+// alone, so the three can never disagree.
+//
+// Layout of the document (schema_version 1):
+//   schema_version, tool, command, argv, created_utc, version, git_sha, built_with_cuda,
+//   library_versions, device {kind, threads, cpu, simd}, config {...}, stores [{...}],
+//   timing {...}, notes [...], tables {name: {columns: [...], rows: [[...], ...]}}
+// A table cell is a number, a string or null (a NaN / not applicable). Each table becomes
+// <name>.csv (null written as "nan"); report.md shows the tables a person reads first.
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace proxyattn::analysis {
+
+inline constexpr int kReportSchemaVersion = 1;
+
+// A fresh document with the provenance fields filled in (version, git SHA, library versions,
+// CUDA build flag, UTC time, CPU model).
+nlohmann::json report_skeleton(const std::string& tool, const std::string& command);
+
+// A JSON number, or null when x is not finite (JSON has no NaN).
+nlohmann::json num(double x);
+
+// Appends rows to report["tables"][name], creating it with `columns` on first use. Rows must
+// have exactly one cell per column (Error otherwise).
+class TableWriter {
+ public:
+  TableWriter(nlohmann::json& report, const std::string& name, std::vector<std::string> columns);
+  void add(nlohmann::json row);  // a JSON array
+  size_t column(const std::string& name) const;  // index, Error if absent
+
+ private:
+  nlohmann::json* table_;
+  std::vector<std::string> columns_;
+  std::string name_;
+};
+
+// CSV text of one table: a header line, then one line per row (RFC 4180 quoting; null -> nan;
+// doubles with 10 significant digits).
+std::string render_csv(const nlohmann::json& table);
+// Markdown summary of a whole report (the tables a person reads first; see render order in
+// report.cpp). Only the sections whose tables exist are rendered.
+std::string render_markdown(const nlohmann::json& report);
+
+// Creates dir (and parents), then writes report.json, one <table>.csv per table and report.md.
+// Every file is first written to a temporary sibling; all are renamed only after all were
+// written, so a failure leaves no partial set of new files. Throws Error naming the path.
+// Returns the paths written.
+std::vector<std::string> write_report(const nlohmann::json& report, const std::string& dir);
+
+}  // namespace proxyattn::analysis

@@ -1,0 +1,556 @@
+// Metrics of block selections against the oracle block mass; see metrics.hpp for definitions.
+#include "proxyattn/analysis/metrics.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+
+#include "proxyattn/error.hpp"
+
+namespace proxyattn::analysis {
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+// Parallel regions only pay off for large layers: on a shared 2-core machine a region for a
+// few hundred microseconds of work mostly waits for the second thread.
+bool worth_threads(const BlockMass& m) {
+  return static_cast<int64_t>(m.heads) * m.num_blocks * m.num_blocks > (int64_t{1} << 20);
+}
+
+// Relative slack when comparing a cumulative mass with gamma (float rows summed in double).
+constexpr double kGammaSlack = 1e-9;
+
+void check_mass(const BlockMass& m, const char* what) {
+  if (m.heads <= 0 || m.num_blocks <= 0 ||
+      m.mass.size() != static_cast<size_t>(m.heads) * m.num_blocks * m.num_blocks)
+    throw Error(std::string(what) + ": block mass is empty or inconsistent (" +
+                std::to_string(m.heads) + " heads, " + std::to_string(m.num_blocks) +
+                " blocks, " + std::to_string(m.mass.size()) + " values)");
+}
+
+void check_mask_vs_mass(const BlockMask& sel, const BlockMass& m, const char* what) {
+  check_mass(m, what);
+  if (sel.heads() != m.heads || sel.num_blocks() != m.num_blocks)
+    throw Error(std::string(what) + ": selection has " + std::to_string(sel.heads()) +
+                " heads x " + std::to_string(sel.num_blocks()) + " blocks, block mass has " +
+                std::to_string(m.heads) + " x " + std::to_string(m.num_blocks));
+}
+
+void check_gamma(double gamma) {
+  if (!(gamma > 0.0 && gamma <= 1.0))
+    throw Error("gamma " + std::to_string(gamma) + " outside (0, 1]");
+}
+
+// Strict total orders for ranking: descending (or ascending) value, NaN after every number,
+// ties by the lower id. (A NaN-unaware comparator is not a strict weak order, and std::sort may
+// then read out of range on data read with --allow-nonfinite.)
+template <class Id>
+inline bool desc_before(float x, float y, Id a, Id b) {
+  const bool nx = std::isnan(x), ny = std::isnan(y);
+  if (nx != ny) return ny;
+  if (!nx && x != y) return x > y;
+  return a < b;
+}
+template <class Id>
+inline bool asc_before(float x, float y, Id a, Id b) {
+  const bool nx = std::isnan(x), ny = std::isnan(y);
+  if (nx != ny) return ny;
+  if (!nx && x != y) return x < y;
+  return a < b;
+}
+
+// Index of the k-th value (0-based) of a row ranked descending, ties by lower id: we only need
+// the top-k set, so partial_sort over ids with a total order.
+std::vector<int32_t> topk_of_row(const float* row, int i, int k) {
+  std::vector<int32_t> ids(static_cast<size_t>(i) + 1);
+  std::iota(ids.begin(), ids.end(), 0);
+  k = std::clamp(k, 0, i + 1);
+  auto better = [row](int32_t a, int32_t b) {
+    return desc_before(row[a], row[b], a, b);
+  };
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), better);
+  ids.resize(static_cast<size_t>(k));
+  return ids;
+}
+
+double row_sum(const float* row, int i) {
+  double s = 0;
+  for (int j = 0; j <= i; ++j) s += row[j];
+  return s;
+}
+
+// Average ranks (1-based) of x; ties share the mean of their positions.
+void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::vector<int32_t>& ids) {
+  const size_t n = x.size();
+  ids.resize(n);
+  ranks.resize(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+    return asc_before(x[a], x[b], a, b);
+  });
+  size_t s = 0;
+  while (s < n) {
+    size_t e = s + 1;
+    while (e < n && x[ids[e]] == x[ids[s]]) ++e;
+    const double r = 0.5 * static_cast<double>(s + e - 1) + 1.0;
+    for (size_t t = s; t < e; ++t) ranks[ids[t]] = r;
+    s = e;
+  }
+}
+
+double pearson(const double* a, const double* b, size_t n) {
+  double ma = 0, mb = 0;
+  for (size_t t = 0; t < n; ++t) { ma += a[t]; mb += b[t]; }
+  ma /= static_cast<double>(n);
+  mb /= static_cast<double>(n);
+  double sab = 0, saa = 0, sbb = 0;
+  for (size_t t = 0; t < n; ++t) {
+    const double da = a[t] - ma, db = b[t] - mb;
+    sab += da * db; saa += da * da; sbb += db * db;
+  }
+  if (saa <= 0 || sbb <= 0) return kNaN;
+  return std::clamp(sab / std::sqrt(saa * sbb), -1.0, 1.0);
+}
+
+}  // namespace
+
+// ---- summaries -------------------------------------------------------------------------------
+
+double percentile(std::span<const double> values, double p) {
+  if (!(p >= 0.0 && p <= 100.0)) throw Error("percentile " + std::to_string(p) + " outside [0, 100]");
+  std::vector<double> v;
+  v.reserve(values.size());
+  for (double x : values)
+    if (std::isfinite(x)) v.push_back(x);
+  if (v.empty()) return kNaN;
+  std::sort(v.begin(), v.end());
+  const double pos = p / 100.0 * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  const double frac = pos - static_cast<double>(lo);
+  return v[lo] + (v[hi] - v[lo]) * frac;
+}
+
+Summary summarize(std::span<const double> values) {
+  Summary s;
+  double sum = 0;
+  for (double x : values)
+    if (std::isfinite(x)) { sum += x; ++s.count; }
+  if (s.count == 0) {
+    s.mean = s.min = s.p5 = s.p25 = s.median = s.p75 = s.p95 = s.max = kNaN;
+    return s;
+  }
+  s.mean = sum / static_cast<double>(s.count);
+  s.min = percentile(values, 0);
+  s.p5 = percentile(values, 5);
+  s.p25 = percentile(values, 25);
+  s.median = percentile(values, 50);
+  s.p75 = percentile(values, 75);
+  s.p95 = percentile(values, 95);
+  s.max = percentile(values, 100);
+  return s;
+}
+
+// ---- density ---------------------------------------------------------------------------------
+
+std::vector<HeadDensity> density_per_head(const BlockMask& mask) {
+  std::vector<HeadDensity> out(static_cast<size_t>(mask.heads()));
+  const int64_t nb = mask.num_blocks();
+  for (int h = 0; h < mask.heads(); ++h) {
+    HeadDensity& d = out[static_cast<size_t>(h)];
+    d.head = h;
+    d.selected = mask.selected(h);
+    d.causal_blocks = nb * (nb + 1) / 2;
+    d.density = mask.density(h);
+    d.element_density = mask.element_density(h);
+  }
+  return out;
+}
+
+// ---- oracle rankings and budgets -------------------------------------------------------------
+
+std::vector<int32_t> rank_row(const float* row, int i) { return topk_of_row(row, i, i + 1); }
+
+int row_budget(const float* row, int i, double gamma) {
+  check_gamma(gamma);
+  const std::vector<int32_t> order = rank_row(row, i);
+  const double target = gamma * row_sum(row, i) * (1.0 - kGammaSlack);
+  double cum = 0;
+  for (int t = 0; t <= i; ++t) {
+    cum += row[order[static_cast<size_t>(t)]];
+    if (cum >= target) return t + 1;
+  }
+  return i + 1;
+}
+
+double OracleBudget::mean(int h) const {
+  double s = 0;
+  for (int i = 0; i < num_blocks; ++i) s += at(h, i);
+  return s / num_blocks;
+}
+
+std::vector<double> OracleBudget::rows(int h) const {
+  std::vector<double> r(static_cast<size_t>(num_blocks));
+  for (int i = 0; i < num_blocks; ++i) r[static_cast<size_t>(i)] = at(h, i);
+  return r;
+}
+
+OracleBudget oracle_budget(const BlockMass& mass, double gamma) {
+  check_mass(mass, "oracle budget");
+  check_gamma(gamma);
+  OracleBudget b;
+  b.heads = mass.heads;
+  b.num_blocks = mass.num_blocks;
+  b.gamma = gamma;
+  b.per_row.assign(static_cast<size_t>(b.heads) * b.num_blocks, 0);
+  const int64_t rows = static_cast<int64_t>(b.heads) * b.num_blocks;
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 16) if (par)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int h = static_cast<int>(r / b.num_blocks), i = static_cast<int>(r % b.num_blocks);
+    b.per_row[static_cast<size_t>(r)] = row_budget(mass.row(h, i), i, gamma);
+  }
+  return b;
+}
+
+BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row) {
+  check_mass(mass, "oracle top-k");
+  const int64_t rows = static_cast<int64_t>(mass.heads) * mass.num_blocks;
+  if (k_per_row.size() != static_cast<size_t>(rows))
+    throw Error("oracle top-k: " + std::to_string(k_per_row.size()) + " budgets for " +
+                std::to_string(rows) + " rows");
+  std::vector<std::vector<int32_t>> sel(static_cast<size_t>(rows));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 16) if (par)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int h = static_cast<int>(r / mass.num_blocks), i = static_cast<int>(r % mass.num_blocks);
+    sel[static_cast<size_t>(r)] = topk_of_row(mass.row(h, i), i, k_per_row[static_cast<size_t>(r)]);
+  }
+  return BlockMask::from_rows(mass.heads, mass.seq_len, mass.block, sel);
+}
+
+BlockMask oracle_gamma_mask(const BlockMass& mass, double gamma) {
+  const OracleBudget b = oracle_budget(mass, gamma);
+  return oracle_topk_mask(mass, b.per_row);
+}
+
+BlockMask oracle_density_mask(const BlockMass& mass, double density) {
+  check_mass(mass, "oracle density mask");
+  if (!(density > 0.0 && density <= 1.0))
+    throw Error("oracle density mask: density " + std::to_string(density) + " outside (0, 1]");
+  const int H = mass.heads, nb = mass.num_blocks;
+  const int64_t causal = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  const int64_t T = std::clamp<int64_t>(std::llround(density * static_cast<double>(causal) * H), 0, causal * H);
+  // Cells as (value, flat index h * Nb * Nb + i * Nb + j); the flat index orders ties by head,
+  // row, block.
+  std::vector<std::pair<float, int64_t>> cells;
+  cells.reserve(static_cast<size_t>(causal * H));
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < nb; ++i) {
+      const float* row = mass.row(h, i);
+      for (int j = 0; j <= i; ++j)
+        cells.emplace_back(row[j], (static_cast<int64_t>(h) * nb + i) * nb + j);
+    }
+  auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return desc_before(a.first, b.first, a.second, b.second);
+  };
+  if (T < static_cast<int64_t>(cells.size()))
+    std::nth_element(cells.begin(), cells.begin() + T, cells.end(), better);
+  std::vector<uint8_t> bitmap(static_cast<size_t>(H) * nb * nb, 0);
+  for (int64_t t = 0; t < T; ++t) bitmap[static_cast<size_t>(cells[static_cast<size_t>(t)].second)] = 1;
+  return BlockMask::from_bitmap(H, mass.seq_len, mass.block, bitmap);
+}
+
+// ---- recall ----------------------------------------------------------------------------------
+
+std::vector<double> mass_recall_per_head(const BlockMask& sel, const BlockMass& mass) {
+  check_mask_vs_mass(sel, mass, "mass recall");
+  std::vector<double> out(static_cast<size_t>(mass.heads));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(static) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    double total = 0;
+    for (int i = 0; i < mass.num_blocks; ++i) {
+      const float* row = mass.row(h, i);
+      double s = 0;
+      for (int32_t j : sel.row(h, i)) s += row[j];
+      total += s;
+    }
+    out[static_cast<size_t>(h)] = total / mass.num_blocks;
+  }
+  return out;
+}
+
+std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass) {
+  check_mask_vs_mass(sel, mass, "block recall");
+  std::vector<double> out(static_cast<size_t>(mass.heads));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    double total = 0;
+    int used = 0;
+    for (int i = 0; i < mass.num_blocks; ++i) {
+      const auto s = sel.row(h, i);
+      const int k = static_cast<int>(s.size());
+      if (k == 0) continue;
+      std::vector<int32_t> best = topk_of_row(mass.row(h, i), i, k);
+      std::sort(best.begin(), best.end());
+      // Both sorted: count the intersection by merging.
+      int hit = 0;
+      size_t a = 0, b = 0;
+      while (a < s.size() && b < best.size()) {
+        if (s[a] == best[b]) { ++hit; ++a; ++b; }
+        else if (s[a] < best[b]) ++a;
+        else ++b;
+      }
+      total += static_cast<double>(hit) / k;
+      ++used;
+    }
+    out[static_cast<size_t>(h)] = used ? total / used : kNaN;
+  }
+  return out;
+}
+
+// ---- estimator scores ------------------------------------------------------------------------
+
+std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const BlockMass& mass,
+                                              const OracleBudget& budget) {
+  check_mass(mass, "ranking fidelity");
+  if (!scores.data || scores.score_heads <= 0 || scores.q_heads != mass.heads ||
+      scores.q_heads % scores.score_heads != 0 || scores.num_blocks != mass.num_blocks)
+    throw Error("ranking fidelity: scores [" + std::to_string(scores.score_heads) + " heads, " +
+                std::to_string(scores.num_blocks) + " blocks] do not fit " +
+                std::to_string(mass.heads) + " query heads x " + std::to_string(mass.num_blocks) +
+                " blocks");
+  if (budget.heads != mass.heads || budget.num_blocks != mass.num_blocks)
+    throw Error("ranking fidelity: oracle budget does not match the block mass");
+  std::vector<RankingFidelity> out(static_cast<size_t>(mass.heads));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    double br = 0, mr = 0, ratio = 0;
+    for (int i = 0; i < mass.num_blocks; ++i) {
+      const int k = budget.at(h, i);
+      const float* m = mass.row(h, i);
+      std::vector<int32_t> s = topk_of_row(scores.row(h, i), i, k);
+      std::vector<int32_t> best = topk_of_row(m, i, k);
+      std::sort(s.begin(), s.end());
+      std::sort(best.begin(), best.end());
+      std::vector<int32_t> common;
+      std::set_intersection(s.begin(), s.end(), best.begin(), best.end(), std::back_inserter(common));
+      double ms = 0, mb = 0;
+      for (int32_t j : s) ms += m[j];
+      for (int32_t j : best) mb += m[j];
+      br += k > 0 ? static_cast<double>(common.size()) / k : 1.0;
+      mr += ms;
+      ratio += mb > 0 ? ms / mb : 1.0;
+    }
+    const double n = mass.num_blocks;
+    out[static_cast<size_t>(h)] = {h, br / n, mr / n, ratio / n};
+  }
+  return out;
+}
+
+// ---- budget accuracy -------------------------------------------------------------------------
+
+std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est,
+                                            std::span<const int32_t> k_per_row,
+                                            const BlockMass& mass, const OracleBudget& budget) {
+  check_mass(mass, "budget accuracy");
+  const int nb = mass.num_blocks;
+  if (k_est.size() != static_cast<size_t>(mass.heads) ||
+      k_per_row.size() != static_cast<size_t>(mass.heads) * nb)
+    throw Error("budget accuracy: " + std::to_string(k_est.size()) + " head budgets and " +
+                std::to_string(k_per_row.size()) + " row budgets for " + std::to_string(mass.heads) +
+                " heads x " + std::to_string(nb) + " blocks");
+  if (budget.heads != mass.heads || budget.num_blocks != nb)
+    throw Error("budget accuracy: oracle budget does not match the block mass");
+  std::vector<BudgetAccuracy> out(static_cast<size_t>(mass.heads));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    BudgetAccuracy a;
+    a.head = h;
+    a.k_est = k_est[static_cast<size_t>(h)];
+    a.oracle_mean = budget.mean(h);
+    a.oracle_last_row = budget.at(h, nb - 1);
+    double reached = 0, used = 0;
+    int below = 0;
+    for (int i = 0; i < nb; ++i) {
+      const int k = std::clamp<int>(k_per_row[static_cast<size_t>(h) * nb + i], 0, i + 1);
+      used += k;
+      const float* m = mass.row(h, i);
+      const std::vector<int32_t> top = topk_of_row(m, i, k);
+      double s = 0;
+      for (int32_t j : top) s += m[j];
+      reached += s;
+      if (s < budget.gamma * row_sum(m, i) * (1.0 - kGammaSlack)) ++below;
+    }
+    a.k_effective = used / nb;
+    a.rel_error = (a.k_effective - a.oracle_mean) / a.oracle_mean;
+    a.abs_rel_error = std::abs(a.rel_error);
+    a.mass_reached = reached / nb;
+    a.rows_below_gamma = static_cast<double>(below) / nb;
+    out[static_cast<size_t>(h)] = a;
+  }
+  return out;
+}
+
+std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est, const BlockMass& mass,
+                                            const OracleBudget& budget, bool proportional) {
+  check_mass(mass, "budget accuracy");
+  const int nb = mass.num_blocks;
+  if (k_est.size() != static_cast<size_t>(mass.heads))
+    throw Error("budget accuracy: " + std::to_string(k_est.size()) + " budgets for " +
+                std::to_string(mass.heads) + " heads");
+  std::vector<int32_t> rows(static_cast<size_t>(mass.heads) * nb);
+  for (int h = 0; h < mass.heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      const double k = k_est[static_cast<size_t>(h)];
+      // Whole blocks: round up, with slack for values like 3.0000000001 from a division.
+      const double kr = proportional ? std::max(1.0, std::ceil(k * (i + 1) / nb - 1e-9))
+                                     : std::ceil(k - 1e-9);
+      rows[static_cast<size_t>(h) * nb + i] =
+          static_cast<int32_t>(std::clamp(kr, 0.0, static_cast<double>(nb)));
+    }
+  return budget_accuracy(k_est, rows, mass, budget);
+}
+
+// ---- head similarity -------------------------------------------------------------------------
+
+std::vector<int64_t> topk_tokens(std::span<const float> probs, int64_t k) {
+  const int64_t n = static_cast<int64_t>(probs.size());
+  k = std::clamp<int64_t>(k, 0, n);
+  std::vector<int64_t> ids(static_cast<size_t>(n));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int64_t a, int64_t b) {
+    return desc_before(probs[a], probs[b], a, b);
+  });
+  ids.resize(static_cast<size_t>(k));
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+double cosine_similarity(std::span<const float> a, std::span<const float> b) {
+  if (a.size() != b.size()) throw Error("cosine: vectors of different lengths");
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t t = 0; t < a.size(); ++t) {
+    ab += static_cast<double>(a[t]) * b[t];
+    aa += static_cast<double>(a[t]) * a[t];
+    bb += static_cast<double>(b[t]) * b[t];
+  }
+  if (aa <= 0 || bb <= 0) return kNaN;
+  return std::clamp(ab / std::sqrt(aa * bb), -1.0, 1.0);
+}
+
+double spearman_rho(std::span<const float> a, std::span<const float> b) {
+  if (a.size() != b.size()) throw Error("spearman: vectors of different lengths");
+  if (a.size() < 2) return kNaN;
+  std::vector<double> ra, rb;
+  std::vector<int32_t> ids;
+  average_ranks(a, ra, ids);
+  average_ranks(b, rb, ids);
+  return pearson(ra.data(), rb.data(), a.size());
+}
+
+HeadSimilarity head_similarity(const BlockMass& mass, std::span<const float> token_probs,
+                               int64_t seq_len, const SimilarityOptions& opts) {
+  check_mass(mass, "head similarity");
+  const int H = mass.heads, nb = mass.num_blocks;
+  if (seq_len <= 0 || token_probs.size() != static_cast<size_t>(H) * static_cast<size_t>(seq_len))
+    throw Error("head similarity: " + std::to_string(token_probs.size()) +
+                " token probabilities for " + std::to_string(H) + " heads x " +
+                std::to_string(seq_len) + " tokens");
+  HeadSimilarity s;
+  s.heads = H;
+  s.topk_fractions = opts.topk_fractions;
+  const size_t HH = static_cast<size_t>(H) * H;
+
+  // Top-k token overlap of the last block's mean probabilities.
+  for (double f : opts.topk_fractions) {
+    if (!(f > 0.0 && f <= 1.0)) throw Error("head similarity: top-k fraction outside (0, 1]");
+    const int64_t k = std::clamp<int64_t>(std::llround(f * static_cast<double>(seq_len)), 1, seq_len);
+    s.topk_k.push_back(k);
+    std::vector<std::vector<int64_t>> top(static_cast<size_t>(H));
+#pragma omp parallel for schedule(static) if (seq_len * H > (int64_t{1} << 20))
+    for (int h = 0; h < H; ++h)
+      top[static_cast<size_t>(h)] =
+          topk_tokens(token_probs.subspan(static_cast<size_t>(h) * seq_len, seq_len), k);
+    std::vector<double> m(HH);
+    for (int a = 0; a < H; ++a)
+      for (int b = 0; b < H; ++b) {
+        std::vector<int64_t> common;
+        const auto& ta = top[static_cast<size_t>(a)];
+        const auto& tb = top[static_cast<size_t>(b)];
+        std::set_intersection(ta.begin(), ta.end(), tb.begin(), tb.end(), std::back_inserter(common));
+        m[static_cast<size_t>(a) * H + b] = static_cast<double>(common.size()) / k;
+      }
+    s.topk_overlap.push_back(std::move(m));
+  }
+
+  // Rows used for the block-mass correlations.
+  std::vector<int> rows;
+  for (int i = 1; i < nb; ++i) rows.push_back(i);
+  if (opts.max_rows > 0 && static_cast<int>(rows.size()) > opts.max_rows) {
+    std::vector<int> picked;
+    const int n = static_cast<int>(rows.size());
+    for (int t = 0; t < opts.max_rows; ++t) {
+      const int idx = opts.max_rows == 1 ? n - 1
+                                          : static_cast<int>(std::llround(
+                                                static_cast<double>(t) * (n - 1) / (opts.max_rows - 1)));
+      if (picked.empty() || picked.back() != rows[static_cast<size_t>(idx)])
+        picked.push_back(rows[static_cast<size_t>(idx)]);
+    }
+    rows = std::move(picked);
+  }
+  s.rows_used = static_cast<int>(rows.size());
+
+  // Per row: ranks of every head once, then all pairs. Sums per thread, reduced after.
+  std::vector<double> cos_sum(HH, 0.0), sp_sum(HH, 0.0);
+  std::vector<int64_t> cos_n(HH, 0), sp_n(HH, 0);
+  const bool par = worth_threads(mass) || static_cast<int64_t>(HH) * nb * nb > (int64_t{1} << 22);
+#pragma omp parallel if (par)
+  {
+    std::vector<double> lcos(HH, 0.0), lsp(HH, 0.0);
+    std::vector<int64_t> lcn(HH, 0), lsn(HH, 0);
+    std::vector<std::vector<double>> ranks(static_cast<size_t>(H));
+    std::vector<int32_t> ids;
+#pragma omp for schedule(dynamic, 1)
+    for (size_t t = 0; t < rows.size(); ++t) {
+      const int i = rows[t];
+      const size_t len = static_cast<size_t>(i) + 1;
+      for (int h = 0; h < H; ++h)
+        average_ranks({mass.row(h, i), len}, ranks[static_cast<size_t>(h)], ids);
+      for (int a = 0; a < H; ++a)
+        for (int b = a; b < H; ++b) {
+          const double c = cosine_similarity({mass.row(a, i), len}, {mass.row(b, i), len});
+          const double r = pearson(ranks[static_cast<size_t>(a)].data(),
+                                   ranks[static_cast<size_t>(b)].data(), len);
+          const size_t ab = static_cast<size_t>(a) * H + b;
+          if (std::isfinite(c)) { lcos[ab] += c; ++lcn[ab]; }
+          if (std::isfinite(r)) { lsp[ab] += r; ++lsn[ab]; }
+        }
+    }
+#pragma omp critical
+    for (size_t ab = 0; ab < HH; ++ab) {
+      cos_sum[ab] += lcos[ab]; cos_n[ab] += lcn[ab];
+      sp_sum[ab] += lsp[ab]; sp_n[ab] += lsn[ab];
+    }
+  }
+  s.cosine.assign(HH, kNaN);
+  s.spearman.assign(HH, kNaN);
+  for (int a = 0; a < H; ++a)
+    for (int b = a; b < H; ++b) {
+      const size_t ab = static_cast<size_t>(a) * H + b, ba = static_cast<size_t>(b) * H + a;
+      const double c = cos_n[ab] ? cos_sum[ab] / cos_n[ab] : kNaN;
+      const double r = sp_n[ab] ? sp_sum[ab] / sp_n[ab] : kNaN;
+      s.cosine[ab] = s.cosine[ba] = c;
+      s.spearman[ab] = s.spearman[ba] = r;
+    }
+  return s;
+}
+
+}  // namespace proxyattn::analysis

@@ -1,0 +1,172 @@
+// proxyattn-analyze: head similarity, recall, budgets and output error of block-selection
+// methods on Q/K(/V) stores. A thin front end: parse, validate, call analysis::analyze(), write
+// the report (report.json + CSVs + report.md) into --out.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include "cli_common.hpp"
+#include "proxyattn/analysis/analyze.hpp"
+#include "proxyattn/analysis/report.hpp"
+#include "proxyattn/attention.hpp"
+#include "proxyattn/error.hpp"
+#include "proxyattn/io.hpp"
+
+namespace {
+
+using namespace proxyattn;
+
+struct Args {
+  analysis::AnalyzeConfig cfg;
+  // Comma-separated lists, split here (one token each, so a list never swallows a STORE).
+  std::string layers;  // "" = all
+  std::string methods, sparsity, gamma, groups, topk;
+  std::string out;
+  std::string proxy_pool = "mean";
+  std::string budget_mode = "constant";
+};
+
+const char* kTopicHelp[][2] = {
+    {"similarity", "Head x head similarity (top-k token overlap, cosine, Spearman), per-head oracle budget, proxy fidelity"},
+    {"recall", "Each method's selection at fixed sparsities and at its native gamma: density, mass and block recall"},
+    {"budget", "ProxyAttn budgets (dynamic/token/uniform/cumulative/oracle) vs the oracle budget; budgets at fixed sparsity"},
+    {"error", "recall + budget selections with the output error ||O_sparse - O_full|| / ||O_full|| (needs V)"},
+    {"all", "Every topic (output error skipped with a note for stores without V)"},
+};
+
+void add_options(CLI::App& sub, Args& a) {
+  auto& c = a.cfg;
+  sub.add_option("STORE", c.stores, "Q/K(/V) store files (HDF5); several are aggregated, per-store rows kept")
+      ->required()
+      ->expected(1, -1);
+  sub.add_option("--out,-o", a.out, "Output directory (created): report.json, *.csv, report.md")->required();
+  sub.add_option("--layers", a.layers, "Layers to analyse: list/ranges, e.g. 0,3,10-12 (default: all)");
+  sub.add_option("--methods", a.methods, "Methods, comma-separated")
+      ->default_str("proxy,pooled,xattn,flexprefill,vslash,oracle");
+  sub.add_option("--sparsity", a.sparsity, "Fixed sparsities in [0, 1), comma-separated")
+      ->default_str("0.5,0.7,0.8,0.9,0.95");
+  sub.add_option("--gamma", a.gamma, "Coverages in (0, 1], comma-separated (oracle/dynamic budgets, natives)")
+      ->default_str("0.9,0.95");
+  sub.add_option("--groups", a.groups,
+                 "ProxyAttn group counts (proxy heads), comma-separated, each dividing Hq (default: every divisor of Hq)");
+  sub.add_option("--block", c.block, "Block size B (power of two; 64 or 128)")->default_val(128);
+  sub.add_option("--density-rule", c.density_rule,
+                 "How selections reach a fixed sparsity: auto, row_uniform, head_global, native_adjust")
+      ->default_val("auto");
+  sub.add_option("--topk", a.topk, "Top-k token fractions of N for the overlap, comma-separated")
+      ->default_str("0.01,0.05");
+  sub.add_option("--sim-rows", c.sim_rows, "Query blocks used for cosine/Spearman (0 = all)")->default_val(0);
+  sub.add_option("--proxy-pool", a.proxy_pool, "ProxyAttn proxy head: mean or max_norm")->default_val("mean");
+  sub.add_option("--query-stride", c.estimator.proxy.query_stride, "ProxyAttn query stride s")->default_val(1);
+  sub.add_option("--xattn-stride", c.estimator.xattn.stride, "XAttention antidiagonal stride")->default_val(8);
+  sub.add_option("--budget-mode", a.budget_mode, "dynamic/token/uniform budget across rows: constant or proportional")
+      ->default_val("constant");
+  sub.add_option("--k-min", c.budget.k_min, "Lower clamp of the dynamic/token budgets (blocks)")->default_val(2);
+  sub.add_option("--device", c.device, "cpu or cuda")->default_val("cpu");
+  sub.add_option("--threads", c.threads, "CPU threads (0 = all)")->default_val(0);
+  sub.add_flag("--quiet,-q", c.quiet, "No progress on stderr");
+  sub.add_flag("--allow-nonfinite", c.allow_nonfinite, "Read layers holding NaN/Inf instead of failing");
+}
+
+std::vector<std::string> split_list(const std::string& s, const std::string& flag) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    const size_t comma = std::min(s.find(',', pos), s.size());
+    std::string item = s.substr(pos, comma - pos);
+    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+    while (!item.empty() && item.back() == ' ') item.pop_back();
+    if (item.empty()) throw Error(flag + ": empty item in '" + s + "'");
+    out.push_back(item);
+    pos = comma + 1;
+  }
+  return out;
+}
+
+std::vector<double> number_list(const std::string& s, const std::string& flag) {
+  std::vector<double> out;
+  for (const std::string& item : split_list(s, flag)) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size()) throw Error(flag + ": '" + item + "' is not a number");
+    out.push_back(v);
+  }
+  return out;
+}
+
+std::vector<int> int_list(const std::string& s, const std::string& flag) {
+  std::vector<int> out;
+  for (double v : number_list(s, flag)) {
+    if (v != std::floor(v) || std::abs(v) > 1e9) throw Error(flag + ": '" + fmt::format("{:g}", v) + "' is not an integer");
+    out.push_back(static_cast<int>(v));
+  }
+  return out;
+}
+
+// Fail before the heavy work when --out cannot be written.
+void prepare_out_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir))
+    throw Error("--out " + dir + ": cannot create the directory" + (ec ? " (" + ec.message() + ")" : ""));
+  require_writable_parent((fs::path(dir) / "report.json").string());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Head similarity, recall, budget accuracy and output error of block-sparse attention "
+               "methods on Q/K(/V) stores. Writes report.json, CSV tables and report.md into --out.",
+               "proxyattn-analyze"};
+  cli::add_version_flag(app);
+  app.require_subcommand(1);
+  Args a;
+  std::vector<CLI::App*> subs;
+  for (const auto& t : kTopicHelp) {
+    CLI::App* s = app.add_subcommand(t[0], t[1]);
+    add_options(*s, a);
+    subs.push_back(s);
+  }
+  return cli::run_main(app, argc, argv, [&] {
+    auto& c = a.cfg;
+    for (CLI::App* s : subs)
+      if (s->parsed()) c.command = s->get_name();
+    c.argv.assign(argv, argv + argc);
+    if (!a.layers.empty()) c.layers = cli::parse_int_list(a.layers, 1 << 20, "--layers");
+    if (!a.methods.empty()) c.methods = split_list(a.methods, "--methods");
+    if (!a.sparsity.empty()) c.sparsity = number_list(a.sparsity, "--sparsity");
+    if (!a.gamma.empty()) c.gamma = number_list(a.gamma, "--gamma");
+    if (!a.groups.empty()) c.groups = int_list(a.groups, "--groups");
+    if (!a.topk.empty()) c.topk_fractions = number_list(a.topk, "--topk");
+    c.estimator.proxy.pool = parse_proxy_pool(a.proxy_pool);
+    c.budget.mode = parse_budget_mode(a.budget_mode);
+    if (c.threads < 0) throw Error("--threads: must be >= 0");
+    analysis::validate_config(c);
+    prepare_out_dir(a.out);
+    if (c.threads > 0) {
+      omp_set_num_threads(c.threads);
+      set_cpu_threads(c.threads);
+    }
+    const nlohmann::json report = analysis::analyze(c);
+    const std::vector<std::string> files = analysis::write_report(report, a.out);
+    if (!c.quiet)
+      std::printf("%s\n", fmt::format("proxyattn-analyze {}: {} files in {} ({:.1f} s)", c.command, files.size(),
+                                      a.out, report["timing"]["total_seconds"].get<double>())
+                              .c_str());
+    return 0;
+  });
+}
