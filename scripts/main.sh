@@ -2,8 +2,8 @@
 # The main job on the default data: capture the real SmolLM2-135M needle-in-a-haystack 8K store
 # (cached under cache/stores/ after the first run), analyse every layer with every method
 # (similarity, recall, budgets, output error) and draw the figures.
-#   results/main/report.md   the tables to read first
-#   results/main/figures/    the paper's analysis figures
+#   out/main/report.md   the tables to read first (report.json, CSVs beside it)
+#   out/main/figures/    the paper's analysis figures
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$PROXYATTN_ROOT"
@@ -11,7 +11,7 @@ cd "$PROXYATTN_ROOT"
 py="$PROXYATTN_VENV/bin/python"
 
 store=$("$py" scripts/proxyattn_models.py store)        # fetch the model + capture when not cached
-out=${PROXYATTN_MAIN_OUT:-results/main}
+out=${PROXYATTN_MAIN_OUT:-out/main}
 mkdir -p "$out"
 "$PROXYATTN_BUILD/apps/proxyattn-analyze" all "$store" --out "$out"
 "$py" scripts/plot_figures.py "$out" --out "$out/figures"
