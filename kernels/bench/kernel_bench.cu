@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <stdexcept>
+#include <string>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -30,7 +32,7 @@ namespace {
     if (s_ != kk::Status::ok) {                                                                   \
       std::fprintf(stderr, "%s:%d: %s -> %s (%s)\n", __FILE__, __LINE__, #x, kk::status_string(s_), \
                    kk::last_error_detail());                                                      \
-      std::exit(1);                                                                               \
+      throw std::runtime_error("kernel launch failed");                                           \
     }                                                                                             \
   } while (0)
 
@@ -155,7 +157,7 @@ void random_mask(int64_t n, int block, double p, std::vector<int32_t>& indptr, s
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run_bench(int argc, char** argv) {
   std::vector<int64_t> lengths = {4096, 8192, 16384, 32768, 65536, 131072};
   std::vector<int64_t> variants = {0, 1, 2, 3};
   std::vector<int64_t> sparse_lengths = {32768, 131072};
@@ -165,8 +167,7 @@ int main(int argc, char** argv) {
   for (int a = 1; a < argc; ++a) {
     auto next = [&]() -> const char* {
       if (a + 1 >= argc) {
-        std::fprintf(stderr, "missing value after %s\n", argv[a]);
-        std::exit(2);
+        throw std::invalid_argument(std::string("missing value after ") + argv[a]);
       }
       return argv[++a];
     };
@@ -350,4 +351,17 @@ int main(int argc, char** argv) {
   }
   if (g_csv) std::fclose(g_csv);
   return 0;
+}
+
+// Errors propagate here as exceptions: one line on stderr, non-zero exit.
+int main(int argc, char** argv) {
+  try {
+    return run_bench(argc, argv);
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "proxyattn_kernel_bench: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "proxyattn_kernel_bench: error: %s\n", e.what());
+    return 1;
+  }
 }
