@@ -25,6 +25,7 @@
 #include "proxyattn/analysis/layer_oracle.hpp"
 #include "proxyattn/analysis/metrics.hpp"
 #include "proxyattn/analysis/report.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/progress.hpp"
 #include "proxyattn/select.hpp"
@@ -320,6 +321,15 @@ class LayerRun {
   Timing& tm_;
   std::set<std::string>& notes_;
 
+  // --device cuda: the layer's Q and K on the GPU (fp16: exact for the float16 stores),
+  // uploaded on first use and released with the run.
+  CudaLayer& gpu() {
+    if (!gpu_) gpu_ = std::make_unique<CudaLayer>(q_, k_, ConstView{}, DType::f16);
+    return *gpu_;
+  }
+  bool cuda() const { return cfg_.device == "cuda"; }
+  std::unique_ptr<CudaLayer> gpu_;
+
   Phase phase_ = Phase::before;
   bool errors_ = false;  // output error computed for this layer
   LayerData data_;
@@ -388,6 +398,9 @@ const BlockScores& LayerRun::scores(const std::string& method, int groups, doubl
       c.flexprefill.gamma = gamma;
       c.xattn.tau = gamma;
     }
+    // Stays on the CPU with --device cuda too: CudaLayer::proxy_scores pools the heads into fp16
+    // operands, and that rounding moved cumulative budgets by a block in ~0.4% of the rows
+    // (report cells off by up to 0.03 against --device cpu), above the 1e-3 the two must agree to.
     s = make_estimator(method)->estimate(q_, k_, c);
   }
   return score_cache_.emplace(key, std::move(s)).first->second;
@@ -657,6 +670,19 @@ void LayerRun::pass() {
     }
     pass_ = layer_pass(q_, k_, *data_.v, cfg_.block, masks, rankings);
     oracle_ = std::move(pass_.oracle);
+  }
+  if (cuda()) {
+    // The exact block mass and row LSE every metric reads come from the GPU. The CPU pass
+    // above still supplies the block max, the last-block token probabilities and the output
+    // errors (its prefix tables have no GPU counterpart); a mask that is no longer a prefix of
+    // the CPU mass ranking (near ties) falls back to the direct output-error pass.
+    Timing::Scope scope(tm_, "oracle:cuda");
+    BlockMass m = gpu().block_mass(cfg_.block);
+    std::vector<float> lse = gpu().row_lse();
+    if (m.mass.size() != oracle_.mass.mass.size() || lse.size() != oracle_.lse.size())
+      throw Error("--device cuda: GPU block mass / row LSE shape differs from the CPU pass");
+    oracle_.mass = std::move(m);
+    oracle_.lse = std::move(lse);
   }
   Timing::Scope scope(tm_, "oracle");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
@@ -974,10 +1000,13 @@ void validate_config(const AnalyzeConfig& cfg) {
   for (double f : cfg.topk_fractions)
     if (!(f > 0.0 && f <= 1.0)) throw Error("top-k fraction " + short_num(f) + " outside (0, 1]");
   if (cfg.sim_rows < 0) throw Error("--sim-rows: must be >= 0");
-  if (cfg.device == "cuda")
-    throw Error("--device cuda: the CUDA analysis path is not wired yet (the kernels issue adds "
-                "it); use --device cpu");
-  if (cfg.device != "cpu") throw Error("--device: unknown device '" + cfg.device + "' (valid: cpu, cuda)");
+  if (cfg.device == "cuda" && !cuda_available()) {
+    // "no CUDA device (<driver detail>)"; the detail is empty on a build without CUDA.
+    std::string why = cuda_device_description();
+    if (why.size() > 3 && why.compare(why.size() - 3, 3, " ()") == 0) why.resize(why.size() - 3);
+    throw Error("--device cuda: " + why + " (needs a CUDA build and a visible GPU); use --device cpu");
+  }
+  if (cfg.device != "cpu" && cfg.device != "cuda") throw Error("--device: unknown device '" + cfg.device + "' (valid: cpu, cuda)");
   EstimatorConfig ec = cfg.estimator;
   ec.block = cfg.block;
   validate_estimator_config(ec);
@@ -1048,6 +1077,12 @@ json analyze(const AnalyzeConfig& cfg_in) {
   report["argv"] = cfg.argv;
   report["device"]["kind"] = cfg.device;
   report["device"]["threads"] = omp_get_max_threads();
+  if (cfg.device == "cuda") {
+    report["device"]["name"] = cuda_device_description();
+    notes.insert("--device cuda: exact block mass and row LSE on the GPU (fp16 operands, fp32 accumulation); "
+                 "block max, last-block token probabilities, output errors (prefix tables), estimators "
+                 "(ProxyAttn included: fp16 pooled heads shift its budgets), budgets and selections on the CPU");
+  }
   json& c = report["config"];
   c["command"] = cfg.command;
   c["layers"] = cfg.layers.empty() ? json("all") : json(cfg.layers);

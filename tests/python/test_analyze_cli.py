@@ -196,11 +196,28 @@ def expect_error(tmp_path, args, needle, code=None):
     (["--layers", "0,5"], "--layers: layer 5 is not in"),
     (["--layers", "1-x"], "--layers"),
     (["--block", "100"], "--block: 100"),
-    (["--device", "cuda"], "--device cuda"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
     (["--density-rule", "best"], "--density-rule: unknown rule 'best'"),
 ])
 def test_bad_flags(stores, tmp_path, extra, needle):
     expect_error(tmp_path, ["recall", stores["a"], *extra], needle)
+
+
+def test_device_cuda(stores, tmp_path):
+    # Without a CUDA build or a visible device: one clear error line and no report; with one,
+    # the report records the GPU it ran on.
+    has_gpu = Path("/dev/nvidia0").exists()
+    if not has_gpu:
+        expect_error(tmp_path, ["recall", stores["a"], "--device", "cuda", *FAST], "--device cuda: no CUDA device")
+        return
+    out = tmp_path / "cuda"
+    p = analyze("recall", stores["a"], "--device", "cuda", "--out", out, "--quiet", *FAST, check=False)
+    if p.returncode != 0:  # a CPU-only build on a GPU host still fails cleanly
+        assert p.stderr.strip().startswith("proxyattn-analyze: error: --device cuda: "), p.stderr
+        return
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["device"]["kind"] == "cuda"
+    assert rep["device"]["name"] and "no CUDA device" not in rep["device"]["name"]
 
 
 def test_bad_stores(stores, tmp_path):

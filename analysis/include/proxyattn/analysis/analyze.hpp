@@ -46,7 +46,7 @@ struct AnalyzeConfig {
   std::string density_rule = "auto";
   std::vector<double> topk_fractions{0.01, 0.05};
   int sim_rows = 0;             // rows for cosine/Spearman, 0 = all (SimilarityOptions)
-  std::string device = "cpu";   // cpu (cuda: not wired yet)
+  std::string device = "cpu";   // cpu | cuda (needs a CUDA build and a device)
   int threads = 0;              // 0 = OpenMP default
   bool quiet = false;
   bool allow_nonfinite = false;
