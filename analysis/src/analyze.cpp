@@ -1,5 +1,6 @@
 // The analysis driver: stores -> layers -> exact quantities once -> estimators, budgets,
 // selections -> metrics -> report tables. See analyze.hpp for the topics.
+#include "proxyattn/id_ranges.hpp"
 #include "proxyattn/analysis/analyze.hpp"
 
 #include <omp.h>
@@ -108,18 +109,6 @@ struct StoreCtx {
   bool error_ok = false;  // every analysed layer has V
 };
 
-std::string layer_list(const std::vector<int>& ids) {
-  std::string out;
-  for (size_t i = 0; i < ids.size();) {
-    size_t j = i;
-    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
-    if (!out.empty()) out += ',';
-    out += std::to_string(ids[i]);
-    if (j > i) out += "-" + std::to_string(ids[j]);
-    i = j + 1;
-  }
-  return out;
-}
 
 json store_json(const StoreCtx& s) {
   const StoreMeta& m = s.reader->meta();
@@ -1049,7 +1038,7 @@ json analyze(const AnalyzeConfig& cfg_in) {
       for (int l : cfg.layers)
         if (std::find(have.begin(), have.end(), l) == have.end())
           throw Error("--layers: layer " + std::to_string(l) + " is not in " + path + " (layers " +
-                      layer_list(have) + ")");
+                      format_id_ranges(have) + ")");
       s.layers = cfg.layers;
     }
     if (cfg.groups.empty()) {

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_common.hpp"
+#include "proxyattn/id_ranges.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
 #include "proxyattn/model_config.hpp"
@@ -63,19 +64,6 @@ std::string shape_text(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-// Compact list of layer ids: "0-3,8,10-11".
-std::string layer_list(const std::vector<int>& ids) {
-  std::string out;
-  for (size_t i = 0; i < ids.size();) {
-    size_t j = i;
-    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
-    if (!out.empty()) out += ',';
-    out += std::to_string(ids[i]);
-    if (j > i) out += "-" + std::to_string(ids[j]);
-    i = j + 1;
-  }
-  return out;
-}
 
 int cmd_info(const InfoArgs& a) {
   // info counts NaN/Inf instead of failing on them.
@@ -109,7 +97,7 @@ int cmd_info(const InfoArgs& a) {
     fmt::print("source         {}\n", m.source);
     fmt::print("creator        {}\n", m.creator);
     fmt::print("layers         {} stored of num_layers={} ({})\n", r.layers().size(), m.num_layers,
-               layer_list(r.layers()));
+               format_id_ranges(r.layers()));
     fmt::print("heads          q {}, kv {} (GQA ratio {}), head_dim {}\n", m.num_q_heads, m.num_kv_heads,
                m.num_q_heads / m.num_kv_heads, m.head_dim);
     fmt::print("seq_len        {}\n", m.seq_len);
@@ -221,7 +209,7 @@ int cmd_export(const ExportArgs& a) {
   const Tensor which = parse_tensor(a.qk);
   const auto& ls = r.layers();
   if (std::find(ls.begin(), ls.end(), a.layer) == ls.end())
-    throw Error("--layer " + std::to_string(a.layer) + ": not in " + a.file + " (layers stored: " + layer_list(ls) + ")");
+    throw Error("--layer " + std::to_string(a.layer) + ": not in " + a.file + " (layers stored: " + format_id_ranges(ls) + ")");
   if (which == Tensor::v && !r.has_v(a.layer))
     throw Error("--qk v: " + a.file + " has no v dataset in layer " + std::to_string(a.layer));
   const int heads = which == Tensor::q ? m.num_q_heads : m.num_kv_heads;
