@@ -1,6 +1,5 @@
 // The analysis driver: stores -> layers -> exact quantities once -> estimators, budgets,
 // selections -> metrics -> report tables. See analyze.hpp for the topics.
-#include "proxyattn/id_ranges.hpp"
 #include "proxyattn/analysis/analyze.hpp"
 
 #include <omp.h>
@@ -27,7 +26,9 @@
 #include "proxyattn/analysis/metrics.hpp"
 #include "proxyattn/analysis/report.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
+#include "proxyattn/distributed.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/id_ranges.hpp"
 #include "proxyattn/progress.hpp"
 #include "proxyattn/select.hpp"
 #include "proxyattn/store.hpp"
@@ -227,6 +228,86 @@ double mean_of(const std::vector<double>& v) { return summarize(v).mean; }
 
 // Exclusive wall and CPU time per stage: a Scope switches the running stage and switches back
 // when it ends, so nested stages (an estimate inside a selection) are not counted twice.
+// ---- moving unit results between MPI ranks -----------------------------------------------------
+// CBOR keeps every double bit-exact (NaN included), so a merged multi-rank report equals the
+// single-process one number for number.
+
+json budget_wire(const BudgetAgg& b) {
+  return json::array({b.k_est, b.k_eff, b.oracle, b.rel, b.abs_rel, b.reached, b.below, b.mass, b.density});
+}
+BudgetAgg budget_unwire(const json& j) {
+  BudgetAgg b;
+  std::vector<double>* f[] = {&b.k_est, &b.k_eff, &b.oracle, &b.rel, &b.abs_rel, &b.reached, &b.below, &b.mass, &b.density};
+  for (size_t i = 0; i < std::size(f); ++i) *f[i] = j.at(i).get<std::vector<double>>();
+  return b;
+}
+
+json aggregates_wire(const Aggregates& a) {
+  json j;
+  j["sel_order"] = a.sel_order;
+  json sel = json::array();
+  for (const auto& [id, s] : a.sel)
+    sel.push_back(json::array({id, s.desc.method, s.desc.groups, s.desc.budget, s.desc.rule, s.desc.gamma,
+                               s.desc.target, s.stores, s.layers, s.density, s.element_density, s.mass, s.block,
+                               s.error, s.layer_density}));
+  j["sel"] = sel;
+  json order = json::array(), budget = json::array(), heads = json::array(), fid = json::array(),
+       missed = json::array();
+  for (const auto& [kind, g] : a.budget_order) order.push_back(json::array({kind, g}));
+  for (const auto& [key, b] : a.budget) budget.push_back(json::array({key.first, key.second, budget_wire(b)}));
+  for (const auto& [key, b] : a.budget_heads)
+    heads.push_back(json::array({std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), budget_wire(b)}));
+  for (const auto& [key, v] : a.fidelity) fid.push_back(json::array({key.first, key.second, v[0], v[1], v[2]}));
+  for (const auto& [store, list] : a.missed)
+    for (const auto& m : list) missed.push_back(json::array({store, m.id, m.target, m.reached}));
+  j["budget_order"] = order;
+  j["budget"] = budget;
+  j["budget_heads"] = heads;
+  j["fidelity"] = fid;
+  j["missed"] = missed;
+  j["store_blocks"] = a.store_blocks;
+  return j;
+}
+
+Aggregates aggregates_unwire(const json& j) {
+  Aggregates a;
+  a.sel_order = j.at("sel_order").get<std::vector<std::string>>();
+  for (const json& e : j.at("sel")) {
+    SelAgg s;
+    s.desc.method = e.at(1).get<std::string>();
+    s.desc.groups = e.at(2).get<int>();
+    s.desc.budget = e.at(3).get<std::string>();
+    s.desc.rule = e.at(4).get<std::string>();
+    s.desc.gamma = e.at(5).is_null() ? kNaN : e.at(5).get<double>();
+    s.desc.target = e.at(6).is_null() ? kNaN : e.at(6).get<double>();
+    s.stores = e.at(7).get<std::set<std::string>>();
+    s.layers = e.at(8).get<int>();
+    s.density = e.at(9).get<std::vector<double>>();
+    s.element_density = e.at(10).get<std::vector<double>>();
+    s.mass = e.at(11).get<std::vector<double>>();
+    s.block = e.at(12).get<std::vector<double>>();
+    s.error = e.at(13).get<std::vector<double>>();
+    s.layer_density = e.at(14).get<std::vector<double>>();
+    a.sel.emplace(e.at(0).get<std::string>(), std::move(s));
+  }
+  for (const json& e : j.at("budget_order")) a.budget_order.emplace_back(e.at(0).get<std::string>(), e.at(1).get<double>());
+  for (const json& e : j.at("budget"))
+    a.budget.emplace(std::make_pair(e.at(0).get<std::string>(), e.at(1).get<double>()), budget_unwire(e.at(2)));
+  for (const json& e : j.at("budget_heads"))
+    a.budget_heads.emplace(std::make_tuple(e.at(0).get<std::string>(), e.at(1).get<std::string>(), e.at(2).get<double>(),
+                                           e.at(3).get<int>()),
+                           budget_unwire(e.at(4)));
+  for (const json& e : j.at("fidelity"))
+    a.fidelity.emplace(std::make_pair(e.at(0).get<int>(), e.at(1).get<double>()),
+                       std::array<std::vector<double>, 3>{e.at(2).get<std::vector<double>>(),
+                                                          e.at(3).get<std::vector<double>>(),
+                                                          e.at(4).get<std::vector<double>>()});
+  for (const json& e : j.at("missed"))
+    a.missed[e.at(0).get<std::string>()].push_back({e.at(1).get<std::string>(), e.at(2).get<double>(), e.at(3).get<double>()});
+  a.store_blocks = j.at("store_blocks").get<std::map<std::string, int>>();
+  return a;
+}
+
 struct Timing {
   struct Stage {
     double wall = 0, cpu = 0;
@@ -1002,7 +1083,7 @@ void validate_config(const AnalyzeConfig& cfg) {
   validate_budget_config(cfg.budget);
 }
 
-json analyze(const AnalyzeConfig& cfg_in) {
+json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   AnalyzeConfig cfg = cfg_in;
   validate_config(cfg);
   const Topics topics = topics_of(cfg.command);
@@ -1123,9 +1204,25 @@ json analyze(const AnalyzeConfig& cfg_in) {
       u.layer = l;
       units.push_back(std::move(u));
     }
+  // Across MPI ranks: units balanced by cost (N^2 * Hq * d), each rank runs its own, rank 0
+  // receives every result and merges in (store, layer) order exactly as one process would.
+  const int ranks = dist ? dist->size() : 1, rank = dist ? dist->rank() : 0;
+  std::vector<int> owner(units.size(), 0);
+  if (ranks > 1) {
+    std::vector<double> cost;
+    for (const Unit& u : units) {
+      const StoreMeta& m = u.store->reader->meta();
+      cost.push_back(static_cast<double>(m.seq_len) * static_cast<double>(m.seq_len) * m.num_q_heads * m.head_dim);
+    }
+    owner = assign_by_cost(cost, ranks);
+  }
+  std::vector<Unit*> mine;
+  for (size_t i = 0; i < units.size(); ++i)
+    if (owner[i] == rank) mine.push_back(&units[i]);
+
   const int threads = omp_get_max_threads();
-  const bool outer = units.size() >= 2 && threads > 1;
-  Progress progress("analyze " + cfg.command, static_cast<int64_t>(units.size()), cfg.quiet);
+  const bool outer = mine.size() >= 2 && threads > 1;
+  Progress progress("analyze " + cfg.command, static_cast<int64_t>(mine.size()), cfg.quiet);
   auto run_unit = [&](Unit& u) {
     u.tm.thread_clock = outer;
     u.tm.reset();
@@ -1135,23 +1232,66 @@ json analyze(const AnalyzeConfig& cfg_in) {
     u.tm.switch_to("other");
     progress.tick();
   };
+  auto guarded_unit = [&](Unit& u) {
+    try {
+      run_unit(u);
+    } catch (const std::exception& e) {
+      u.error = e.what();
+    }
+  };
   if (outer) {
     const int levels = omp_get_max_active_levels();
     omp_set_max_active_levels(1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (size_t i = 0; i < mine.size(); ++i) guarded_unit(*mine[i]);
+    omp_set_max_active_levels(levels);
+  } else {
+    for (Unit* u : mine) guarded_unit(*u);
+  }
+  json rank_info = json::array();
+  std::string first_error;
+  for (const Unit* u : mine)
+    if (!u->error.empty()) {
+      first_error = u->error;
+      break;
+    }
+  if (ranks == 1) {
+    if (!first_error.empty()) throw Error(first_error);
+  } else {
+    dist->agree_or_throw(first_error);  // one failing rank fails them all, with its message
+    json out = json::array();
     for (size_t i = 0; i < units.size(); ++i) {
-      try {
-        run_unit(units[i]);
-      } catch (const std::exception& e) {
-        units[i].error = e.what();
+      if (owner[i] != rank) continue;
+      const Unit& u = units[i];
+      json stages = json::object();
+      for (const auto& [name, st] : u.tm.stages) stages[name] = json::array({st.wall, st.cpu});
+      out.push_back({{"unit", i}, {"doc", u.doc}, {"agg", aggregates_wire(u.agg)}, {"stages", stages},
+                     {"second_pass_masks", u.tm.second_pass_masks}, {"notes", u.notes}});
+    }
+    const json mine_doc = {{"host", dist->hostname()}, {"device", cfg.device}, {"units", std::move(out)}};
+    const std::vector<uint8_t> bytes = json::to_cbor(mine_doc);
+    const std::vector<std::string> parts = dist->gather_to_root(std::string(bytes.begin(), bytes.end()));
+    if (!dist->is_root()) return json();  // rank 0 writes the report
+    for (int r = 0; r < ranks; ++r) {
+      json part = json::from_cbor(parts[static_cast<size_t>(r)]);
+      rank_info.push_back({{"rank", r}, {"host", part.at("host")}, {"device", part.at("device")},
+                           {"units", part.at("units").size()}});
+      if (r == 0) continue;  // rank 0's units are already in place
+      for (json& e : part.at("units")) {
+        Unit& u = units.at(e.at("unit").get<size_t>());
+        u.doc = std::move(e.at("doc"));
+        u.agg = aggregates_unwire(e.at("agg"));
+        for (const auto& [name, st] : e.at("stages").items())
+          u.tm.stages[name] = {st.at(0).get<double>(), st.at(1).get<double>()};
+        u.tm.second_pass_masks = e.at("second_pass_masks").get<int64_t>();
+        u.notes = e.at("notes").get<std::set<std::string>>();
       }
     }
-    omp_set_max_active_levels(levels);
-    for (const Unit& u : units)
-      if (!u.error.empty()) throw Error(u.error);
-  } else {
-    for (Unit& u : units) run_unit(u);
   }
+  report["distributed"] = {{"ranks", ranks},
+                           {"mpi", dist && dist->active()},
+                           {"per_rank", rank_info},
+                           {"assignment", "longest-processing-time first by cost N^2 * Hq * d per (store, layer)"}};
 
   // Merge the units in (store, layer) order: rows, aggregates, timing, notes.
   Aggregates A;

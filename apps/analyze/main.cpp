@@ -1,6 +1,7 @@
 // proxyattn-analyze: head similarity, recall, budgets and output error of block-selection
 // methods on Q/K(/V) stores. A thin front end: parse, validate, call analysis::analyze(), write
 // the report (report.json + CSVs + report.md) into --out.
+#include <optional>
 #include <omp.h>
 
 #include <cmath>
@@ -14,6 +15,7 @@
 #include <fmt/core.h>
 
 #include "cli_common.hpp"
+#include "proxyattn/distributed.hpp"
 #include "proxyattn/analysis/analyze.hpp"
 #include "proxyattn/analysis/report.hpp"
 #include "proxyattn/attention.hpp"
@@ -129,6 +131,17 @@ void prepare_out_dir(const std::string& dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under mpirun every rank runs its share of the (store, layer) units; rank 0 alone prints
+  // progress and errors (the others' lines would repeat it) and writes the report.
+  std::optional<Distributed> dist_holder;
+  try {
+    dist_holder.emplace(argc, argv);
+  } catch (const std::exception& e) {
+    cli::print_error("proxyattn-analyze", e.what());
+    return cli::kExitFailure;
+  }
+  const Distributed& dist = *dist_holder;
+  if (!dist.is_root()) (void)std::freopen("/dev/null", "w", stderr);
   CLI::App app{"Head similarity, recall, budget accuracy and output error of block-sparse attention "
                "methods on Q/K(/V) stores. Writes report.json, CSV tables and report.md into --out.",
                "proxyattn-analyze"};
@@ -161,7 +174,8 @@ int main(int argc, char** argv) {
       omp_set_num_threads(c.threads);
       set_cpu_threads(c.threads);
     }
-    const nlohmann::json report = analysis::analyze(c);
+    const nlohmann::json report = analysis::analyze(c, &dist);
+    if (report.is_null()) return 0;  // not rank 0: rank 0 writes the report
     const std::vector<std::string> files = analysis::write_report(report, a.out);
     if (!c.quiet)
       std::printf("%s\n", fmt::format("proxyattn-analyze {}: {} files in {} ({:.1f} s)", c.command, files.size(),

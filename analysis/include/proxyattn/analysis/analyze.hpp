@@ -28,6 +28,10 @@
 #include "proxyattn/budget.hpp"
 #include "proxyattn/estimator.hpp"
 
+namespace proxyattn {
+class Distributed;
+}
+
 namespace proxyattn::analysis {
 
 struct AnalyzeConfig {
@@ -63,7 +67,11 @@ void validate_config(const AnalyzeConfig& cfg);
 // Runs the analysis and returns the report document (report.hpp). Opens and checks every store
 // (readable, layers in range, groups dividing Hq, V present where the error topic needs it)
 // before any heavy work. Progress per (store, layer) on stderr unless quiet.
-nlohmann::json analyze(const AnalyzeConfig& cfg);
+// Under MPI (dist with size() > 1) every rank runs its share of the (store, layer) units
+// (balanced by cost) and rank 0 returns the merged report, equal number for number to a
+// single-process run (timing aside); the other ranks return null. A failure on any rank throws
+// on every rank with that rank's message.
+nlohmann::json analyze(const AnalyzeConfig& cfg, const Distributed* dist = nullptr);
 
 // Every divisor of n, ascending (the default proxy group counts).
 std::vector<int> divisors(int n);
