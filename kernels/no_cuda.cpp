@@ -20,6 +20,8 @@ const char* status_string(Status s) noexcept {
 const char* last_error_detail() noexcept { return "proxyattn was built without CUDA"; }
 int device_count() noexcept { return 0; }
 Status device_info(int, DeviceInfo*) noexcept { return Status::no_cuda; }
+Status set_device(int) noexcept { return Status::no_cuda; }
+Status current_device(int*) noexcept { return Status::no_cuda; }
 int elem_size(ElemType t) noexcept { return t == ElemType::f32 ? 4 : 2; }
 
 Status device_alloc(void** ptr, size_t) noexcept {

@@ -83,6 +83,13 @@ int device_count() noexcept {
   return n;
 }
 
+Status set_device(int device) noexcept { return from_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+
+Status current_device(int* current) noexcept {
+  if (!current) return fail(Status::invalid_argument, "current_device: null output");
+  return from_cuda(cudaGetDevice(current), "cudaGetDevice");
+}
+
 Status device_info(int device, DeviceInfo* out) noexcept {
   if (!out) return fail(Status::invalid_argument, "device_info: null output");
   cudaDeviceProp prop{};

@@ -15,6 +15,7 @@
 #include <fmt/core.h>
 
 #include "cli_common.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/distributed.hpp"
 #include "proxyattn/analysis/analyze.hpp"
 #include "proxyattn/analysis/report.hpp"
@@ -136,6 +137,7 @@ int main(int argc, char** argv) {
   std::optional<Distributed> dist_holder;
   try {
     dist_holder.emplace(argc, argv);
+    if (dist_holder->size() > 1) use_cuda_device_for_rank(dist_holder->local_rank());  // one GPU per rank
   } catch (const std::exception& e) {
     cli::print_error("proxyattn-analyze", e.what());
     return cli::kExitFailure;

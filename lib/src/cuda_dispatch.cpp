@@ -91,10 +91,21 @@ bool cuda_available() noexcept { return kk::device_count() > 0; }
 std::string cuda_device_description() {
   const int n = kk::device_count();
   if (n <= 0) return "no CUDA device (" + std::string(kk::last_error_detail()) + ")";
+  int dev = 0;
+  if (kk::current_device(&dev) != kk::Status::ok) dev = 0;
   kk::DeviceInfo info;
-  if (kk::device_info(0, &info) != kk::Status::ok) return "CUDA device 0 (no properties)";
+  if (kk::device_info(dev, &info) != kk::Status::ok) return "CUDA device " + std::to_string(dev) + " (no properties)";
   return std::string(info.name) + " (sm_" + std::to_string(info.cc_major) + std::to_string(info.cc_minor) + ", " +
          std::to_string(info.sm_count) + " SMs)";
+}
+
+int use_cuda_device_for_rank(int local_rank) {
+  const int n = kk::device_count();
+  if (n <= 0) return -1;
+  const int dev = local_rank % n;
+  if (kk::set_device(dev) != kk::Status::ok)
+    throw Error("cuda: cannot select device " + std::to_string(dev) + ": " + kk::last_error_detail());
+  return dev;
 }
 
 struct CudaLayer::Impl {

@@ -45,6 +45,10 @@ struct DeviceInfo {
   size_t l2_bytes = 0;
 };
 Status device_info(int device, DeviceInfo* out) noexcept;
+// Makes `device` the current one of the calling host thread (MPI ranks: local rank % count);
+// `current` receives the current device.
+Status set_device(int device) noexcept;
+Status current_device(int* current) noexcept;
 
 enum class ElemType : int { f32 = 0, f16 = 1, bf16 = 2 };
 int elem_size(ElemType t) noexcept;

@@ -30,6 +30,9 @@ namespace proxyattn {
 bool cuda_available() noexcept;
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)", or why there is none.
 std::string cuda_device_description();
+// One GPU per MPI rank: makes device local_rank % device_count() current for this process
+// (no-op without a device). Returns the device chosen, -1 when none.
+int use_cuda_device_for_rank(int local_rank);
 
 // One layer's Q, K (and optionally V) resident on the GPU in `dtype` (bf16 or f16).
 class CudaLayer {
