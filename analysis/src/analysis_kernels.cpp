@@ -154,37 +154,43 @@ PA_AVX2 inline __m256 exp_nonpos(__m256 x) {
   return _mm256_andnot_ps(underflow, y);
 }
 
-// One 6 x 16 (or 1 x 16) tile of S: rows r.., columns c0..c0+15.
-PA_AVX2 inline void gemm_tile6(const float* a, int64_t lda, int d, const float* b, float* o, int64_t lds) {
-  constexpr int64_t ldb = kColTile;
+// The one 6 x 16 micro-kernel: o[6 x 16] = p[6 x nc] * v[nc x 16] (row strides ldp, ldv, ldu).
+// Serves both S = Q K^T (v = packed K^T) and U = P V.
+PA_AVX2 inline void tile6x16(const float* p, int64_t ldp, const float* v, int64_t ldv, int nc,
+                             float* o, int64_t ldu) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
   __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
   __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int t = 0; t < d; ++t) {
-    const __m256 b0 = _mm256_loadu_ps(b + t * ldb);
-    const __m256 b1 = _mm256_loadu_ps(b + t * ldb + 8);
-    __m256 x = _mm256_broadcast_ss(a + t);
-    c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a + lda + t);
-    c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a + 2 * lda + t);
-    c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a + 3 * lda + t);
-    c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a + 4 * lda + t);
-    c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a + 5 * lda + t);
-    c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+  for (int c = 0; c < nc; ++c) {
+    const float* vr = v + c * ldv;
+    const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+    __m256 x = _mm256_broadcast_ss(p + c);
+    c00 = _mm256_fmadd_ps(x, v0, c00); c01 = _mm256_fmadd_ps(x, v1, c01);
+    x = _mm256_broadcast_ss(p + ldp + c);
+    c10 = _mm256_fmadd_ps(x, v0, c10); c11 = _mm256_fmadd_ps(x, v1, c11);
+    x = _mm256_broadcast_ss(p + 2 * ldp + c);
+    c20 = _mm256_fmadd_ps(x, v0, c20); c21 = _mm256_fmadd_ps(x, v1, c21);
+    x = _mm256_broadcast_ss(p + 3 * ldp + c);
+    c30 = _mm256_fmadd_ps(x, v0, c30); c31 = _mm256_fmadd_ps(x, v1, c31);
+    x = _mm256_broadcast_ss(p + 4 * ldp + c);
+    c40 = _mm256_fmadd_ps(x, v0, c40); c41 = _mm256_fmadd_ps(x, v1, c41);
+    x = _mm256_broadcast_ss(p + 5 * ldp + c);
+    c50 = _mm256_fmadd_ps(x, v0, c50); c51 = _mm256_fmadd_ps(x, v1, c51);
   }
-  _mm256_storeu_ps(o, c00); _mm256_storeu_ps(o + 8, c01); o += lds;
-  _mm256_storeu_ps(o, c10); _mm256_storeu_ps(o + 8, c11); o += lds;
-  _mm256_storeu_ps(o, c20); _mm256_storeu_ps(o + 8, c21); o += lds;
-  _mm256_storeu_ps(o, c30); _mm256_storeu_ps(o + 8, c31); o += lds;
-  _mm256_storeu_ps(o, c40); _mm256_storeu_ps(o + 8, c41); o += lds;
+  _mm256_storeu_ps(o, c00); _mm256_storeu_ps(o + 8, c01); o += ldu;
+  _mm256_storeu_ps(o, c10); _mm256_storeu_ps(o + 8, c11); o += ldu;
+  _mm256_storeu_ps(o, c20); _mm256_storeu_ps(o + 8, c21); o += ldu;
+  _mm256_storeu_ps(o, c30); _mm256_storeu_ps(o + 8, c31); o += ldu;
+  _mm256_storeu_ps(o, c40); _mm256_storeu_ps(o + 8, c41); o += ldu;
   _mm256_storeu_ps(o, c50); _mm256_storeu_ps(o + 8, c51);
+}
+
+// One 6 x 16 tile of S: rows r.., columns c0..c0+15 (b: packed K^T, kColTile wide).
+PA_AVX2 inline void gemm_tile6(const float* a, int64_t lda, int d, const float* b, float* o, int64_t lds) {
+  tile6x16(a, lda, b, kColTile, d, o, lds);
 }
 
 PA_AVX2 inline void gemm_tile1(const float* a, int d, const float* b, float* o) {
@@ -250,44 +256,12 @@ PA_AVX2 double exp_shift_sum_avx2(float* x, int64_t n, float shift, bool want_su
   return sum;
 }
 
-PA_AVX2 inline void pv_tile6(const float* p, int64_t ldp, const float* v, int64_t ldv, int nc,
-                             float* o, int64_t ldu) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int c = 0; c < nc; ++c) {
-    const float* vr = v + c * ldv;
-    const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-    __m256 x = _mm256_broadcast_ss(p + c);
-    c00 = _mm256_fmadd_ps(x, v0, c00); c01 = _mm256_fmadd_ps(x, v1, c01);
-    x = _mm256_broadcast_ss(p + ldp + c);
-    c10 = _mm256_fmadd_ps(x, v0, c10); c11 = _mm256_fmadd_ps(x, v1, c11);
-    x = _mm256_broadcast_ss(p + 2 * ldp + c);
-    c20 = _mm256_fmadd_ps(x, v0, c20); c21 = _mm256_fmadd_ps(x, v1, c21);
-    x = _mm256_broadcast_ss(p + 3 * ldp + c);
-    c30 = _mm256_fmadd_ps(x, v0, c30); c31 = _mm256_fmadd_ps(x, v1, c31);
-    x = _mm256_broadcast_ss(p + 4 * ldp + c);
-    c40 = _mm256_fmadd_ps(x, v0, c40); c41 = _mm256_fmadd_ps(x, v1, c41);
-    x = _mm256_broadcast_ss(p + 5 * ldp + c);
-    c50 = _mm256_fmadd_ps(x, v0, c50); c51 = _mm256_fmadd_ps(x, v1, c51);
-  }
-  _mm256_storeu_ps(o, c00); _mm256_storeu_ps(o + 8, c01); o += ldu;
-  _mm256_storeu_ps(o, c10); _mm256_storeu_ps(o + 8, c11); o += ldu;
-  _mm256_storeu_ps(o, c20); _mm256_storeu_ps(o + 8, c21); o += ldu;
-  _mm256_storeu_ps(o, c30); _mm256_storeu_ps(o + 8, c31); o += ldu;
-  _mm256_storeu_ps(o, c40); _mm256_storeu_ps(o + 8, c41); o += ldu;
-  _mm256_storeu_ps(o, c50); _mm256_storeu_ps(o + 8, c51);
-}
-
 PA_AVX2 void pv_panel_avx2(const float* p, int64_t ldp, int nr, const float* v, int64_t ldv,
                            int nc, int d, float* u, int64_t ldu) {
   int t0 = 0;
   for (; t0 + 16 <= d; t0 += 16) {
     int r = 0;
-    for (; r + 6 <= nr; r += 6) pv_tile6(p + r * ldp, ldp, v + t0, ldv, nc, u + r * ldu + t0, ldu);
+    for (; r + 6 <= nr; r += 6) tile6x16(p + r * ldp, ldp, v + t0, ldv, nc, u + r * ldu + t0, ldu);
     for (; r < nr; ++r) {
       __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
       for (int c = 0; c < nc; ++c) {
