@@ -64,6 +64,27 @@ void load_queries(ConstView q, int h, int64_t r0, int nr, int d, float scale, fl
   }
 }
 
+// One query row: the full output is the sum of its per-key-block partial outputs ur[j] (written to
+// `of`); adds each mask's squared error of the row to err/empty at slot (m, h, i) and adds the
+// full row's squared norm to fsq (term by term, so sums are the same as one inline loop).
+void add_row_errors(const float* ur, int nbk, int d, const double* pr, const std::vector<const BlockMask*>& masks,
+                      int H, int h, int i, int nb, std::vector<float>& of, std::vector<double>& err,
+                      std::vector<int64_t>& empty, double& fsq) {
+  std::fill(of.begin(), of.end(), 0.0f);
+  for (int j = 0; j < nbk; ++j) {
+    const float* uj = ur + static_cast<size_t>(j) * d;
+    for (int c = 0; c < d; ++c) of[static_cast<size_t>(c)] += uj[c];
+  }
+  for (int c = 0; c < d; ++c) fsq += static_cast<double>(of[static_cast<size_t>(c)]) * of[static_cast<size_t>(c)];
+  for (size_t m = 0; m < masks.size(); ++m) {
+    const auto sel = masks[m]->row(h, i);
+    const size_t slot = (m * H + h) * nb + i;
+    bool none = false;
+    err[slot] += kn::masked_sq_error(ur, sel.data(), static_cast<int64_t>(sel.size()), pr, of.data(), d, &none);
+    empty[slot] += none;
+  }
+}
+
 }  // namespace
 
 void rank_order(const float* row, int i, bool sink, bool diagonal, int32_t* out) {
@@ -255,20 +276,8 @@ LayerPass layer_pass(ConstView q, ConstView k, ConstView v, int block,
       double fsq = 0;
       for (int r = 0; r < nr; ++r) {
         const float* ur = u.data() + static_cast<size_t>(r) * ldu;
-        std::fill(of.begin(), of.end(), 0.0f);
-        for (int j = 0; j < nbk; ++j) {
-          const float* uj = ur + static_cast<size_t>(j) * d;
-          for (int c = 0; c < d; ++c) of[static_cast<size_t>(c)] += uj[c];
-        }
-        for (int c = 0; c < d; ++c) fsq += static_cast<double>(of[static_cast<size_t>(c)]) * of[static_cast<size_t>(c)];
         const double* pr = pm.data() + static_cast<size_t>(r) * nb;
-        for (size_t m = 0; m < M; ++m) {
-          const auto sel = masks[m]->row(h, i);
-          const size_t slot = (m * H + h) * nb + i;
-          bool none = false;
-          err[slot] += kn::masked_sq_error(ur, sel.data(), static_cast<int64_t>(sel.size()), pr, of.data(), d, &none);
-          empty[slot] += none;
-        }
+        add_row_errors(ur, nbk, d, pr, masks, H, h, i, nb, of, err, empty, fsq);
         for (size_t x = 0; x < R; ++x) {
           PrefixErrors& p = res.prefix[x];
           const size_t at = prefix_offset(h, i, nb);
@@ -361,20 +370,8 @@ OutputErrors output_errors(ConstView q, ConstView k, ConstView v, const LayerOra
       double fsq = 0;
       for (int r = 0; r < nr; ++r) {
         const float* ur = u.data() + static_cast<size_t>(r) * ldu;
-        std::fill(of.begin(), of.end(), 0.0f);
-        for (int j = 0; j < nbk; ++j) {
-          const float* uj = ur + static_cast<size_t>(j) * d;
-          for (int c = 0; c < d; ++c) of[static_cast<size_t>(c)] += uj[c];
-        }
-        for (int c = 0; c < d; ++c) fsq += static_cast<double>(of[static_cast<size_t>(c)]) * of[static_cast<size_t>(c)];
         const double* pr = pm.data() + static_cast<size_t>(r) * nb;
-        for (size_t m = 0; m < M; ++m) {
-          const auto sel = masks[m]->row(h, i);
-          const size_t slot = (m * H + h) * nb + i;
-          bool none = false;
-          err[slot] += kn::masked_sq_error(ur, sel.data(), static_cast<int64_t>(sel.size()), pr, of.data(), d, &none);
-          empty[slot] += none;
-        }
+        add_row_errors(ur, nbk, d, pr, masks, H, h, i, nb, of, err, empty, fsq);
       }
       full[static_cast<size_t>(h) * nb + i] = fsq;
     }
