@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "attention_launch.cuh"
+#include "attention_sm90_launch.cuh"
 
 namespace proxyattn::kernels {
 
@@ -73,6 +74,11 @@ Status full_attention(const AttentionParams& p) noexcept {
   if (s != Status::ok) return s;
   if (!p.o && !p.lse) return fail(Status::invalid_argument, "full_attention: neither o nor lse given");
   if (p.variant < 0 || p.variant > 3) return fail(Status::invalid_argument, "full_attention: variant must be 0..3");
+  bool hopper = false;
+  s = detail::pick_sm90(p.impl, a, p.head_dim, false, 0, &hopper);
+  if (s != Status::ok) return s;
+  if (hopper)
+    return detail::launch_attn_sm90(a, p.in_type, p.head_dim, p.q_heads, p.kv_heads, false, detail::stream_of(p.stream));
   return p.in_type == ElemType::bf16 ? dispatch_full<__nv_bfloat16, AttnMode::full>(a, p)
                                      : dispatch_full<__half, AttnMode::full>(a, p);
 }

@@ -5,6 +5,7 @@
 // Query tile BR divides the mask block B: B 128 -> 128 rows (d 64/128) or 64 rows (d 256);
 // B 64 -> 64 rows. Key tiles of 64; FA2's schedule (PIPE 0, no LAZY), as the full default.
 #include "attention_launch.cuh"
+#include "attention_sm90_launch.cuh"
 
 namespace proxyattn::kernels {
 
@@ -52,6 +53,12 @@ Status sparse_attention(const SparseAttentionParams& sp) noexcept {
   a.indices = sp.indices;
   a.mask_block = sp.block;
   a.nb = int(nb);
+  bool hopper = false;
+  s = detail::pick_sm90(sp.attn.impl, a, sp.attn.head_dim, true, sp.block, &hopper);
+  if (s != Status::ok) return s;
+  if (hopper)
+    return detail::launch_attn_sm90(a, sp.attn.in_type, sp.attn.head_dim, sp.attn.q_heads, sp.attn.kv_heads, true,
+                                    detail::stream_of(sp.attn.stream));
   return sp.attn.in_type == ElemType::bf16 ? dispatch_sparse<__nv_bfloat16>(a, sp) : dispatch_sparse<__half>(a, sp);
 }
 

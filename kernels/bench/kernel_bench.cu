@@ -4,7 +4,7 @@
 // last-block mass, dynamic budget, selection) and the oracle block mass. Shape of
 // PERFORMANCE.md: bf16, 32 query heads, 8 KV heads, d 128, causal. CUDA-event medians.
 //
-//   proxyattn_kernel_bench [--lengths 4096,32768] [--variants 0,1,2] [--reps 5]
+//   proxyattn_kernel_bench [--lengths 4096,32768] [--variants 0,1,2] [--impls portable,hopper] [--reps 5]
 //                          [--sparse-lengths 32768] [--est-lengths 32768,131072] [--csv FILE]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -132,8 +132,9 @@ struct Layer {
 
 int reps_for(int64_t n, int reps) { return n >= 65536 ? std::max(2, reps / 2) : reps; }
 
-double bench_full(const Layer& L, int variant, int reps) {
+double bench_full(const Layer& L, kk::AttnImpl impl, int variant, int reps) {
   kk::AttentionParams p = L.params();
+  p.impl = impl;
   p.variant = variant;
   return median_ms(reps_for(L.n, reps), [&] { CK(kk::full_attention(p)); });
 }
@@ -162,6 +163,7 @@ int run_bench(int argc, char** argv) {
   std::vector<int64_t> variants = {0, 1, 2, 3};
   std::vector<int64_t> sparse_lengths = {32768, 131072};
   std::vector<int64_t> est_lengths = {32768, 131072};
+  std::vector<kk::AttnImpl> impls = {kk::AttnImpl::portable, kk::AttnImpl::hopper};
   int reps = 5;
   const char* csv = nullptr;
   for (int a = 1; a < argc; ++a) {
@@ -175,7 +177,17 @@ int run_bench(int argc, char** argv) {
     else if (!std::strcmp(argv[a], "--variants")) variants = parse_list(next());
     else if (!std::strcmp(argv[a], "--sparse-lengths")) sparse_lengths = parse_list(next());
     else if (!std::strcmp(argv[a], "--est-lengths")) est_lengths = parse_list(next());
-    else if (!std::strcmp(argv[a], "--reps")) reps = std::atoi(next());
+    else if (!std::strcmp(argv[a], "--impls")) {
+      impls.clear();
+      for (const char* t = next(); *t;) {
+        const char* e = std::strchr(t, ',');
+        const std::string w(t, e ? size_t(e - t) : std::strlen(t));
+        if (w == "portable") impls.push_back(kk::AttnImpl::portable);
+        else if (w == "hopper") impls.push_back(kk::AttnImpl::hopper);
+        else throw std::invalid_argument("--impls: unknown '" + w + "' (portable, hopper)");
+        t = e ? e + 1 : t + std::strlen(t);
+      }
+    } else if (!std::strcmp(argv[a], "--reps")) reps = std::atoi(next());
     else if (!std::strcmp(argv[a], "--csv")) csv = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[a]);
@@ -194,22 +206,28 @@ int run_bench(int argc, char** argv) {
     if (g_csv) std::fprintf(g_csv, "what,N,config,ms,tflops,extra\n");
   }
 
+  // The Hopper kernels only where the device takes them (compute capability 9.x).
+  if (info.cc_major != 9) impls.erase(std::remove(impls.begin(), impls.end(), kk::AttnImpl::hopper), impls.end());
+
   // ---- full attention ----
-  std::vector<std::pair<int64_t, double>> best_full;  // N -> best ms
+  std::vector<std::pair<int64_t, double>> best_full;  // N -> best ms of any impl / variant
   for (int64_t n : lengths) {
     Layer L(n);
     double best = 1e30;
-    for (int64_t v : variants) {
-      const double ms = bench_full(L, int(v), reps);
-      best = std::min(best, ms);
-      row("full", n, "variant" + std::to_string(v), ms, causal_flops(n) / (ms * 1e9), -1);
-    }
+    for (kk::AttnImpl impl : impls)
+      for (int64_t v : variants) {
+        if (impl == kk::AttnImpl::hopper && v != variants.front()) break;  // one schedule
+        const double ms = bench_full(L, impl, int(v), reps);
+        best = std::min(best, ms);
+        const std::string cfg = impl == kk::AttnImpl::hopper ? "hopper" : "variant" + std::to_string(v);
+        row("full", n, cfg, ms, causal_flops(n) / (ms * 1e9), -1);
+      }
     best_full.push_back({n, best});
   }
   auto full_ms = [&](int64_t n, const Layer& L) {
     for (auto& [m, ms] : best_full)
       if (m == n) return ms;
-    const double ms = bench_full(L, 0, reps);
+    const double ms = bench_full(L, impls.back(), 0, reps);
     best_full.push_back({n, ms});
     return ms;
   };
@@ -226,16 +244,19 @@ int run_bench(int argc, char** argv) {
       Buf ip(indptr.size() * 4), ix(indices.size() * 4);
       CK(ip.b.upload(indptr.data(), indptr.size() * 4));
       CK(ix.b.upload(indices.data(), indices.size() * 4));
-      kk::SparseAttentionParams sp;
-      sp.attn = L.params();
-      sp.indptr = ip.b.as<int32_t>();
-      sp.indices = ix.b.as<int32_t>();
-      sp.block = 128;
-      const double ms = median_ms(reps_for(n, reps), [&] { CK(kk::sparse_attention(sp)); });
-      char cfg[64];
-      std::snprintf(cfg, sizeof cfg, "B128 density %.3f", density);
-      // extra = time / (density x full time); target <= 1.2 (issue 5), 1.1 (P2)
-      row("sparse", n, cfg, ms, causal_flops(n) * density / (ms * 1e9), ms / (density * fms));
+      for (kk::AttnImpl impl : impls) {
+        kk::SparseAttentionParams sp;
+        sp.attn = L.params();
+        sp.attn.impl = impl;
+        sp.indptr = ip.b.as<int32_t>();
+        sp.indices = ix.b.as<int32_t>();
+        sp.block = 128;
+        const double ms = median_ms(reps_for(n, reps), [&] { CK(kk::sparse_attention(sp)); });
+        char cfg[96];
+        std::snprintf(cfg, sizeof cfg, "%s B128 density %.3f", kk::attn_impl_name(impl), density);
+        // extra = time / (density x best full time); target <= 1.2 (issue 5), 1.1 (P2)
+        row("sparse", n, cfg, ms, causal_flops(n) * density / (ms * 1e9), ms / (density * fms));
+      }
     }
   }
 

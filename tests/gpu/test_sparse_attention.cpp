@@ -80,6 +80,7 @@ TEST_P(SparseAttention, MatchesCpuReference) {
     sp.attn.kv_heads = c.hkv;
     sp.attn.head_dim = c.d;
     sp.attn.seq_len = c.n;
+    sp.attn.impl = kk::AttnImpl::portable;  // Hopper: test_hopper_attention.cpp
     sp.indptr = ip.as<int32_t>();
     sp.indices = ix.as<int32_t>();
     sp.block = c.block;

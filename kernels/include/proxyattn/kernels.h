@@ -51,6 +51,14 @@ Status set_device(int device) noexcept;
 Status current_device(int* current) noexcept;
 
 enum class ElemType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// Which attention implementation runs (full and sparse): `automatic` picks the Hopper kernels
+// (wgmma + TMA, warp-specialised; attention_sm90.cuh) on compute capability 9.x when the shape
+// and strides allow them, the portable mma.sync kernels (attention_core.cuh) otherwise.
+enum class AttnImpl : int { automatic = 0, portable = 1, hopper = 2 };
+inline const char* attn_impl_name(AttnImpl i) noexcept {
+  return i == AttnImpl::portable ? "portable" : i == AttnImpl::hopper ? "hopper" : "automatic";
+}
 int elem_size(ElemType t) noexcept;
 
 // Opaque cudaStream_t; nullptr is the default (legacy) stream.
@@ -156,7 +164,9 @@ struct AttentionParams {
   int64_t o_stride_head = 0, o_stride_token = 0;
   float scale = 0.0f;       // 0 -> 1 / sqrt(head_dim)
   int64_t row_begin = 0;    // only query rows [row_begin, N) are computed (others untouched)
-  int variant = 0;          // full attention, d 128: schedule 0..3 (0 = default; full.cu, NOTES.md)
+  int variant = 0;          // portable full attention, d 128: schedule 0..3 (0 = default; NOTES.md)
+  AttnImpl impl = AttnImpl::automatic;  // hopper: unsupported when the shape/strides/device
+                                        // cannot take it (never a silent fallback)
   int kv_splits = 0;        // row_lse: keys split over this many CTAs per row tile, partial
                             // results combined (0 = auto: only when rows are few; 1 = never)
   Stream stream = nullptr;

@@ -1,0 +1,301 @@
+#pragma once
+// Hopper attention (sm_90a): full causal and CSR block-sparse, FlashAttention-3-shaped.
+//
+// One CTA = one 128-row query tile of one head, three warpgroups:
+//   warpgroup 0, producer: gives back registers (setmaxnreg.dec) and one thread streams Q once,
+//     then K and V tiles (128 keys) through a 2-stage ring with TMA (128-byte swizzle),
+//     each stage guarded by a "full" mbarrier (TMA bytes) and an "empty" one (consumers done);
+//   warpgroups 1 and 2, consumers: 64 query rows each; S = Q K^T with wgmma (Q and K from
+//     shared memory), masked online softmax in registers (base 2, fp32), P rounded to the
+//     operand type and fed to O += P V straight from registers (wgmma with A in registers,
+//     V transposed by the instruction). K's stage is released as soon as S is done, V's after
+//     P V. Within a warpgroup the softmax of tile t overlaps P_{t-1} V_{t-1} on the tensor
+//     cores (see the loop); the two consumer warpgroups run independently.
+// Key tiles are walked from the diagonal down (full) or over the CSR row of the query block
+// (sparse, mask block 128 = the tile), so only the first tile needs the causal mask.
+// Numerics match attn_kernel (attention_core.cuh): fp32 accumulation, row sum of the unrounded
+// probabilities, O = acc / l, lse natural log; a row with no blocks gives O = 0, lse = -inf.
+#include "attention_core.cuh"
+#include "sm90.cuh"
+
+namespace proxyattn::kernels::detail {
+
+template <int D>
+struct Sm90Config {
+  static constexpr int BM = 128;  // query rows: 2 consumer warpgroups x 64
+  static constexpr int BN = 128;  // keys per tile (= the sparse mask block)
+  static constexpr int STAGES = 2;
+  static constexpr int THREADS = 384;
+  static constexpr int BOX = 64;  // TMA box: 64 elements (128 B) x 64 rows
+  static constexpr int Q_BYTES = BM * D * 2;
+  static constexpr int KV_BYTES = BN * D * 2;
+  static constexpr int Q_OFF = 0;
+  static constexpr int K_OFF = Q_OFF + Q_BYTES;
+  static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
+  static constexpr int BAR_OFF = V_OFF + STAGES * KV_BYTES;
+  static constexpr int NUM_BARS = 1 + 4 * STAGES;  // q_full, k_full, v_full, k_empty, v_empty
+  static constexpr int SMEM = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
+  static_assert(D == 64 || D == 128, "Hopper kernels: head_dim 64 or 128");
+};
+
+// V's descriptor offsets (MN-major, see smem_desc); a kernel argument so the launcher owns them.
+struct Sm90VDesc {
+  uint32_t lbo, sbo;
+};
+
+template <int D, class T, bool SPARSE>
+__global__ void __launch_bounds__(384, 1)
+    attn_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                     const __grid_constant__ CUtensorMap tm_v, const AttnArgs a, const Sm90VDesc vdesc) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  using C = Sm90Config<D>;
+  constexpr int BM = C::BM, BN = C::BN, S = C::STAGES;
+  constexpr int CHUNKS = D / 64;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base + C::Q_OFF, sK = base + C::K_OFF, sV = base + C::V_OFF;
+  const uint32_t bars = base + C::BAR_OFF;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto v_full = [&](int s) { return bars + 8u * (1 + S + s); };
+  auto k_empty = [&](int s) { return bars + 8u * (1 + 2 * S + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * S + s); };
+
+  const int qt = a.num_q_tiles - 1 - int(blockIdx.x);  // heaviest query tiles first
+  const int h = blockIdx.y;
+  const int kvh = h / a.group;
+  const int64_t q0 = int64_t(qt) * BM;
+  int count = 0, row_end = 0, jmax = 0;
+  if constexpr (SPARSE) {
+    const int64_t row = int64_t(h) * a.nb + qt;
+    row_end = a.indptr[row + 1];
+    count = row_end - a.indptr[row];
+  } else {
+    jmax = int((min(q0 + BM, a.n) - 1) / BN);
+    count = jmax + 1;
+  }
+  // Key tile of step t: from the diagonal down (the CSR row is sorted ascending).
+  auto tile_of = [&](int t) { return SPARSE ? a.indices[row_end - 1 - t] : jmax - t; };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < S; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), 8);  // one arrive per consumer warp
+      mbar_init(v_empty(s), 8);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------------------------------------------------------- producer
+    setmaxnreg_dec<24>();
+    if (warp == 0 && lane == 0) {
+      prefetch_tensormap(&tm_q);
+      prefetch_tensormap(&tm_k);
+      prefetch_tensormap(&tm_v);
+      mbar_arrive_expect_tx(q_full, C::Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+        for (int r = 0; r < BM / C::BOX; ++r)
+          tma_load_3d(sQ + c * BM * 128 + r * C::BOX * 128, &tm_q, q_full, c * 64, int(q0) + r * C::BOX, h);
+      for (int t = 0; t < count; ++t) {
+        const int s = t % S;
+        const uint32_t ph = (t / S) & 1;
+        const int k0 = tile_of(t) * BN;
+        const uint32_t dk = sK + s * C::KV_BYTES, dv = sV + s * C::KV_BYTES;
+        mbar_wait(k_empty(s), ph ^ 1);
+        mbar_arrive_expect_tx(k_full(s), C::KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+          for (int r = 0; r < BN / C::BOX; ++r)
+            tma_load_3d(dk + c * BN * 128 + r * C::BOX * 128, &tm_k, k_full(s), c * 64, k0 + r * C::BOX, kvh);
+        mbar_wait(v_empty(s), ph ^ 1);
+        mbar_arrive_expect_tx(v_full(s), C::KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+          for (int r = 0; r < BN / C::BOX; ++r)
+            tma_load_3d(dv + c * BN * 128 + r * C::BOX * 128, &tm_v, v_full(s), c * 64, k0 + r * C::BOX, kvh);
+      }
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------------------- consumers
+  setmaxnreg_inc<240>();
+  const int cw = wg - 1;         // consumer warpgroup: query rows 64 cw ..
+  const int wi = warp % 4;       // warp in the warpgroup: 16 rows
+  const int g = lane / 4, t4 = lane % 4;
+  const int64_t r_lo = q0 + 64 * cw + 16 * wi + g;  // this thread's rows: r_lo and r_lo + 8
+  const float sl2 = a.scale_log2;
+
+  float o[D / 2];  // D/8 column tiles x 4 (rows g, g+8; two columns each)
+  float sc[BN / 2];
+  uint32_t pa[BN / 16][4];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) sc[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  mbar_wait(q_full, 0);
+  const uint32_t q_base = sQ + cw * 64 * 128;
+
+  // S = Q K^T of the key tile in stage s (64 x 128 per warpgroup), issued, not waited.
+  auto issue_qk = [&](int s) {
+    const uint32_t kb = sK + s * C::KV_BYTES;
+    reg_fence(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk % 4) * 32;  // 16 elements along K inside the 128-byte row
+      const uint64_t da = smem_desc(q_base + (kk / 4) * BM * 128 + off, 16, 1024);
+      const uint64_t db = smem_desc(kb + (kk / 4) * BN * 128 + off, 16, 1024);
+      wgmma_ss_n128(sc, da, db, kk > 0, T{});
+    }
+    wgmma_commit();
+  };
+  // O += P V of the value tile in stage s (64 x D per warpgroup), P from registers; not waited.
+  auto issue_pv = [&](int s) {
+    const uint32_t vb = sV + s * C::KV_BYTES;
+    reg_fence(o);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) reg_fence(pa[kk]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t db = smem_desc(vb + kk * 16 * 128, vdesc.lbo, vdesc.sbo);
+      if constexpr (D == 128) wgmma_rs_n128(o, pa[kk], db, 1, T{});
+      else wgmma_rs_n64(o, pa[kk], db, 1, T{});
+    }
+    wgmma_commit();
+  };
+  // Causal mask of tile k0 (only tiles reaching past this thread's first row), then the online
+  // softmax: row max over the quad, probabilities in place in sc, alpha = rescale of O.
+  auto softmax = [&](int64_t k0, float (&alpha)[2]) {
+    if (k0 + BN - 1 > r_lo) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (k0 + 8 * i + 2 * t4 + (e & 1) > r_lo + (e >> 1) * 8) sc[4 * i + e] = -INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m[r];
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      alpha[r] = ex2((m[r] - mx) * sl2);
+      m[r] = mx;
+      const float msc = mx * sl2;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const float p0 = ex2(fmaf(sc[4 * i + 2 * r], sl2, -msc));
+        const float p1 = ex2(fmaf(sc[4 * i + 2 * r + 1], sl2, -msc));
+        sc[4 * i + 2 * r] = p0;
+        sc[4 * i + 2 * r + 1] = p1;
+        sum += p0 + p1;
+      }
+      l[r] = l[r] * alpha[r] + sum;
+    }
+  };
+  // P (rounded to the operand type) into the A fragments of the P V product.
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = Vec2<T>::pack(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pa[kk][1] = Vec2<T>::pack(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = Vec2<T>::pack(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = Vec2<T>::pack(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[4 * i + 0] *= alpha[0];
+      o[4 * i + 1] *= alpha[0];
+      o[4 * i + 2] *= alpha[1];
+      o[4 * i + 3] *= alpha[1];
+    }
+  };
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+
+  // Pipeline (FlashAttention-3's intra-warpgroup overlap): while the softmax of tile t runs
+  // on the CUDA cores, the tensor cores work on P_{t-1} V_{t-1}:
+  //   issue S_t; issue O += P_{t-1} V_{t-1}; wait S_t; softmax_t; wait P V; O *= alpha_t.
+  if (count > 0) {
+    float alpha[2];
+    mbar_wait(k_full(0), 0);
+    issue_qk(0);
+    wgmma_wait<0>();
+    reg_fence(sc);
+    release(k_empty(0));
+    softmax(int64_t(tile_of(0)) * BN, alpha);  // O is still 0: no rescale
+    pack_p();
+    for (int t = 1; t < count; ++t) {
+      const int s = t % S, sp = (t - 1) % S;
+      mbar_wait(k_full(s), (t / S) & 1);
+      issue_qk(s);
+      mbar_wait(v_full(sp), ((t - 1) / S) & 1);
+      issue_pv(sp);
+      wgmma_wait<1>();  // S_t done (P V may still run)
+      reg_fence(sc);
+      release(k_empty(s));
+      softmax(int64_t(tile_of(t)) * BN, alpha);
+      wgmma_wait<0>();  // P_{t-1} V_{t-1} done: pa and o are free again
+      reg_fence(o);
+      release(v_empty(sp));
+      pack_p();
+      rescale_o(alpha);
+    }
+    const int sl = (count - 1) % S;
+    mbar_wait(v_full(sl), ((count - 1) / S) & 1);
+    issue_pv(sl);
+    wgmma_wait<0>();
+    reg_fence(o);
+    release(v_empty(sl));
+  }
+
+  // epilogue: O / l, lse; rows >= N are not written
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float lr = l[r];
+    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+    const int64_t row = r_lo + 8 * r;
+    if (row >= a.n) continue;
+    const float inv = lr > 0.f ? 1.f / lr : 0.f;
+    const int64_t qh = h;
+    if (a.o) {
+      if (a.out_f32) {
+        float* op = static_cast<float*>(a.o) + qh * a.osh + row * a.ost;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i)
+          *reinterpret_cast<float2*>(op + 8 * i + 2 * t4) = make_float2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+      } else {
+        T* op = static_cast<T*>(a.o) + qh * a.osh + row * a.ost;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i)
+          *reinterpret_cast<uint32_t*>(op + 8 * i + 2 * t4) = Vec2<T>::pack(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+      }
+    }
+    if (a.lse && t4 == 0) a.lse[qh * a.n + row] = lr > 0.f ? (m[r] * sl2 + log2f(lr)) * kLn2 : -INFINITY;
+  }
+#else
+  __trap();  // built without sm_90a: the launcher never selects this kernel there
+#endif
+}
+
+}  // namespace proxyattn::kernels::detail

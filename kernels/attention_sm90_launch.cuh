@@ -1,0 +1,30 @@
+#pragma once
+// Launch interface of the Hopper attention kernels (attention_sm90.cu), for full.cu and
+// sparse.cu: which requests they can take, and the launch.
+#include "attention_core.cuh"
+
+namespace proxyattn::kernels::detail {
+
+// Why the Hopper kernels cannot run this request on the current device (null when they can).
+const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse, int mask_block);
+
+// Full (sparse = false) or CSR block-sparse (a.indptr/indices, mask block 128) attention.
+Status launch_attn_sm90(const AttnArgs& a, ElemType t, int head_dim, int q_heads, int kv_heads, bool sparse,
+                        cudaStream_t st);
+
+// Resolves AttnImpl::automatic: true -> Hopper kernels; false -> portable. An explicit
+// `hopper` the request cannot take fails with the reason (never a silent fallback).
+inline Status pick_sm90(AttnImpl impl, const AttnArgs& a, int head_dim, bool sparse, int mask_block, bool* use) {
+  *use = false;
+  if (impl == AttnImpl::portable) return Status::ok;
+  if (impl != AttnImpl::automatic && impl != AttnImpl::hopper)
+    return fail(Status::invalid_argument, "attention: unknown impl");
+  const char* why = sm90_unsupported_reason(a, head_dim, sparse, mask_block);
+  if (!why) {
+    *use = true;
+    return Status::ok;
+  }
+  return impl == AttnImpl::hopper ? fail(Status::unsupported, why) : Status::ok;
+}
+
+}  // namespace proxyattn::kernels::detail

@@ -1,0 +1,340 @@
+// The Hopper kernels (AttnImpl::hopper: wgmma + TMA, warp-specialised; attention_sm90.cuh) vs
+// the CPU reference and vs the portable kernels on fresh random inputs: odd N (partial last
+// tiles, several passes round the 2-stage ring), GQA 1/3/4, head dims 64/128, bf16 and fp16,
+// NaN-poisoned outputs, O in f32 and in the operand dtype, strided [N, H, d] inputs (the TMA
+// maps take the strides), sparse masks with and without the diagonal and with empty rows.
+// Skipped without a device of compute capability 9.x; requests the kernels cannot take fail
+// with Status::unsupported (never a silent fallback).
+#include <gtest/gtest.h>
+
+#include <tuple>
+
+#include "gpu_test_util.hpp"
+#include "proxyattn/attention.hpp"
+#include "proxyattn/block_mask.hpp"
+
+namespace proxyattn {
+namespace {
+
+namespace kk = proxyattn::kernels;
+
+bool is_hopper() {
+  kk::DeviceInfo info;
+  int dev = 0;
+  return kk::device_count() > 0 && kk::current_device(&dev) == kk::Status::ok &&
+         kk::device_info(dev, &info) == kk::Status::ok && info.cc_major == 9;
+}
+
+#define REQUIRE_HOPPER()                                                          \
+  do {                                                                            \
+    PROXYATTN_REQUIRE_GPU();                                                      \
+    if (!is_hopper()) GTEST_SKIP() << "the device is not compute capability 9.x"; \
+  } while (0)
+
+struct Case {
+  int hq, hkv, d;
+  int64_t n;
+};
+
+std::vector<Case> cases() {
+  if (test::small_mode()) return {{2, 2, 64, 131}, {3, 1, 128, 300}};
+  return {{2, 2, 64, 1},    {4, 4, 64, 127},   {3, 1, 64, 1031},  {6, 2, 128, 300},
+          {8, 2, 128, 257}, {4, 1, 128, 1000}, {2, 2, 128, 4099}, {3, 3, 128, 129}};
+}
+
+// [h, n, d] -> [n, h, d] (token stride h d, head stride d).
+std::vector<float> interleave(const Tensor3& t) {
+  const int64_t h = t.heads(), n = t.tokens(), d = t.dim();
+  std::vector<float> out(size_t(h * n * d));
+  for (int64_t a = 0; a < h; ++a)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t x = 0; x < d; ++x) out[size_t((r * h + a) * d + x)] = t.storage()[size_t((a * n + r) * d + x)];
+  return out;
+}
+
+// Random causal CSR mask, block 128: each off-diagonal block kept with probability `density`;
+// the diagonal kept except in a few rows that keep an earlier block (every query row still
+// attends a key: the CPU reference refuses rows without one).
+BlockMask random_mask(int heads, int64_t n, double density, bool drop_some_diagonals) {
+  const int nb = num_blocks_for(n, 128);
+  std::bernoulli_distribution keep(density), drop(0.2);
+  std::vector<std::vector<int32_t>> rows(size_t(heads) * nb);
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      auto& r = rows[size_t(h) * nb + i];
+      for (int j = 0; j < i; ++j)
+        if (keep(test::rng())) r.push_back(j);
+      if (r.empty() || !(drop_some_diagonals && drop(test::rng()))) r.push_back(i);
+    }
+  return BlockMask::from_rows(heads, n, 128, rows);
+}
+
+class HopperAttention : public ::testing::TestWithParam<std::tuple<Case, DType>> {};
+
+INSTANTIATE_TEST_SUITE_P(Shapes, HopperAttention, ::testing::Combine(::testing::ValuesIn(cases()),
+                                                                     ::testing::Values(DType::bf16, DType::f16)),
+                         [](const auto& info) {
+                           const Case c = std::get<0>(info.param);
+                           return "Hq" + std::to_string(c.hq) + "_Hkv" + std::to_string(c.hkv) + "_d" +
+                                  std::to_string(c.d) + "_N" + std::to_string(c.n) + "_" +
+                                  (std::get<1>(info.param) == DType::bf16 ? "bf16" : "f16");
+                         });
+
+TEST_P(HopperAttention, FullMatchesCpuAndPortable) {
+  REQUIRE_HOPPER();
+  const auto [c, dt] = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt),
+                v = test::random_rounded(c.hkv, c.n, c.d, dt);
+  const AttentionOutput ref = full_attention_cpu(q, k, v);
+  const double tol = test::rel_tol(dt);
+  const kk::ElemType et = test::elem_of(dt);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt);
+  const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
+  kk::AttentionParams p;
+  p.q = dq.data();
+  p.k = dk.data();
+  p.v = dv.data();
+  p.in_type = et;
+  p.q_heads = c.hq;
+  p.kv_heads = c.hkv;
+  p.head_dim = c.d;
+  p.seq_len = c.n;
+
+  std::vector<float> portable_o;
+  for (kk::AttnImpl impl : {kk::AttnImpl::portable, kk::AttnImpl::hopper})
+    for (kk::ElemType ot : {kk::ElemType::f32, et}) {
+      kk::DeviceBuffer o = test::poisoned(no, ot), lse = test::poisoned(nl, kk::ElemType::f32);
+      p.o = o.data();
+      p.out_type = ot;
+      p.lse = lse.as<float>();
+      p.impl = impl;
+      test::kcheck(kk::full_attention(p), "full_attention");
+      test::kcheck(kk::synchronize(), "full_attention sync");
+      const std::string tag = std::string(kk::attn_impl_name(impl)) + (ot == kk::ElemType::f32 ? " f32" : " 16b");
+      const std::vector<float> got = test::download_as_float(o, no, ot);
+      test::expect_rel(("O " + tag).c_str(), got, ref.o.storage(), tol);
+      test::expect_rel(("LSE " + tag).c_str(), test::download_as_float(lse, nl, kk::ElemType::f32), ref.lse, tol);
+      if (ot == kk::ElemType::f32) {
+        if (impl == kk::AttnImpl::portable) portable_o = got;
+        else test::expect_rel(("O hopper vs portable " + tag).c_str(), got, portable_o, tol);
+      }
+    }
+}
+
+TEST_P(HopperAttention, StridedInputs) {
+  REQUIRE_HOPPER();
+  const auto [c, dt] = GetParam();
+  if (c.n > 1100) GTEST_SKIP() << "covered by the smaller shapes";
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt),
+                v = test::random_rounded(c.hkv, c.n, c.d, dt);
+  const AttentionOutput ref = full_attention_cpu(q, k, v);
+  kk::DeviceBuffer dq = test::upload16(interleave(q), dt), dk = test::upload16(interleave(k), dt),
+                   dv = test::upload16(interleave(v), dt);
+  const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
+  kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
+  kk::AttentionParams p;
+  p.q = dq.data();
+  p.k = dk.data();
+  p.v = dv.data();
+  p.o = o.data();
+  p.lse = lse.as<float>();
+  p.in_type = test::elem_of(dt);
+  p.out_type = kk::ElemType::f32;
+  p.q_heads = c.hq;
+  p.kv_heads = c.hkv;
+  p.head_dim = c.d;
+  p.seq_len = c.n;
+  p.q_stride_token = int64_t(c.hq) * c.d;
+  p.q_stride_head = c.d;
+  p.k_stride_token = p.v_stride_token = int64_t(c.hkv) * c.d;
+  p.k_stride_head = p.v_stride_head = c.d;
+  p.impl = kk::AttnImpl::hopper;
+  test::kcheck(kk::full_attention(p), "full_attention strided");
+  test::kcheck(kk::synchronize(), "full_attention strided sync");
+  test::expect_rel("O strided", test::download_as_float(o, no, kk::ElemType::f32), ref.o.storage(), test::rel_tol(dt));
+  test::expect_rel("LSE strided", test::download_as_float(lse, nl, kk::ElemType::f32), ref.lse, test::rel_tol(dt));
+}
+
+TEST_P(HopperAttention, SparseMatchesCpu) {
+  REQUIRE_HOPPER();
+  const auto [c, dt] = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt),
+                v = test::random_rounded(c.hkv, c.n, c.d, dt);
+  const double tol = test::rel_tol(dt);
+  const kk::ElemType et = test::elem_of(dt);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt);
+  const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
+  for (bool drop : {false, true}) {
+    const BlockMask mask = random_mask(c.hq, c.n, 0.35, drop);
+    const AttentionOutput ref = sparse_attention_cpu(q, k, v, mask);
+    kk::DeviceBuffer ip = test::upload_raw(mask.indptr()), ix = test::upload_raw(mask.indices());
+    for (kk::ElemType ot : {kk::ElemType::f32, et}) {
+      kk::DeviceBuffer o = test::poisoned(no, ot), lse = test::poisoned(nl, kk::ElemType::f32);
+      kk::SparseAttentionParams sp;
+      sp.attn.q = dq.data();
+      sp.attn.k = dk.data();
+      sp.attn.v = dv.data();
+      sp.attn.o = o.data();
+      sp.attn.lse = lse.as<float>();
+      sp.attn.in_type = et;
+      sp.attn.out_type = ot;
+      sp.attn.q_heads = c.hq;
+      sp.attn.kv_heads = c.hkv;
+      sp.attn.head_dim = c.d;
+      sp.attn.seq_len = c.n;
+      sp.attn.impl = kk::AttnImpl::hopper;
+      sp.indptr = ip.as<int32_t>();
+      sp.indices = ix.as<int32_t>();
+      sp.block = 128;
+      test::kcheck(kk::sparse_attention(sp), "sparse_attention");
+      test::kcheck(kk::synchronize(), "sparse_attention sync");
+      const std::string tag = std::string(drop ? "holes " : "diag ") + (ot == kk::ElemType::f32 ? "f32" : "16b");
+      test::expect_rel(("sparse O " + tag).c_str(), test::download_as_float(o, no, ot), ref.o.storage(), tol);
+      test::expect_rel(("sparse LSE " + tag).c_str(), test::download_as_float(lse, nl, kk::ElemType::f32), ref.lse,
+                       tol);
+    }
+  }
+}
+
+// A query block with an empty CSR row gives O = 0 and lse = -inf; the other rows are unaffected.
+TEST(HopperAttentionSparse, EmptyRowsGiveZeroAndMinusInf) {
+  REQUIRE_HOPPER();
+  const DType dt = DType::f16;
+  const int hq = 3, hkv = 1, d = 128;
+  const int64_t n = test::small_mode() ? 300 : 1001;
+  const int nb = num_blocks_for(n, 128);
+  const Tensor3 q = test::random_rounded(hq, n, d, dt, 1.5f), k = test::random_rounded(hkv, n, d, dt),
+                v = test::random_rounded(hkv, n, d, dt);
+  std::vector<std::vector<int32_t>> rows(size_t(hq) * nb), full_rows(size_t(hq) * nb);
+  std::vector<uint8_t> empty(size_t(hq) * nb, 0);
+  for (int h = 0; h < hq; ++h)
+    for (int i = 0; i < nb; ++i) {
+      const size_t r = size_t(h) * nb + i;
+      for (int j = 0; j <= i; ++j)
+        if (j == i || j % 2 == h % 2) full_rows[r].push_back(j);
+      empty[r] = (i + h) % 3 == 1;
+      if (!empty[r]) rows[r] = full_rows[r];
+    }
+  const BlockMask mask = BlockMask::from_rows(hq, n, 128, rows);
+  const AttentionOutput ref = sparse_attention_cpu(q, k, v, BlockMask::from_rows(hq, n, 128, full_rows));
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt);
+  kk::DeviceBuffer ip = test::upload_raw(mask.indptr()), ix = test::upload_raw(mask.indices());
+  const int64_t no = int64_t(hq) * n * d, nl = int64_t(hq) * n;
+  kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
+  kk::SparseAttentionParams sp;
+  sp.attn.q = dq.data();
+  sp.attn.k = dk.data();
+  sp.attn.v = dv.data();
+  sp.attn.o = o.data();
+  sp.attn.lse = lse.as<float>();
+  sp.attn.in_type = kk::ElemType::f16;
+  sp.attn.out_type = kk::ElemType::f32;
+  sp.attn.q_heads = hq;
+  sp.attn.kv_heads = hkv;
+  sp.attn.head_dim = d;
+  sp.attn.seq_len = n;
+  sp.attn.impl = kk::AttnImpl::hopper;
+  sp.indptr = ip.as<int32_t>();
+  sp.indices = ix.as<int32_t>();
+  sp.block = 128;
+  test::kcheck(kk::sparse_attention(sp), "sparse_attention");
+  const std::vector<float> go = test::download_as_float(o, no, kk::ElemType::f32),
+                           gl = test::download_as_float(lse, nl, kk::ElemType::f32);
+  std::vector<float> got_o, ref_o, got_l, ref_l;
+  int64_t bad_empty = 0, empty_rows = 0;
+  for (int h = 0; h < hq; ++h)
+    for (int64_t t = 0; t < n; ++t) {
+      const size_t row = size_t(h) * n + t;
+      if (empty[size_t(h) * nb + t / 128]) {
+        ++empty_rows;
+        bool ok = std::isinf(gl[row]) && gl[row] < 0;
+        for (int x = 0; x < d; ++x) ok = ok && go[row * d + x] == 0.f;
+        bad_empty += ok ? 0 : 1;
+        continue;
+      }
+      got_l.push_back(gl[row]);
+      ref_l.push_back(ref.lse[row]);
+      for (int x = 0; x < d; ++x) {
+        got_o.push_back(go[row * d + x]);
+        ref_o.push_back(ref.o.storage()[row * d + x]);
+      }
+    }
+  ASSERT_GT(empty_rows, 0);
+  EXPECT_EQ(bad_empty, 0) << "rows of empty query blocks must be O = 0, lse = -inf";
+  test::expect_rel("O of the other rows", got_o, ref_o, test::rel_tol(dt));
+  test::expect_rel("LSE of the other rows", got_l, ref_l, test::rel_tol(dt));
+}
+
+// With the all-causal mask the sparse kernel walks the same tiles as the full one: same bits.
+TEST(HopperAttentionCausal, SparseCausalEqualsFullBitwise) {
+  REQUIRE_HOPPER();
+  const DType dt = DType::bf16;
+  const int hq = 4, hkv = 1, d = 128;
+  const int64_t n = test::small_mode() ? 300 : 1555;
+  const Tensor3 q = test::random_rounded(hq, n, d, dt, 1.5f), k = test::random_rounded(hkv, n, d, dt),
+                v = test::random_rounded(hkv, n, d, dt);
+  const BlockMask mask = BlockMask::causal(hq, n, 128);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt);
+  kk::DeviceBuffer ip = test::upload_raw(mask.indptr()), ix = test::upload_raw(mask.indices());
+  const int64_t no = int64_t(hq) * n * d;
+  kk::DeviceBuffer of = test::poisoned(no, kk::ElemType::f32), os = test::poisoned(no, kk::ElemType::f32);
+  kk::SparseAttentionParams sp;
+  sp.attn.q = dq.data();
+  sp.attn.k = dk.data();
+  sp.attn.v = dv.data();
+  sp.attn.in_type = kk::ElemType::bf16;
+  sp.attn.out_type = kk::ElemType::f32;
+  sp.attn.q_heads = hq;
+  sp.attn.kv_heads = hkv;
+  sp.attn.head_dim = d;
+  sp.attn.seq_len = n;
+  sp.attn.impl = kk::AttnImpl::hopper;
+  sp.attn.o = of.data();
+  test::kcheck(kk::full_attention(sp.attn), "full_attention");
+  sp.attn.o = os.data();
+  sp.indptr = ip.as<int32_t>();
+  sp.indices = ix.as<int32_t>();
+  sp.block = 128;
+  test::kcheck(kk::sparse_attention(sp), "sparse_attention");
+  const std::vector<float> a = test::download_as_float(of, no, kk::ElemType::f32),
+                           b = test::download_as_float(os, no, kk::ElemType::f32);
+  int64_t differ = 0;
+  for (size_t i = 0; i < a.size(); ++i) differ += (a[i] != b[i] || std::isnan(a[i])) ? 1 : 0;
+  EXPECT_EQ(differ, 0) << "sparse (causal mask) and full differ in " << differ << " of " << a.size() << " values";
+}
+
+// Requests the Hopper kernels cannot take: an explicit `hopper` fails with unsupported and a
+// reason; `automatic` falls back to the portable kernels and succeeds.
+TEST(HopperAttentionApi, UnsupportedRequestsAreRefused) {
+  PROXYATTN_REQUIRE_GPU();
+  const DType dt = DType::bf16;
+  const int64_t n = 70;
+  const Tensor3 q = test::random_rounded(2, n, 256, dt), k = test::random_rounded(2, n, 256, dt);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt);
+  kk::DeviceBuffer o = test::poisoned(int64_t(2) * n * 256, kk::ElemType::f32);
+  kk::AttentionParams p;
+  p.q = dq.data();
+  p.k = dk.data();
+  p.v = dk.data();
+  p.o = o.data();
+  p.in_type = kk::ElemType::bf16;
+  p.out_type = kk::ElemType::f32;
+  p.q_heads = 2;
+  p.kv_heads = 2;
+  p.head_dim = 256;
+  p.seq_len = n;
+  p.impl = kk::AttnImpl::hopper;
+  EXPECT_EQ(kk::full_attention(p), kk::Status::unsupported);
+  EXPECT_NE(std::string(kk::last_error_detail()).find("hopper"), std::string::npos) << kk::last_error_detail();
+  p.impl = kk::AttnImpl::automatic;
+  test::kcheck(kk::full_attention(p), "full_attention automatic d256");
+  p.impl = static_cast<kk::AttnImpl>(7);
+  EXPECT_EQ(kk::full_attention(p), kk::Status::invalid_argument);
+}
+
+}  // namespace
+}  // namespace proxyattn
