@@ -105,7 +105,7 @@ BlockMask random_density_mask(int heads, int64_t seq_len, int block, double dens
   return BlockMask(heads, seq_len, block, std::move(indptr), std::move(indices));
 }
 
-void write_mask_file(const std::string& path, const BlockMask& m) {
+std::string encode_mask(const BlockMask& m) {
   std::string buf;
   buf.reserve(40 + 4 * (m.indptr().size() + m.indices().size()));
   buf.append(kMagic, 8);
@@ -117,6 +117,11 @@ void write_mask_file(const std::string& path, const BlockMask& m) {
   put<int64_t>(buf, static_cast<int64_t>(m.indices().size()));
   buf.append(reinterpret_cast<const char*>(m.indptr().data()), 4 * m.indptr().size());
   buf.append(reinterpret_cast<const char*>(m.indices().data()), 4 * m.indices().size());
+  return buf;
+}
+
+void write_mask_file(const std::string& path, const BlockMask& m) {
+  const std::string buf = encode_mask(m);
   AtomicFile f(path, /*binary=*/true);
   f.stream().write(buf.data(), static_cast<std::streamsize>(buf.size()));
   f.commit();
@@ -127,7 +132,11 @@ BlockMask read_mask_file(const std::string& path) {
   if (!fs::is_regular_file(path, ec)) throw Error(path + ": no such mask file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open for reading");
-  std::string buf((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string buf((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return decode_mask(buf, path);
+}
+
+BlockMask decode_mask(const std::string& buf, const std::string& path) {
   if (buf.size() < 40 || std::memcmp(buf.data(), kMagic, 8) != 0)
     throw Error(path + ": not a proxyattn mask file (magic PXMASK01 missing)");
   size_t off = 8;

@@ -24,6 +24,10 @@ BlockMask random_density_mask(int heads, int64_t seq_len, int block, double dens
 void write_mask_file(const std::string& path, const BlockMask& mask);
 // Validates magic, header, size and the CSR invariants; Error names the file and the problem.
 BlockMask read_mask_file(const std::string& path);
+// The file's bytes without the file (masks travel between MPI ranks in this form); decode_mask
+// validates like read_mask_file, `what` names the source in errors.
+std::string encode_mask(const BlockMask& mask);
+BlockMask decode_mask(const std::string& bytes, const std::string& what);
 
 // Collects the masks exported during a run; write() puts DIR/manifest.json atomically.
 class MaskExporter {

@@ -92,6 +92,39 @@ json row_to_json(const Row& r) {
   return j;
 }
 
+Row row_from_json(const json& j) {
+  auto opt = [&](const char* k) { return j.at(k).is_null() ? std::optional<double>() : j.at(k).get<double>(); };
+  Row r;
+  r.source = j.at("source").get<std::string>();
+  r.device = j.at("device").get<std::string>();
+  r.family = j.at("family").get<std::string>();
+  r.method = j.at("method").get<std::string>();
+  r.n = j.at("n").get<int64_t>();
+  r.dtype = j.at("dtype").get<std::string>();
+  r.q_heads = j.at("q_heads").get<int>();
+  r.kv_heads = j.at("kv_heads").get<int>();
+  r.head_dim = j.at("head_dim").get<int>();
+  r.block = j.at("block").get<int>();
+  r.density_target = opt("density_target");
+  r.density = opt("density");
+  r.element_density = opt("element_density");
+  r.gamma = opt("gamma");
+  r.estimation_ms = opt("estimation_ms");
+  r.kernel_ms = opt("kernel_ms");
+  r.total_ms = opt("total_ms");
+  r.total_ms_min = opt("total_ms_min");
+  r.total_ms_max = opt("total_ms_max");
+  r.reps = j.at("reps").get<int>();
+  r.tflops_done = opt("tflops_done");
+  r.tflops_effective = opt("tflops_effective");
+  r.speedup_vs_full = opt("speedup_vs_full");
+  r.pct_of_full = opt("pct_of_full");
+  r.status = j.at("status").get<std::string>();
+  r.reason = j.at("reason").get<std::string>();
+  r.extra = j.value("extra", json::object());
+  return r;
+}
+
 namespace {
 
 std::string csv_cell(const json& v) {
@@ -143,6 +176,15 @@ std::string rows_to_markdown(const std::vector<Row>& rows, const json& ctx) {
                      ctx.value("q_heads", 0), ctx.value("kv_heads", 0), ctx.value("head_dim", 0),
                      ctx.value("git_sha", std::string("?")), ctx.value("date", std::string("?")),
                      ctx.value("timing", std::string("?")));
+  // Under mpirun: which ranks (hosts, devices) ran how many cases.
+  if (const json d = ctx.value("distributed", json::object()); d.value("ranks", 1) > 1) {
+    std::string who;
+    for (const json& r : d.value("per_rank", json::array()))
+      who += fmt::format("{}rank {} {} {} ({} cases)", who.empty() ? "" : ", ", r.value("rank", 0),
+                         r.value("host", std::string("?")), r.value("device_name", std::string("?")),
+                         r.value("cases", 0));
+    out += fmt::format("MPI: {} ranks: {}\n\n", d.value("ranks", 1), who);
+  }
   out += "| method | N | dtype | density | est. ms | kernel ms | total ms (min–max) | TFLOP/s done | eff. TFLOP/s | speedup vs full |\n";
   out += "|---|---|---|---|---|---|---|---|---|---|\n";
   std::vector<const Row*> skipped;

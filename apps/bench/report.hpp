@@ -11,6 +11,8 @@
 namespace proxyattn::bench {
 
 nlohmann::json row_to_json(const Row& r);
+// Inverse of row_to_json (rows travel between MPI ranks as CBOR: doubles bit-exact).
+Row row_from_json(const nlohmann::json& j);
 std::string rows_to_csv(const std::vector<Row>& rows);
 std::string rows_to_markdown(const std::vector<Row>& rows, const nlohmann::json& context);
 

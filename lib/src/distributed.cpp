@@ -3,8 +3,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <numeric>
+#include <thread>
 
 #include "proxyattn/error.hpp"
 
@@ -83,30 +85,32 @@ std::string Distributed::hostname() const {
 std::vector<std::string> Distributed::gather_to_root(const std::string& mine) const {
   if (size_ == 1) return {mine};
 #ifdef PROXYATTN_HAVE_MPI
-  // Sizes first, then the bytes (may exceed 2 GiB in total only for absurd reports).
+  // Sizes first, then every rank's bytes point to point in chunks below 2^30: no part or total
+  // is limited by MPI's int counts, and rank 0 throws nothing between the two (a root that
+  // threw while the others wait in a collective would hang the job).
+  constexpr long long kChunk = 1LL << 30;
+  constexpr int kTag = 7301;
   long long len = static_cast<long long>(mine.size());
   std::vector<long long> lens(rank_ == 0 ? size_ : 0);
   check(MPI_Gather(&len, 1, MPI_LONG_LONG, lens.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD), "gather");
-  std::vector<int> counts, displs;
-  std::string all;
-  if (rank_ == 0) {
-    counts.resize(size_);
-    displs.resize(size_);
-    long long off = 0;
-    for (int r = 0; r < size_; ++r) {
-      if (lens[r] > INT32_MAX || off > INT32_MAX) throw Error("MPI gather: report part too large");
-      counts[r] = static_cast<int>(lens[r]);
-      displs[r] = static_cast<int>(off);
-      off += lens[r];
-    }
-    all.resize(static_cast<size_t>(off));
-  }
-  check(MPI_Gatherv(mine.data(), static_cast<int>(mine.size()), MPI_CHAR, all.data(), counts.data(),
-                    displs.data(), MPI_CHAR, 0, MPI_COMM_WORLD),
-        "gatherv");
   std::vector<std::string> out;
-  if (rank_ == 0)
-    for (int r = 0; r < size_; ++r) out.push_back(all.substr(static_cast<size_t>(displs[r]), static_cast<size_t>(counts[r])));
+  if (rank_ != 0) {
+    for (long long off = 0; off < len; off += kChunk)
+      check(MPI_Send(mine.data() + off, static_cast<int>(std::min(kChunk, len - off)), MPI_CHAR, 0, kTag,
+                     MPI_COMM_WORLD),
+            "send");
+    return out;
+  }
+  out.resize(static_cast<size_t>(size_));
+  out[0] = mine;
+  for (int r = 1; r < size_; ++r) {
+    out[static_cast<size_t>(r)].resize(static_cast<size_t>(lens[static_cast<size_t>(r)]));
+    for (long long off = 0; off < lens[static_cast<size_t>(r)]; off += kChunk)
+      check(MPI_Recv(out[static_cast<size_t>(r)].data() + off,
+                     static_cast<int>(std::min(kChunk, lens[static_cast<size_t>(r)] - off)), MPI_CHAR, r, kTag,
+                     MPI_COMM_WORLD, MPI_STATUS_IGNORE),
+            "recv");
+  }
   return out;
 #else
   return {mine};
@@ -146,6 +150,21 @@ void Distributed::agree_or_throw(const std::string& error) const {
 void Distributed::barrier() const {
 #ifdef PROXYATTN_HAVE_MPI
   if (size_ > 1) MPI_Barrier(MPI_COMM_WORLD);
+#endif
+}
+
+void Distributed::barrier_sleeping(int poll_ms) const {
+#ifdef PROXYATTN_HAVE_MPI
+  if (size_ == 1) return;
+  MPI_Request req;
+  check(MPI_Ibarrier(MPI_COMM_WORLD, &req), "ibarrier");
+  for (int done = 0;;) {
+    check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "test");
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::max(1, poll_ms)));
+  }
+#else
+  (void)poll_ms;
 #endif
 }
 

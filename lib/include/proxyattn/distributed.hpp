@@ -37,6 +37,9 @@ class Distributed {
   // failing rank's message ("rank R: ..."); otherwise returns normally.
   void agree_or_throw(const std::string& error) const;
   void barrier() const;
+  // A barrier whose early ranks sleep (polling every poll_ms) instead of spinning on a core that
+  // ranks still working on the same node may be timing.
+  void barrier_sleeping(int poll_ms = 2) const;
 
  private:
   int rank_ = 0, size_ = 1, local_rank_ = 0;
