@@ -42,25 +42,42 @@ Status make_map(CUtensorMap* map, const void* ptr, ElemType t, int heads, int64_
   return Status::ok;
 }
 
-template <int D, class T, bool SPARSE>
-Status launch(const AttnArgs& a0, ElemType t, int q_heads, int kv_heads, cudaStream_t st) {
+template <int D, class T, Sm90Mode MODE>
+Status launch(const AttnArgs& a0, ElemType t, int q_heads, int kv_heads, const Sm90Scores& sco, cudaStream_t st) {
   using C = Sm90Config<D>;
+  constexpr bool with_v = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse;
   AttnArgs a = a0;
   CUtensorMap mq, mk, mv;
   Status s = make_map(&mq, a.q, t, q_heads, a.n, D, a.qst, a.qsh, "hopper attention: TMA map of q rejected");
   if (s == Status::ok) s = make_map(&mk, a.k, t, kv_heads, a.n, D, a.kst, a.ksh, "hopper attention: TMA map of k rejected");
-  if (s == Status::ok) s = make_map(&mv, a.v, t, kv_heads, a.n, D, a.vst, a.vsh, "hopper attention: TMA map of v rejected");
+  if (s == Status::ok && with_v)
+    s = make_map(&mv, a.v, t, kv_heads, a.n, D, a.vst, a.vsh, "hopper attention: TMA map of v rejected");
   if (s != Status::ok) return s;
-  auto kern = attn_sm90_kernel<D, T, SPARSE>;
-  s = from_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM),
+  if (!with_v) mv = mk;  // not read
+  auto kern = attn_sm90_kernel<D, T, MODE>;
+  const int smem = C::smem_bytes(MODE == Sm90Mode::blockmax);
+  s = from_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                 "hopper attention: cudaFuncSetAttribute");
   if (s != Status::ok) return s;
   const int64_t tiles = (a.n + C::BM - 1) / C::BM;
   a.num_q_tiles = int(tiles);
+  if (MODE == Sm90Mode::blockmax) a.nb = int(tiles);
   // V (MN-major): 64-column chunks are BN rows x 128 B apart; 8-row groups 1024 B apart.
   const Sm90VDesc vd{uint32_t(C::BN * 128), 1024u};
-  kern<<<dim3(unsigned(tiles), unsigned(q_heads)), C::THREADS, C::SMEM, st>>>(mq, mk, mv, a, vd);
+  kern<<<dim3(unsigned(tiles), unsigned(q_heads)), C::THREADS, smem, st>>>(mq, mk, mv, a, vd, sco);
   return check_launch("hopper attention kernel launch");
+}
+
+template <int D, class T>
+Status launch_mode(Sm90Mode mode, const AttnArgs& a, ElemType t, int q_heads, int kv_heads, const Sm90Scores& sco,
+                   cudaStream_t st) {
+  switch (mode) {
+    case Sm90Mode::full: return launch<D, T, Sm90Mode::full>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::sparse: return launch<D, T, Sm90Mode::sparse>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::lse: return launch<D, T, Sm90Mode::lse>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::blockmax: return launch<D, T, Sm90Mode::blockmax>(a, t, q_heads, kv_heads, sco, st);
+  }
+  return fail(Status::invalid_argument, "hopper attention: unknown mode");
 }
 
 bool device_is_hopper() {
@@ -81,21 +98,17 @@ const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse
   return nullptr;
 }
 
-Status launch_attn_sm90(const AttnArgs& a, ElemType t, int head_dim, int q_heads, int kv_heads, bool sparse,
-                        cudaStream_t st) {
+Status launch_sm90(Sm90Mode mode, const AttnArgs& a, ElemType t, int head_dim, int q_heads, int kv_heads,
+                   const Sm90Scores& sco, cudaStream_t st) {
+  if (mode == Sm90Mode::blockmax && (a.n + 127) / 128 > Sm90Config<128>::MAX_KEY_TILES)
+    return fail(Status::unsupported, "hopper block scores: more than 2048 key blocks");
   const bool bf = t == ElemType::bf16;
-  if (head_dim == 128) {
-    if (sparse) return bf ? launch<128, __nv_bfloat16, true>(a, t, q_heads, kv_heads, st)
-                          : launch<128, __half, true>(a, t, q_heads, kv_heads, st);
-    return bf ? launch<128, __nv_bfloat16, false>(a, t, q_heads, kv_heads, st)
-              : launch<128, __half, false>(a, t, q_heads, kv_heads, st);
-  }
-  if (head_dim == 64) {
-    if (sparse) return bf ? launch<64, __nv_bfloat16, true>(a, t, q_heads, kv_heads, st)
-                          : launch<64, __half, true>(a, t, q_heads, kv_heads, st);
-    return bf ? launch<64, __nv_bfloat16, false>(a, t, q_heads, kv_heads, st)
-              : launch<64, __half, false>(a, t, q_heads, kv_heads, st);
-  }
+  if (head_dim == 128)
+    return bf ? launch_mode<128, __nv_bfloat16>(mode, a, t, q_heads, kv_heads, sco, st)
+              : launch_mode<128, __half>(mode, a, t, q_heads, kv_heads, sco, st);
+  if (head_dim == 64)
+    return bf ? launch_mode<64, __nv_bfloat16>(mode, a, t, q_heads, kv_heads, sco, st)
+              : launch_mode<64, __half>(mode, a, t, q_heads, kv_heads, sco, st);
   return fail(Status::unsupported, "hopper attention: head_dim must be 64 or 128");
 }
 

@@ -34,8 +34,23 @@ struct Sm90Config {
   static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * KV_BYTES;
   static constexpr int NUM_BARS = 1 + 4 * STAGES;  // q_full, k_full, v_full, k_empty, v_empty
-  static constexpr int SMEM = BAR_OFF + 8 * NUM_BARS + 1024;  // + slack to align the base to 1024
+  static constexpr int TILEMAX_OFF = BAR_OFF + 8 * NUM_BARS;  // blockmax: one float per key tile
+  static constexpr int MAX_KEY_TILES = 2048;                    // N <= 256K
+  static constexpr int smem_bytes(bool blockmax) {              // + slack to align the base
+    return TILEMAX_OFF + (blockmax ? 4 * MAX_KEY_TILES : 0) + 1024;
+  }
   static_assert(D == 64 || D == 128, "Hopper kernels: head_dim 64 or 128");
+};
+
+// What one launch computes: O and lse (full / sparse), lse only (the first pass of the scores),
+// or the token-level max-pool of P per (query block, key block) (second pass, needs lse).
+enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3 };
+
+// blockmax: out[h, i, j] = max over rows q of block i (every query_stride-th row offset) and
+// keys k <= q of block j of exp(scale q.k - lse[q]); 0 above the diagonal.
+struct Sm90Scores {
+  float* out = nullptr;  // [Hq, Nb, Nb]
+  int query_stride = 1;
 };
 
 // V's descriptor offsets (MN-major, see smem_desc); a kernel argument so the launcher owns them.
@@ -43,15 +58,18 @@ struct Sm90VDesc {
   uint32_t lbo, sbo;
 };
 
-template <int D, class T, bool SPARSE>
+template <int D, class T, Sm90Mode MODE>
 __global__ void __launch_bounds__(384, 1)
     attn_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                     const __grid_constant__ CUtensorMap tm_v, const AttnArgs a, const Sm90VDesc vdesc) {
+                     const __grid_constant__ CUtensorMap tm_v, const AttnArgs a, const Sm90VDesc vdesc,
+                     const Sm90Scores sco) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   using C = Sm90Config<D>;
   constexpr int BM = C::BM, BN = C::BN, S = C::STAGES;
   constexpr int CHUNKS = D / 64;
+  constexpr bool SPARSE = MODE == Sm90Mode::sparse;
+  constexpr bool WITH_V = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base + C::Q_OFF, sK = base + C::K_OFF, sV = base + C::V_OFF;
@@ -79,6 +97,9 @@ __global__ void __launch_bounds__(384, 1)
   auto tile_of = [&](int t) { return SPARSE ? a.indices[row_end - 1 - t] : jmax - t; };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = threadIdx.x / 128;
+  float* tilemax = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + C::TILEMAX_OFF);
+  if constexpr (MODE == Sm90Mode::blockmax)
+    for (int j = threadIdx.x; j < count; j += blockDim.x) tilemax[j] = 0.f;
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     for (int s = 0; s < S; ++s) {
@@ -115,13 +136,15 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int r = 0; r < BN / C::BOX; ++r)
             tma_load_3d(dk + c * BN * 128 + r * C::BOX * 128, &tm_k, k_full(s), c * 64, k0 + r * C::BOX, kvh);
-        mbar_wait(v_empty(s), ph ^ 1);
-        mbar_arrive_expect_tx(v_full(s), C::KV_BYTES);
+        if constexpr (WITH_V) {
+          mbar_wait(v_empty(s), ph ^ 1);
+          mbar_arrive_expect_tx(v_full(s), C::KV_BYTES);
 #pragma unroll
-        for (int c = 0; c < CHUNKS; ++c)
+          for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
-          for (int r = 0; r < BN / C::BOX; ++r)
-            tma_load_3d(dv + c * BN * 128 + r * C::BOX * 128, &tm_v, v_full(s), c * 64, k0 + r * C::BOX, kvh);
+            for (int r = 0; r < BN / C::BOX; ++r)
+              tma_load_3d(dv + c * BN * 128 + r * C::BOX * 128, &tm_v, v_full(s), c * 64, k0 + r * C::BOX, kvh);
+        }
       }
     }
     return;
@@ -232,10 +255,57 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) mbar_arrive(bar);
   };
 
+  if constexpr (!WITH_V) {
+    // Scores only (no P V): S per tile, then the row statistics (lse) or the tile's max of P.
+    float lse2[2];  // blockmax: the row's lse in base 2; +inf for rows that do not count
+    if constexpr (MODE == Sm90Mode::blockmax) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = r_lo + 8 * r;
+        const bool counts = row < a.n && (row - q0) % sco.query_stride == 0;
+        lse2[r] = counts ? a.lse[int64_t(h) * a.n + row] * kLog2e : INFINITY;
+      }
+    }
+    for (int t = 0; t < count; ++t) {
+      const int s = t % S;
+      mbar_wait(k_full(s), (t / S) & 1);
+      issue_qk(s);
+      wgmma_wait<0>();
+      reg_fence(sc);
+      release(k_empty(s));
+      const int j = tile_of(t);
+      if constexpr (MODE == Sm90Mode::lse) {
+        float alpha[2];
+        softmax(int64_t(j) * BN, alpha);
+      } else {
+        const int64_t k0 = int64_t(j) * BN;
+        const bool diag = k0 + BN - 1 > r_lo;
+        // max of exp(x) = exp(max of x): one ex2 per warp and tile instead of one per element
+        float mx = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool masked = diag && k0 + 8 * i + 2 * t4 + (e & 1) > r_lo + (e >> 1) * 8;
+            if (!masked) mx = fmaxf(mx, fmaf(sc[4 * i + e], sl2, -lse2[e >> 1]));
+          }
+#pragma unroll
+        for (int off = 1; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        // P >= 0: the float order is the int order of its bits
+        if (lane == 0) atomicMax(reinterpret_cast<int*>(tilemax + j), __float_as_int(ex2(mx)));
+      }
+    }
+    if constexpr (MODE == Sm90Mode::blockmax) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumer warpgroups, not the producer
+      const int nb = a.nb;
+      float* out = sco.out + (int64_t(h) * nb + qt) * nb;
+      for (int j = threadIdx.x - 128; j < nb; j += 256) out[j] = j <= jmax ? tilemax[j] : 0.f;
+      return;
+    }
+  } else if (count > 0) {
   // Pipeline (FlashAttention-3's intra-warpgroup overlap): while the softmax of tile t runs
   // on the CUDA cores, the tensor cores work on P_{t-1} V_{t-1}:
   //   issue S_t; issue O += P_{t-1} V_{t-1}; wait S_t; softmax_t; wait P V; O *= alpha_t.
-  if (count > 0) {
     float alpha[2];
     mbar_wait(k_full(0), 0);
     issue_qk(0);
@@ -268,30 +338,32 @@ __global__ void __launch_bounds__(384, 1)
     release(v_empty(sl));
   }
 
-  // epilogue: O / l, lse; rows >= N are not written
+  // epilogue: O / l, lse; rows >= N are not written (blockmax has written its row above)
+  if constexpr (MODE != Sm90Mode::blockmax) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float lr = l[r];
-    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-    const int64_t row = r_lo + 8 * r;
-    if (row >= a.n) continue;
-    const float inv = lr > 0.f ? 1.f / lr : 0.f;
-    const int64_t qh = h;
-    if (a.o) {
-      if (a.out_f32) {
-        float* op = static_cast<float*>(a.o) + qh * a.osh + row * a.ost;
+    for (int r = 0; r < 2; ++r) {
+      float lr = l[r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      const int64_t row = r_lo + 8 * r;
+      if (row >= a.n) continue;
+      const float inv = lr > 0.f ? 1.f / lr : 0.f;
+      const int64_t qh = h;
+      if (a.o) {
+        if (a.out_f32) {
+          float* op = static_cast<float*>(a.o) + qh * a.osh + row * a.ost;
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i)
-          *reinterpret_cast<float2*>(op + 8 * i + 2 * t4) = make_float2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-      } else {
-        T* op = static_cast<T*>(a.o) + qh * a.osh + row * a.ost;
+          for (int i = 0; i < D / 8; ++i)
+            *reinterpret_cast<float2*>(op + 8 * i + 2 * t4) = make_float2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+        } else {
+          T* op = static_cast<T*>(a.o) + qh * a.osh + row * a.ost;
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i)
-          *reinterpret_cast<uint32_t*>(op + 8 * i + 2 * t4) = Vec2<T>::pack(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+          for (int i = 0; i < D / 8; ++i)
+            *reinterpret_cast<uint32_t*>(op + 8 * i + 2 * t4) = Vec2<T>::pack(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+        }
       }
+      if (a.lse && t4 == 0) a.lse[qh * a.n + row] = lr > 0.f ? (m[r] * sl2 + log2f(lr)) * kLn2 : -INFINITY;
     }
-    if (a.lse && t4 == 0) a.lse[qh * a.n + row] = lr > 0.f ? (m[r] * sl2 + log2f(lr)) * kLn2 : -INFINITY;
   }
 #else
   __trap();  // built without sm_90a: the launcher never selects this kernel there

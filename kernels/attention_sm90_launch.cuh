@@ -2,15 +2,17 @@
 // Launch interface of the Hopper attention kernels (attention_sm90.cu), for full.cu and
 // sparse.cu: which requests they can take, and the launch.
 #include "attention_core.cuh"
+#include "attention_sm90.cuh"
 
 namespace proxyattn::kernels::detail {
 
 // Why the Hopper kernels cannot run this request on the current device (null when they can).
 const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse, int mask_block);
 
-// Full (sparse = false) or CSR block-sparse (a.indptr/indices, mask block 128) attention.
-Status launch_attn_sm90(const AttnArgs& a, ElemType t, int head_dim, int q_heads, int kv_heads, bool sparse,
-                        cudaStream_t st);
+// One launch of attn_sm90_kernel: full or CSR block-sparse attention (a.indptr/indices, mask
+// block 128), row lse only (a.o ignored), or the block max-pool of P (a.lse read, sco.out).
+Status launch_sm90(Sm90Mode mode, const AttnArgs& a, ElemType t, int head_dim, int q_heads, int kv_heads,
+                   const Sm90Scores& sco, cudaStream_t st);
 
 // Resolves AttnImpl::automatic: true -> Hopper kernels; false -> portable. An explicit
 // `hopper` the request cannot take fails with the reason (never a silent fallback).

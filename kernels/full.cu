@@ -78,7 +78,8 @@ Status full_attention(const AttentionParams& p) noexcept {
   s = detail::pick_sm90(p.impl, a, p.head_dim, false, 0, &hopper);
   if (s != Status::ok) return s;
   if (hopper)
-    return detail::launch_attn_sm90(a, p.in_type, p.head_dim, p.q_heads, p.kv_heads, false, detail::stream_of(p.stream));
+    return detail::launch_sm90(detail::Sm90Mode::full, a, p.in_type, p.head_dim, p.q_heads, p.kv_heads, {},
+                               detail::stream_of(p.stream));
   return p.in_type == ElemType::bf16 ? dispatch_full<__nv_bfloat16, AttnMode::full>(a, p)
                                      : dispatch_full<__half, AttnMode::full>(a, p);
 }
@@ -105,6 +106,16 @@ Status row_lse(const AttentionParams& p) noexcept {
     splits = ctas >= 2 * sms ? 1 : int(std::min<int64_t>({(4 * sms + ctas - 1) / ctas, max_tiles, 64}));
   }
   if (splits > 65535) return fail(Status::invalid_argument, "row_lse: kv_splits too large");
+  if (splits <= 1) {
+    bool hopper = false;
+    s = detail::pick_sm90(p.impl, a, p.head_dim, false, 0, &hopper);
+    if (s != Status::ok) return s;
+    if (hopper)
+      return detail::launch_sm90(detail::Sm90Mode::lse, a, p.in_type, p.head_dim, p.q_heads, p.kv_heads, {},
+                                 detail::stream_of(p.stream));
+  } else if (p.impl == AttnImpl::hopper) {
+    return fail(Status::unsupported, "hopper row_lse: keys split over CTAs (rows are few); use kv_splits = 1");
+  }
   if (splits <= 1)
     return p.in_type == ElemType::bf16 ? dispatch_full<__nv_bfloat16, AttnMode::lse>(a, p)
                                        : dispatch_full<__half, AttnMode::lse>(a, p);

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "attention_launch.cuh"
+#include "attention_sm90_launch.cuh"
 
 namespace proxyattn::kernels {
 
@@ -97,6 +98,37 @@ Status block_scores(const BlockScoreParams& p) noexcept {
     splits = ctas >= 2 * sms ? 1 : int(std::min<int64_t>({(4 * sms + ctas - 1) / ctas, nb, 64}));
   }
   a.key_splits = std::min<int>(std::max(splits, 1), int(std::min<int64_t>(nb, 65535)));
+  // The max-pool of a whole layer (ProxyAttn's second pass) on Hopper: attn_sm90_kernel, blockmax.
+  if (p.impl != AttnImpl::portable) {
+    const char* why = p.reduce != BlockReduce::max ? "hopper block_scores: only reduce = max"
+                      : p.block != 128             ? "hopper block_scores: block must be 128"
+                      : p.row_block_begin != 0     ? "hopper block_scores: row_block_begin must be 0"
+                      : a.key_splits != 1          ? "hopper block_scores: keys split over CTAs (query blocks are few)"
+                                                   : nullptr;
+    detail::AttnArgs aa{};
+    if (!why) {
+      aa.q = p.q;
+      aa.k = p.k;
+      aa.lse = const_cast<float*>(p.lse);
+      aa.qst = a.qst;
+      aa.qsh = a.qsh;
+      aa.kst = a.kst;
+      aa.ksh = a.ksh;
+      aa.n = n;
+      aa.group = a.group;
+      aa.scale_log2 = a.scale_log2;
+      aa.kv_splits = 1;
+      why = detail::sm90_unsupported_reason(aa, p.head_dim, false, 0);
+    }
+    if (!why) {
+      detail::Sm90Scores sco;
+      sco.out = p.out;
+      sco.query_stride = p.query_stride;
+      return detail::launch_sm90(detail::Sm90Mode::blockmax, aa, p.in_type, p.head_dim, p.q_heads, p.kv_heads, sco,
+                                 detail::stream_of(p.stream));
+    }
+    if (p.impl == AttnImpl::hopper) return fail(Status::unsupported, why);
+  }
   return p.in_type == ElemType::bf16 ? dispatch_scores<__nv_bfloat16>(a, p) : dispatch_scores<__half>(a, p);
 }
 

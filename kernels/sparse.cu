@@ -57,8 +57,8 @@ Status sparse_attention(const SparseAttentionParams& sp) noexcept {
   s = detail::pick_sm90(sp.attn.impl, a, sp.attn.head_dim, true, sp.block, &hopper);
   if (s != Status::ok) return s;
   if (hopper)
-    return detail::launch_attn_sm90(a, sp.attn.in_type, sp.attn.head_dim, sp.attn.q_heads, sp.attn.kv_heads, true,
-                                    detail::stream_of(sp.attn.stream));
+    return detail::launch_sm90(detail::Sm90Mode::sparse, a, sp.attn.in_type, sp.attn.head_dim, sp.attn.q_heads,
+                               sp.attn.kv_heads, {}, detail::stream_of(sp.attn.stream));
   return sp.attn.in_type == ElemType::bf16 ? dispatch_sparse<__nv_bfloat16>(a, sp) : dispatch_sparse<__half>(a, sp);
 }
 

@@ -7,6 +7,7 @@
 //
 // Flags --benchmark_* go to Google Benchmark (e.g. --benchmark_out=gb.json); everything else is ours.
 #include <fcntl.h>
+#include <omp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -297,7 +298,10 @@ int run(int argc, char** argv, const Distributed& dist) {
     if (check_len < 1) throw Error("--check-len must be >= 1");
     if (reps < 0) throw Error("--reps must be >= 1");
     if (cpu_threads_opt < 0) throw Error("--cpu-threads must be >= 0");
-    if (cpu_threads_opt > 0) set_cpu_threads(cpu_threads_opt);
+    if (cpu_threads_opt > 0) {
+      omp_set_num_threads(cpu_threads_opt);  // every OpenMP region (inputs, masks), not only the kernels
+      set_cpu_threads(cpu_threads_opt);
+    }
 
     sw = load_sweep(sweep_path, o);
     cases = expand_cases(sw, file_density);

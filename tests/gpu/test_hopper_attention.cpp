@@ -12,6 +12,7 @@
 #include "gpu_test_util.hpp"
 #include "proxyattn/attention.hpp"
 #include "proxyattn/block_mask.hpp"
+#include "proxyattn/estimator.hpp"
 
 namespace proxyattn {
 namespace {
@@ -194,6 +195,74 @@ TEST_P(HopperAttention, SparseMatchesCpu) {
       test::expect_rel(("sparse O " + tag).c_str(), test::download_as_float(o, no, ot), ref.o.storage(), tol);
       test::expect_rel(("sparse LSE " + tag).c_str(), test::download_as_float(lse, nl, kk::ElemType::f32), ref.lse,
                        tol);
+    }
+  }
+}
+
+// The two score passes of ProxyAttn on Hopper: row LSE (no P V) and the block max-pool of P,
+// vs the CPU (lse of full attention; maxpool_block_scores, one k head per q head) and vs the
+// portable kernels with GQA; query strides 1 and 3.
+TEST_P(HopperAttention, ScorePassesMatchCpuAndPortable) {
+  REQUIRE_HOPPER();
+  const auto [c, dt] = GetParam();
+  const kk::ElemType et = test::elem_of(dt);
+  const double tol = test::rel_tol(dt);
+  for (bool gqa : {false, true}) {
+    const int hq = c.hq, hkv = gqa ? c.hkv : c.hq;
+    if (gqa && hkv == hq) continue;
+    const Tensor3 q = test::random_rounded(hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(hkv, c.n, c.d, dt);
+    const int nb = num_blocks_for(c.n, 128);
+    kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt);
+    const int64_t nl = int64_t(hq) * c.n, ns = int64_t(hq) * nb * nb;
+    auto run_lse = [&](kk::AttnImpl impl) {
+      kk::DeviceBuffer lse = test::poisoned(nl, kk::ElemType::f32);
+      kk::AttentionParams p;
+      p.q = dq.data();
+      p.k = dk.data();
+      p.lse = lse.as<float>();
+      p.in_type = et;
+      p.q_heads = hq;
+      p.kv_heads = hkv;
+      p.head_dim = c.d;
+      p.seq_len = c.n;
+      p.kv_splits = 1;
+      p.impl = impl;
+      test::kcheck(kk::row_lse(p), "row_lse");
+      return lse;
+    };
+    kk::DeviceBuffer lse_h = run_lse(kk::AttnImpl::hopper), lse_p = run_lse(kk::AttnImpl::portable);
+    const std::vector<float> lh = test::download_as_float(lse_h, nl, kk::ElemType::f32);
+    test::expect_rel("hopper row_lse vs portable", lh, test::download_as_float(lse_p, nl, kk::ElemType::f32), tol);
+    if (!gqa) {
+      Tensor3 v = test::random_rounded(hkv, c.n, c.d, dt);
+      test::expect_rel("hopper row_lse vs cpu", lh, full_attention_cpu(q, k, v).lse, tol);
+    }
+    for (int stride : {1, 3}) {
+      auto run_max = [&](kk::AttnImpl impl, const kk::DeviceBuffer& lse) {
+        kk::DeviceBuffer out = test::poisoned(ns, kk::ElemType::f32);
+        kk::BlockScoreParams b;
+        b.q = dq.data();
+        b.k = dk.data();
+        b.lse = lse.as<float>();
+        b.out = out.as<float>();
+        b.in_type = et;
+        b.q_heads = hq;
+        b.kv_heads = hkv;
+        b.head_dim = c.d;
+        b.seq_len = c.n;
+        b.block = 128;
+        b.query_stride = stride;
+        b.reduce = kk::BlockReduce::max;
+        b.key_splits = 1;
+        b.impl = impl;
+        test::kcheck(kk::block_scores(b), "block_scores max");
+        test::kcheck(kk::synchronize(), "block_scores sync");
+        return test::download_as_float(out, ns, kk::ElemType::f32);
+      };
+      const std::vector<float> gh = run_max(kk::AttnImpl::hopper, lse_h), gp = run_max(kk::AttnImpl::portable, lse_p);
+      const std::string tag = std::string(gqa ? "gqa" : "mha") + " stride " + std::to_string(stride);
+      test::expect_rel(("hopper maxpool vs portable " + tag).c_str(), gh, gp, tol);
+      if (!gqa) test::expect_rel(("hopper maxpool vs cpu " + tag).c_str(), gh, maxpool_block_scores(q, k, 128, stride), tol);
     }
   }
 }

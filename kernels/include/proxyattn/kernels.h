@@ -168,7 +168,8 @@ struct AttentionParams {
   AttnImpl impl = AttnImpl::automatic;  // hopper: unsupported when the shape/strides/device
                                         // cannot take it (never a silent fallback)
   int kv_splits = 0;        // row_lse: keys split over this many CTAs per row tile, partial
-                            // results combined (0 = auto: only when rows are few; 1 = never)
+                            // results combined (0 = auto: only when rows are few; 1 = never;
+                            // the Hopper kernel never splits: taken only when no split is made)
   Stream stream = nullptr;
 };
 
@@ -209,6 +210,8 @@ struct BlockScoreParams {
   BlockReduce reduce = BlockReduce::mean_sum;
   int key_splits = 0;          // key blocks split over this many CTAs per query block
                                // (0 = auto: only when query blocks are few; 1 = never)
+  AttnImpl impl = AttnImpl::automatic;  // hopper: reduce max, block 128, head_dim 64/128,
+                                        // row_block_begin 0, no key splits (else unsupported)
   Stream stream = nullptr;
 };
 // Second pass of the oracle (mean_sum) or of the ProxyAttn scores (max); never an N x N buffer.
