@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(384, 1)
   using namespace sm90;
   using C = Sm90Config<D>;
   constexpr int BM = C::BM, BN = C::BN, S = C::STAGES;
-  constexpr int CHUNKS = D / 64;
+  constexpr int CHUNS = D / 64;
   constexpr bool SPARSE = MODE == Sm90Mode::sparse;
   constexpr bool WITH_V = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(384, 1)
       prefetch_tensormap(&tm_v);
       mbar_arrive_expect_tx(q_full, C::Q_BYTES);
 #pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
+      for (int c = 0; c < CHUNS; ++c)
 #pragma unroll
         for (int r = 0; r < BM / C::BOX; ++r)
           tma_load_3d(sQ + c * BM * 128 + r * C::BOX * 128, &tm_q, q_full, c * 64, int(q0) + r * C::BOX, h);
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(k_empty(s), ph ^ 1);
         mbar_arrive_expect_tx(k_full(s), C::KV_BYTES);
 #pragma unroll
-        for (int c = 0; c < CHUNKS; ++c)
+        for (int c = 0; c < CHUNS; ++c)
 #pragma unroll
           for (int r = 0; r < BN / C::BOX; ++r)
             tma_load_3d(dk + c * BN * 128 + r * C::BOX * 128, &tm_k, k_full(s), c * 64, k0 + r * C::BOX, kvh);
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(384, 1)
           mbar_wait(v_empty(s), ph ^ 1);
           mbar_arrive_expect_tx(v_full(s), C::KV_BYTES);
 #pragma unroll
-          for (int c = 0; c < CHUNKS; ++c)
+          for (int c = 0; c < CHUNS; ++c)
 #pragma unroll
             for (int r = 0; r < BN / C::BOX; ++r)
               tma_load_3d(dv + c * BN * 128 + r * C::BOX * 128, &tm_v, v_full(s), c * 64, k0 + r * C::BOX, kvh);
@@ -171,16 +171,16 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t q_base = sQ + cw * 64 * 128;
 
   // S = Q K^T of the key tile in stage s (64 x 128 per warpgroup), issued, not waited.
-  auto issue_qk = [&](int s) {
+  auto issue_qk = [&](int s, float (&acc)[BN / 2]) {
     const uint32_t kb = sK + s * C::KV_BYTES;
-    reg_fence(sc);
+    reg_fence(acc);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t off = (kk % 4) * 32;  // 16 elements along K inside the 128-byte row
       const uint64_t da = smem_desc(q_base + (kk / 4) * BM * 128 + off, 16, 1024);
       const uint64_t db = smem_desc(kb + (kk / 4) * BN * 128 + off, 16, 1024);
-      wgmma_ss_n128(sc, da, db, kk > 0, T{});
+      wgmma_ss_n128(acc, da, db, kk > 0, T{});
     }
     wgmma_commit();
   };
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(384, 1)
   };
   // Causal mask of tile k0 (only tiles reaching past this thread's first row), then the online
   // softmax: row max over the quad, probabilities in place in sc, alpha = rescale of O.
-  auto softmax = [&](int64_t k0, float (&alpha)[2]) {
+  auto softmax = [&](float (&sc)[BN / 2], int64_t k0, float (&alpha)[2]) {
     if (k0 + BN - 1 > r_lo) {
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i)
@@ -266,17 +266,12 @@ __global__ void __launch_bounds__(384, 1)
         lse2[r] = counts ? a.lse[int64_t(h) * a.n + row] * kLog2e : INFINITY;
       }
     }
-    for (int t = 0; t < count; ++t) {
-      const int s = t % S;
-      mbar_wait(k_full(s), (t / S) & 1);
-      issue_qk(s);
-      wgmma_wait<0>();
-      reg_fence(sc);
-      release(k_empty(s));
+    // Per tile: the row statistics (lse) or the tile's max of P (blockmax).
+    auto consume = [&](float (&acc)[BN / 2], int t) {
       const int j = tile_of(t);
       if constexpr (MODE == Sm90Mode::lse) {
         float alpha[2];
-        softmax(int64_t(j) * BN, alpha);
+        softmax(acc, int64_t(j) * BN, alpha);
       } else {
         const int64_t k0 = int64_t(j) * BN;
         const bool diag = k0 + BN - 1 > r_lo;
@@ -287,13 +282,23 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const bool masked = diag && k0 + 8 * i + 2 * t4 + (e & 1) > r_lo + (e >> 1) * 8;
-            if (!masked) mx = fmaxf(mx, fmaf(sc[4 * i + e], sl2, -lse2[e >> 1]));
+            if (!masked) mx = fmaxf(mx, fmaf(acc[4 * i + e], sl2, -lse2[e >> 1]));
           }
 #pragma unroll
         for (int off = 1; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         // P >= 0: the float order is the int order of its bits
         if (lane == 0) atomicMax(reinterpret_cast<int*>(tilemax + j), __float_as_int(ex2(mx)));
       }
+    };
+    // One S at a time: a second accumulator in flight (S_{t+1} during tile t) measured slower
+    // here (NOTES.md, v8); the two consumer warpgroups overlap each other instead.
+    for (int t = 0; t < count; ++t) {
+      mbar_wait(k_full(t % S), (t / S) & 1);
+      issue_qk(t % S, sc);
+      wgmma_wait<0>();
+      reg_fence(sc);
+      release(k_empty(t % S));
+      consume(sc, t);
     }
     if constexpr (MODE == Sm90Mode::blockmax) {
       asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumer warpgroups, not the producer
@@ -308,22 +313,22 @@ __global__ void __launch_bounds__(384, 1)
   //   issue S_t; issue O += P_{t-1} V_{t-1}; wait S_t; softmax_t; wait P V; O *= alpha_t.
     float alpha[2];
     mbar_wait(k_full(0), 0);
-    issue_qk(0);
+    issue_qk(0, sc);
     wgmma_wait<0>();
     reg_fence(sc);
     release(k_empty(0));
-    softmax(int64_t(tile_of(0)) * BN, alpha);  // O is still 0: no rescale
+    softmax(sc, int64_t(tile_of(0)) * BN, alpha);  // O is still 0: no rescale
     pack_p();
     for (int t = 1; t < count; ++t) {
       const int s = t % S, sp = (t - 1) % S;
       mbar_wait(k_full(s), (t / S) & 1);
-      issue_qk(s);
+      issue_qk(s, sc);
       mbar_wait(v_full(sp), ((t - 1) / S) & 1);
       issue_pv(sp);
       wgmma_wait<1>();  // S_t done (P V may still run)
       reg_fence(sc);
       release(k_empty(s));
-      softmax(int64_t(tile_of(t)) * BN, alpha);
+      softmax(sc, int64_t(tile_of(t)) * BN, alpha);
       wgmma_wait<0>();  // P_{t-1} V_{t-1} done: pa and o are free again
       reg_fence(o);
       release(v_empty(sp));

@@ -52,4 +52,13 @@ Status dynamic_budget(const BudgetParams&) noexcept { return Status::no_cuda; }
 Status select_counts(const SelectParams&) noexcept { return Status::no_cuda; }
 Status select_fill(const SelectParams&) noexcept { return Status::no_cuda; }
 
+// Peers' estimators and the exact proxy path (peer_*.cu, proxy_score.cu).
+Status pooled_scores(const PooledScoreParams&) noexcept { return Status::no_cuda; }
+Status xattn_scores(const XAttnScoreParams&) noexcept { return Status::no_cuda; }
+Status vslash_scores(const VSlashParams&) noexcept { return Status::no_cuda; }
+Status native_select(const NativeSelectParams&) noexcept { return Status::no_cuda; }
+Status csr_indptr(const CsrParams&) noexcept { return Status::no_cuda; }
+Status csr_fill(const CsrParams&) noexcept { return Status::no_cuda; }
+Status proxy_scores_exact(const ProxyExactParams&) noexcept { return Status::no_cuda; }
+
 }  // namespace proxyattn::kernels

@@ -1,9 +1,16 @@
-// ProxyAttn proxy heads: mean-pool groups of heads into one head per group (fp32 sums, stored
-// in the operand dtype). The scores themselves are row_lse (full.cu) on the proxy heads followed
-// by block_scores with reduce = max (oracle_mass.cu); the dispatch layer chains the three.
+// ProxyAttn proxy heads and scores.
+// Fast path (the benchmark's; real deployments round): pool_heads mean-pools groups of heads into
+// one head per group (fp32 sums, stored in the operand dtype); the scores are row_lse (full.cu)
+// on the proxy heads followed by block_scores with reduce = max (oracle_mass.cu); the dispatch
+// layer chains the three.
+// Exact path (proxy_scores_exact; the analysis'): the proxy heads stay float32 and the two
+// passes (row LSE in float64, then the block max) run as fp32 SIMT tiles, so the scores match
+// the CPU estimator to float rounding and its rankings (budgets, masks) up to exact ties.
 #include <algorithm>
+#include <cmath>
 
 #include "common.cuh"
+#include "peer_tiles.cuh"
 
 namespace proxyattn::kernels {
 
@@ -82,6 +89,270 @@ Status pool_heads(const PoolHeadsParams& p) noexcept {
   else
     detail::pool_heads_kernel<__half><<<grid, 256, 0, st>>>(a);
   return detail::check_launch("pool_heads launch");
+}
+
+
+// ---- exact path: float32 proxy heads -----------------------------------------------------------
+namespace detail {
+namespace {
+
+struct PoolF32Args {
+  const void* src;
+  float* dst;
+  int64_t sh, st;
+  int64_t n;
+  int d;
+  int groups;
+  int32_t begin[kMaxPoolGroups];
+  int32_t end[kMaxPoolGroups];
+};
+
+// dst[g, t, c] = (sum over heads h in [begin, end) in order of src[h, t, c]) / count: the CPU's
+// make_proxy_heads (zero, += each member, /= count) in the same order, so the same float.
+template <class T>
+__global__ void pool_f32_kernel(const PoolF32Args a) {
+  const int64_t total = int64_t(a.groups) * a.n * a.d;
+  for (int64_t x = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; x < total; x += int64_t(gridDim.x) * blockDim.x) {
+    const int c = int(x % a.d);
+    const int64_t t = (x / a.d) % a.n;
+    const int g = int(x / (int64_t(a.d) * a.n));
+    float acc = 0.f;
+    for (int h = a.begin[g]; h < a.end[g]; ++h) acc += to_float(static_cast<const T*>(a.src)[h * a.sh + t * a.st + c]);
+    a.dst[x] = acc / float(a.end[g] - a.begin[g]);
+  }
+}
+
+constexpr int kXT = 64, kXC = 64, kXNT = 256;
+
+struct ExactArgs {
+  const float* qg;  // [groups, N, d]
+  const float* kg;
+  double* lse;      // [groups, N]
+  float* out;       // [groups, Nb, Nb]
+  int64_t n;
+  int d, block, nb, query_stride, row_tiles;
+  float scale;
+};
+
+// acc[u][v] = scale * q_row . k_col for rows r0 + ty + 16 u and keys k0 + tx + 16 v (fp32 FMA in
+// d order, then the scale: the CPU's gemm). Rows / keys past N read as 0.
+__device__ __forceinline__ void exact_tile(float (&acc)[4][4], float (*sq)[kXC + 1], float (*sk)[kXC + 1],
+                                           const float* q, const float* k, int64_t r0, int64_t k0, int64_t n, int d,
+                                           float scale) {
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = 0.f;
+  for (int c0 = 0; c0 < d; c0 += kXC) {
+    const int cw = d - c0 < kXC ? d - c0 : kXC;
+    __syncthreads();  // the previous chunk / tile is consumed
+    for (int e = tid; e < kXT * kXC; e += kXNT) {
+      const int r = e / kXC, c = e % kXC;
+      const bool okc = c < cw;
+      sq[r][c] = okc && r0 + r < n ? q[(r0 + r) * d + c0 + c] : 0.f;
+      sk[r][c] = okc && k0 + r < n ? k[(k0 + r) * d + c0 + c] : 0.f;
+    }
+    __syncthreads();
+    for (int c = 0; c < cw; ++c) {
+      float a[4], b[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        a[u] = sq[ty + 16 * u][c];
+        b[u] = sk[tx + 16 * u][c];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(a[u], b[v], acc[u][v]);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] *= scale;
+}
+
+// Pass 1: lse[g, row] = m + log(sum_k exp(logit - m)) over k <= row, float64 sums.
+__global__ void __launch_bounds__(kXNT) exact_lse_kernel(const ExactArgs a) {
+  __shared__ float sq[kXT][kXC + 1], sk[kXT][kXC + 1];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int tile = a.row_tiles - 1 - int(blockIdx.x), g = blockIdx.y;
+  const int64_t r0 = int64_t(tile) * kXT;
+  const int64_t r_end = r0 + kXT < a.n ? r0 + kXT : a.n;
+  const float* q = a.qg + int64_t(g) * a.n * a.d;
+  const float* k = a.kg + int64_t(g) * a.n * a.d;
+  float m[4];
+  double l[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    m[u] = -INFINITY;
+    l[u] = 0;
+  }
+  const int n_kt = int((r_end - 1) / kXT) + 1;
+  for (int kt = 0; kt < n_kt; ++kt) {
+    const int64_t k0 = int64_t(kt) * kXT;
+    float acc[4][4];
+    exact_tile(acc, sq, sk, q, k, r0, k0, a.n, a.d, a.scale);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t row = r0 + ty + 16 * u;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        if (k0 + tx + 16 * v > row) acc[u][v] = -INFINITY;
+        mx = fmaxf(mx, acc[u][v]);
+      }
+#pragma unroll
+      for (int off = 1; off < 16; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[u], mx);
+      if (m_new == -INFINITY) continue;  // nothing visible yet (never for rows < N)
+      double s = 0;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) s += double(expf(acc[u][v] - m_new));  // exp(-inf) = 0
+      l[u] = l[u] * exp(double(m[u]) - double(m_new)) + s;
+      m[u] = m_new;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    double lt = l[u];
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) lt += __shfl_xor_sync(0xffffffffu, lt, off);
+    const int64_t row = r0 + ty + 16 * u;
+    if (tx == 0 && row < a.n) a.lse[int64_t(g) * a.n + row] = double(m[u]) + log(lt);
+  }
+}
+
+// Pass 2: out[g, i, j] = max over the scored rows of this 64-row tile (inside query block i) of
+// float(exp(max_{k in j, k <= row} logit - lse[row])); atomicMax on the bits of the non-negative
+// result (out zeroed first) combines the B / 64 row tiles of block i.
+__global__ void __launch_bounds__(kXNT) exact_max_kernel(const ExactArgs a) {
+  __shared__ float sq[kXT][kXC + 1], sk[kXT][kXC + 1];
+  __shared__ double red[16];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int tile = a.row_tiles - 1 - int(blockIdx.x), g = blockIdx.y;
+  const int64_t r0 = int64_t(tile) * kXT;
+  const int64_t r_end = r0 + kXT < a.n ? r0 + kXT : a.n;
+  const int i = int(r0 / a.block);
+  const int64_t qb0 = int64_t(i) * a.block;
+  const float* q = a.qg + int64_t(g) * a.n * a.d;
+  const float* k = a.kg + int64_t(g) * a.n * a.d;
+  double nlse[4];
+  bool use[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t row = r0 + ty + 16 * u;
+    use[u] = row < a.n && (row - qb0) % a.query_stride == 0;
+    nlse[u] = use[u] ? a.lse[int64_t(g) * a.n + row] : 0.0;
+  }
+  const int per_block = a.block / kXT;  // key tiles per key block
+  const int n_kt = int((r_end - 1) / kXT) + 1;
+  double best = -INFINITY;  // thread 0: running max of the current key block
+  for (int kt = 0; kt < n_kt; ++kt) {
+    const int64_t k0 = int64_t(kt) * kXT;
+    float acc[4][4];
+    exact_tile(acc, sq, sk, q, k, r0, k0, a.n, a.d, a.scale);
+    double vmax = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t row = r0 + ty + 16 * u;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+        if (k0 + tx + 16 * v <= row) mx = fmaxf(mx, acc[u][v]);
+#pragma unroll
+      for (int off = 1; off < 16; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      if (use[u] && mx != -INFINITY) vmax = fmax(vmax, double(mx) - nlse[u]);
+    }
+    if (tx == 0) red[ty] = vmax;
+    __syncthreads();
+    if (tid == 0) {
+      for (int y = 0; y < 16; ++y) best = fmax(best, red[y]);
+      const int j = int(k0 / a.block);
+      if ((kt + 1) % per_block == 0 || kt + 1 == n_kt) {
+        if (best != -INFINITY) {
+          const float val = float(exp(best));
+          atomicMax(reinterpret_cast<int*>(a.out + (int64_t(g) * a.nb + i) * a.nb + j), __float_as_int(val));
+        }
+        best = -INFINITY;
+      }
+    }
+    // red[] is rewritten only after the next tile's barriers (inside exact_tile).
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
+  peer::Operands o{};
+  Status s = peer::make_operands(p.in, "proxy_scores_exact", false, &o);
+  if (s != Status::ok) return s;
+  if (!peer::is_pow2(p.block) || p.block < detail::kXT)
+    return fail(Status::invalid_argument, "proxy_scores_exact: block must be a power of two >= 64");
+  if (p.groups < 1 || p.groups > kMaxPoolGroups) return fail(Status::invalid_argument, "proxy_scores_exact: groups outside [1, 128]");
+  if (p.query_stride < 1) return fail(Status::invalid_argument, "proxy_scores_exact: query_stride must be >= 1");
+  if (!p.out) return fail(Status::invalid_argument, "proxy_scores_exact: null out");
+  const int64_t n = o.n, d = p.in.head_dim, nb = (n + p.block - 1) / p.block;
+  detail::PoolF32Args pq{}, pk{};
+  pq.src = o.q;
+  pq.sh = o.qsh;
+  pq.st = o.qst;
+  pk.src = o.k;
+  pk.sh = o.ksh;
+  pk.st = o.kst;
+  pq.n = pk.n = n;
+  pq.d = pk.d = int(d);
+  pq.groups = pk.groups = p.groups;
+  for (int g = 0; g < p.groups; ++g) {
+    if (p.q_begin[g] < 0 || p.q_end[g] > p.in.q_heads || p.q_begin[g] >= p.q_end[g] || p.k_begin[g] < 0 ||
+        p.k_end[g] > p.in.kv_heads || p.k_begin[g] >= p.k_end[g])
+      return fail(Status::invalid_argument, "proxy_scores_exact: empty or out-of-range head range");
+    pq.begin[g] = p.q_begin[g];
+    pq.end[g] = p.q_end[g];
+    pk.begin[g] = p.k_begin[g];
+    pk.end[g] = p.k_end[g];
+  }
+  cudaStream_t st = detail::stream_of(p.stream);
+  peer::Scratch scratch(st);
+  float *qg = nullptr, *kg = nullptr;
+  double* lse = nullptr;
+  const size_t elems = size_t(p.groups) * n * d;
+  if ((s = scratch.get(&qg, elems, "proxy_scores_exact: proxy q")) != Status::ok) return s;
+  if ((s = scratch.get(&kg, elems, "proxy_scores_exact: proxy k")) != Status::ok) return s;
+  if ((s = scratch.get(&lse, size_t(p.groups) * n, "proxy_scores_exact: lse")) != Status::ok) return s;
+  pq.dst = qg;
+  pk.dst = kg;
+  const unsigned grid = unsigned(std::min<int64_t>((int64_t(elems) + 255) / 256, 65535 * 8));
+  if (p.in.in_type == ElemType::bf16) {
+    detail::pool_f32_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pq);
+    detail::pool_f32_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pk);
+  } else {
+    detail::pool_f32_kernel<__half><<<grid, 256, 0, st>>>(pq);
+    detail::pool_f32_kernel<__half><<<grid, 256, 0, st>>>(pk);
+  }
+  if ((s = detail::check_launch("proxy_scores_exact: pooling launch")) != Status::ok) return s;
+  detail::ExactArgs a{};
+  a.qg = qg;
+  a.kg = kg;
+  a.lse = lse;
+  a.out = p.out;
+  a.n = n;
+  a.d = int(d);
+  a.block = p.block;
+  a.nb = int(nb);
+  a.query_stride = p.query_stride;
+  a.row_tiles = int((n + detail::kXT - 1) / detail::kXT);
+  a.scale = p.scale > 0.f ? p.scale : 1.0f / std::sqrt(float(d));
+  const dim3 g2{unsigned(a.row_tiles), unsigned(p.groups)};
+  detail::exact_lse_kernel<<<g2, detail::kXNT, 0, st>>>(a);
+  if ((s = detail::check_launch("proxy_scores_exact: LSE launch")) != Status::ok) return s;
+  if ((s = detail::from_cuda(cudaMemsetAsync(p.out, 0, sizeof(float) * size_t(p.groups) * nb * nb, st),
+                             "proxy_scores_exact: zeroing out")) != Status::ok)
+    return s;
+  detail::exact_max_kernel<<<g2, detail::kXNT, 0, st>>>(a);
+  return detail::check_launch("proxy_scores_exact: block-max launch");
 }
 
 }  // namespace proxyattn::kernels

@@ -12,6 +12,16 @@
 // proxyattn@density=D: an untimed calibration run reads k_h back and finds the one scale c
 // for which the budgets max(1, round(c k_h)) give mean density D; the timed runs execute every
 // stage above and select with the scaled budgets (the scaling itself costs nothing on the device).
+//
+// The peers on the device (estimate:pooled / xattn / vslash, default EstimatorConfig, as the CPU
+// runner's native selection), everything that produces the method's own mask:
+//   pooled:  scores = pooled_scores (block means, logits, float64 softmax);
+//            select = native_select (per-row gamma 0.9, sink + diagonal) + csr_indptr + csr_fill
+//   xattn:   scores = xattn_scores (strided LSE pass + block-sum pass, stride 8);
+//            select = native_select (tau 0.9) + CSR
+//   vslash:  scores = vslash_scores (last-64-row LSE and statistics, top-k radix selects, block
+//            scores and the native bitmap); select = CSR of that bitmap
+// flexprefill has no GPU kernel (skipped with the reason).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -21,6 +31,7 @@
 #include <fmt/format.h>
 
 #include "proxyattn/error.hpp"
+#include "proxyattn/estimator.hpp"
 #include "proxyattn/kernels.h"
 #include "proxyattn/version.hpp"
 #include "runner.hpp"
@@ -52,10 +63,12 @@ std::string command_line_output(const char* cmd) {
   return out;
 }
 
-std::string smi_snapshot() {
-  return command_line_output(
-      "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,"
-      "power.draw,power.limit,temperature.gpu,pstate --format=csv,noheader 2>/dev/null | head -n 1");
+// nvidia-smi's view of the GPU this process runs on (under MPI: its rank's GPU).
+std::string smi_snapshot(int device) {
+  return command_line_output(fmt::format(
+      "nvidia-smi --id={} --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,"
+      "power.draw,power.limit,temperature.gpu,pstate --format=csv,noheader 2>/dev/null | head -n 1",
+      device).c_str());
 }
 
 double gib(double bytes) { return bytes / double(1 << 30); }
@@ -113,8 +126,9 @@ class GpuRunner : public Runner {
                               built_with_cuda() ? "none found" : "this build has no CUDA kernels",
                               d.empty() ? "" : " (" + d + ")"));
     }
-    ck(kn::device_info(0, &info_), "device_info");
-    smi_start_ = smi_snapshot();
+    ck(kn::current_device(&dev_), "current_device");
+    ck(kn::device_info(dev_, &info_), "device_info");
+    smi_start_ = smi_snapshot(dev_);
   }
 
   std::string device() const override { return "cuda"; }
@@ -130,12 +144,15 @@ class GpuRunner : public Runner {
             {"nvidia_smi_fields", "name, driver_version, clocks.sm, clocks.max.sm, clocks.mem, clocks.max.mem, "
                                   "power.draw, power.limit, temperature.gpu, pstate"},
             {"nvidia_smi_start", smi_start_},
-            {"nvidia_smi_end", smi_snapshot()}};
+            {"nvidia_smi_end", smi_snapshot(dev_)},
+            {"attention_kernels", info_.cc_major == 9 ? "hopper (wgmma + TMA, attention_sm90.cuh) for head_dim 64/128, "
+                                                        "sparse block 128; portable mma.sync otherwise"
+                                                      : "portable mma.sync (attention_core.cuh)"}};
   }
 
   std::string skip_reason(const Method& m, int64_t n, DType dtype) const override {
     const int hq = sw_.model.num_q_heads;
-    if (m.family == Family::estimate && m.estimator != "proxy" && m.estimator != "oracle")
+    if (m.family == Family::estimate && m.estimator != "proxy" && m.estimator != "oracle" && !is_peer(m.estimator))
       return fmt::format("no GPU kernel for estimator '{}' (the CPU reference has it: --device cpu)", m.estimator);
     const bool proxy = m.family == Family::proxyattn || (m.family == Family::estimate && m.estimator == "proxy");
     if (proxy && m.groups > kn::kMaxPoolGroups)
@@ -179,6 +196,10 @@ class GpuRunner : public Runner {
           ck(scores_.allocate(size_t(4) * hq * nb_ * nb_), "alloc oracle scores");
           break;
         }
+        if (is_peer(m.estimator)) {
+          prepare_peer();
+          break;
+        }
         [[fallthrough]];
       case Family::proxyattn:
         prepare_proxy();
@@ -206,12 +227,19 @@ class GpuRunner : public Runner {
         total_.start();
         if (m_.estimator == "oracle") {
           run_oracle();
+        } else if (is_peer(m_.estimator)) {
+          run_peer();
         } else {
           run_proxy_estimation(kscaled_ok_ ? kscaled_.as<int32_t>() : kout_.as<int32_t>());
         }
         total_.stop();
         t.total_ms = t.estimation_ms = total_.ms();
-        if (m_.estimator != "oracle") proxy_stage_times(t);
+        if (is_peer(m_.estimator)) {
+          t.stages["scores_ms"] = s_scores_.ms();
+          t.stages["select_ms"] = s_select_.ms();
+        } else if (m_.estimator != "oracle") {
+          proxy_stage_times(t);
+        }
         break;
       case Family::proxyattn:
         total_.start();
@@ -245,7 +273,8 @@ class GpuRunner : public Runner {
   const BlockMask* mask() const override { return mask_ ? &*mask_ : nullptr; }
 
   void end_case() override {
-    for (kn::DeviceBuffer* b : {&indptr_, &indices_, &qg_, &kg_, &lse_g_, &scores_, &mass_, &kout_, &kscaled_})
+    for (kn::DeviceBuffer* b :
+         {&indptr_, &indices_, &qg_, &kg_, &lse_g_, &scores_, &mass_, &kout_, &kscaled_, &bitmap_, &counts_})
       b->reset();
     kscaled_ok_ = false;
     mask_.reset();
@@ -300,6 +329,19 @@ class GpuRunner : public Runner {
       case Family::estimate:
         if (m.estimator == "oracle") {
           b += hq * nb * nb * 4;
+          break;
+        }
+        if (is_peer(m.estimator)) {
+          // scores, bitmap, row counts, CSR, and the launchers' own scratch.
+          b += hq * nb * nb * 5 + hq * nb * 4 + csr_max;
+          const EstimatorConfig ec;
+          const double nd = double(n);
+          if (m.estimator == "pooled") b += (hq + hkv) * nb * d * 4;
+          if (m.estimator == "xattn") b += hq * (nd / ec.xattn.stride + 1) * 4;
+          if (m.estimator == "vslash") {
+            const double L = std::min<double>(ec.vslash.last_q, nd);
+            b += hq * nd * (4 + 4 + 4 + 8 + 4) + hq * (nd / 128 + 1) * (L + 127) * 4 + hq * nb * 9;
+          }
           break;
         }
         [[fallthrough]];
@@ -498,6 +540,109 @@ class GpuRunner : public Runner {
     s_select_.stop();
   }
 
+  static bool is_peer(const std::string& name) { return name == "pooled" || name == "xattn" || name == "vslash"; }
+
+  void prepare_peer() {
+    const int hq = sw_.model.num_q_heads;
+    const size_t nb = nb_, cells = size_t(hq) * nb * nb;
+    ck(scores_.allocate(4 * cells), "alloc peer scores");
+    ck(bitmap_.allocate(cells), "alloc peer bitmap");
+    ck(counts_.allocate(4 * size_t(hq) * nb), "alloc peer row counts");
+    ck(indptr_.allocate((size_t(hq) * nb + 1) * 4), "alloc mask indptr");
+    ck(indices_.allocate(size_t(hq) * nb * (nb + 1) / 2 * 4), "alloc mask indices");
+    const EstimatorConfig ec;
+    nlohmann::json cfg;
+    std::string timed;
+    if (m_.estimator == "pooled") {
+      cfg = {{"gamma", ec.pooled.gamma}, {"global", false}};
+      timed = "scores: pooled_scores (block means, logits, float64 softmax); select: native_select (per-row gamma) + CSR";
+    } else if (m_.estimator == "xattn") {
+      cfg = {{"stride", ec.xattn.stride}, {"tau", ec.xattn.tau}};
+      timed = "scores: xattn_scores (strided LSE pass + block-sum pass, mma.sync); select: native_select (tau) + CSR";
+    } else {
+      cfg = {{"last_q", ec.vslash.last_q}, {"vertical", ec.vslash.vertical}, {"slash", ec.vslash.slash},
+             {"sink_columns", ec.vslash.sink_columns}, {"local_diagonals", ec.vslash.local_diagonals}};
+      timed = "scores: vslash_scores (last-row LSE + statistics, top-k radix selects, block scores and native bitmap); "
+              "select: CSR of the bitmap";
+    }
+    stage_info_[m_.estimator] = cfg;
+    stage_info_["budget"] = "native";
+    stage_info_["timed"] = timed;
+    // Untimed first run: warms the kernels and gives the mask.
+    run_peer();
+    ck(kn::synchronize(), "synchronize (peer warm-up)");
+    std::vector<int32_t> indptr(size_t(hq) * nb_ + 1);
+    ck(indptr_.download(indptr.data(), 4 * indptr.size()), "download mask indptr");
+    std::vector<int32_t> indices(static_cast<size_t>(std::max(0, indptr.back())));
+    if (!indices.empty()) ck(indices_.download(indices.data(), 4 * indices.size()), "download mask indices");
+    ck(kn::synchronize(), "synchronize");
+    mask_ = BlockMask(hq, n_, sw_.block, std::move(indptr), std::move(indices));
+  }
+
+  void run_peer() {
+    const int hq = sw_.model.num_q_heads;
+    const EstimatorConfig ec;
+    kn::PeerInput in;
+    in.q = q_.data();
+    in.k = k_.data();
+    in.in_type = elem(dt_);
+    in.q_heads = hq;
+    in.kv_heads = sw_.model.num_kv_heads;
+    in.head_dim = sw_.model.head_dim;
+    in.seq_len = n_;
+    s_scores_.start();
+    kn::NativeSelectParams ns;
+    ns.scores = scores_.as<float>();
+    ns.heads = hq;
+    ns.num_blocks = nb_;
+    ns.bitmap = bitmap_.as<uint8_t>();
+    ns.row_counts = counts_.as<int32_t>();
+    if (m_.estimator == "pooled") {
+      kn::PooledScoreParams p;
+      p.in = in;
+      p.block = sw_.block;
+      p.out = scores_.as<float>();
+      ck(kn::pooled_scores(p), "pooled_scores");
+      ns.rule = kn::NativeRule::cumulative;
+      ns.threshold = ec.pooled.gamma;
+    } else if (m_.estimator == "xattn") {
+      kn::XAttnScoreParams p;
+      p.in = in;
+      p.block = sw_.block;
+      p.stride = ec.xattn.stride;
+      p.out = scores_.as<float>();
+      ck(kn::xattn_scores(p), "xattn_scores");
+      ns.rule = kn::NativeRule::xattn;
+      ns.threshold = ec.xattn.tau;
+    } else {
+      kn::VSlashParams p;
+      p.in = in;
+      p.block = sw_.block;
+      p.last_q = ec.vslash.last_q;
+      p.vertical = ec.vslash.vertical;
+      p.slash = ec.vslash.slash;
+      p.sink_columns = ec.vslash.sink_columns;
+      p.local_diagonals = ec.vslash.local_diagonals;
+      p.out = scores_.as<float>();
+      p.bitmap = bitmap_.as<uint8_t>();
+      p.row_counts = counts_.as<int32_t>();
+      ck(kn::vslash_scores(p), "vslash_scores");
+    }
+    s_scores_.stop();
+    s_select_.start();
+    if (m_.estimator != "vslash") ck(kn::native_select(ns), "native_select");
+    kn::CsrParams cp;
+    cp.bitmap = bitmap_.as<uint8_t>();
+    cp.row_counts = counts_.as<int32_t>();
+    cp.heads = hq;
+    cp.num_blocks = nb_;
+    cp.indptr = indptr_.as<int32_t>();
+    cp.indices = indices_.as<int32_t>();
+    ck(kn::csr_indptr(cp), "csr_indptr");
+    ck(kn::csr_fill(cp), "csr_fill");
+    s_select_.stop();
+  }
+
   void proxy_stage_times(Timing& t) {
     t.stages["scores_ms"] = s_scores_.ms();
     t.stages["budget_ms"] = s_budget_.ms();
@@ -526,6 +671,7 @@ class GpuRunner : public Runner {
 
   const Sweep& sw_;
   kn::DeviceInfo info_;
+  int dev_ = 0;  // the current CUDA device (MPI: local rank % GPUs)
   std::string smi_start_;
   int64_t n_ = 0;
   DType dt_ = DType::bf16;
@@ -535,7 +681,7 @@ class GpuRunner : public Runner {
   Method m_;
   std::optional<BlockMask> mask_;
   nlohmann::json stage_info_ = nlohmann::json::object();
-  kn::DeviceBuffer indptr_, indices_, qg_, kg_, lse_g_, scores_, mass_, kout_, kscaled_;
+  kn::DeviceBuffer indptr_, indices_, qg_, kg_, lse_g_, scores_, mass_, kout_, kscaled_, bitmap_, counts_;
   bool kscaled_ok_ = false;
   EventPair total_, kern_, s_scores_, s_budget_, s_select_;
 };

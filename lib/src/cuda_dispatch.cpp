@@ -78,6 +78,18 @@ class KernelTimer {
   kk::EventTimer t_;
 };
 
+// Zero scores [H, Nb, Nb] of `method` for this shape.
+BlockScores empty_scores(const char* method, const AttentionShape& sh, int block) {
+  BlockScores s;
+  s.method = method;
+  s.heads = sh.q_heads;
+  s.block = block;
+  s.seq_len = sh.seq_len;
+  s.num_blocks = num_blocks_for(sh.seq_len, block);
+  s.score.assign(size_t(s.heads) * s.num_blocks * s.num_blocks, 0.0f);
+  return s;
+}
+
 void check_block(int block, const char* what) {
   validate_block_size(block);
   if (block != 64 && block != 128)
@@ -122,6 +134,17 @@ struct CudaLayer::Impl {
     p.q = q.data();
     p.k = k.data();
     p.v = has_v ? v.data() : nullptr;
+    p.in_type = et;
+    p.q_heads = s.q_heads;
+    p.kv_heads = s.kv_heads;
+    p.head_dim = s.head_dim;
+    p.seq_len = s.seq_len;
+    return p;
+  }
+  kk::PeerInput peer_input() const {
+    kk::PeerInput p;
+    p.q = q.data();
+    p.k = k.data();
     p.in_type = et;
     p.q_heads = s.q_heads;
     p.kv_heads = s.kv_heads;
@@ -301,74 +324,165 @@ std::vector<float> CudaLayer::maxpool_block_scores(int block, int query_stride) 
   return download<float>(out, nm, "block scores");
 }
 
-BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config) const {
+BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config, ProxyPrecision precision) const {
   const Impl& m = *impl_;
-  validate_estimator_config(config, m.s.q_heads);
+  validate_estimator_config(config, m.s.q_heads, "proxy");
   const int block = config.block;
   check_block(block, "proxy_scores");
   const int g = config.proxy.groups, per = m.s.q_heads / g, r = m.s.group();
   const int nb = num_blocks_for(m.s.seq_len, block);
   const int64_t N = m.s.seq_len, d = m.s.head_dim;
   const size_t esz = kk::elem_size(m.et);
-  kk::DeviceBuffer qg = alloc(size_t(g) * N * d * esz, "proxy q"), kg = alloc(size_t(g) * N * d * esz, "proxy k");
-  kk::DeviceBuffer out = alloc(size_t(g) * nb * nb * sizeof(float), "proxy scores");
-  KernelTimer t;
-  // Pool in chunks of kMaxPoolGroups groups.
-  for (int g0 = 0; g0 < g; g0 += kk::kMaxPoolGroups) {
-    const int gn = std::min(g - g0, kk::kMaxPoolGroups);
-    kk::PoolHeadsParams pq, pk;
-    pq.src = m.q.data();
-    pq.dst = static_cast<char*>(qg.data()) + size_t(g0) * N * d * esz;
-    pk.src = m.k.data();
-    pk.dst = static_cast<char*>(kg.data()) + size_t(g0) * N * d * esz;
-    pq.type = pk.type = m.et;
-    pq.heads = m.s.q_heads;
-    pk.heads = m.s.kv_heads;
-    pq.head_dim = pk.head_dim = m.s.head_dim;
-    pq.groups = pk.groups = gn;
-    pq.seq_len = pk.seq_len = N;
-    for (int x = 0; x < gn; ++x) {
-      const int gi = g0 + x, h0 = gi * per, h1 = h0 + per;
-      if (config.proxy.pool == ProxyPool::mean) {
-        pq.head_begin[x] = h0;
-        pq.head_end[x] = h1;
-        pk.head_begin[x] = h0 / r;
-        pk.head_end[x] = (h1 - 1) / r + 1;
-      } else {
-        int best = h0;
-        for (int h = h0; h < h1; ++h)
-          if (m.q_sqnorm[h] > m.q_sqnorm[best]) best = h;  // ties: the lower head
-        pq.head_begin[x] = best;
-        pq.head_end[x] = best + 1;
-        pk.head_begin[x] = best / r;
-        pk.head_end[x] = best / r + 1;
-      }
+  const size_t per_group = size_t(nb) * nb;
+  // Query heads [qb, qe) and KV heads [kb, ke) of group gi (the CPU's make_proxy_heads).
+  auto ranges = [&](int gi, int32_t& qb, int32_t& qe, int32_t& kb, int32_t& ke) {
+    const int h0 = gi * per, h1 = h0 + per;
+    if (config.proxy.pool == ProxyPool::mean) {
+      qb = h0;
+      qe = h1;
+      kb = h0 / r;
+      ke = (h1 - 1) / r + 1;
+    } else {
+      int best = h0;
+      for (int h = h0; h < h1; ++h)
+        if (m.q_sqnorm[h] > m.q_sqnorm[best]) best = h;  // ties: the lower head
+      qb = best;
+      qe = best + 1;
+      kb = best / r;
+      ke = best / r + 1;
     }
-    check(kk::pool_heads(pq), "proxy pool q");
-    check(kk::pool_heads(pk), "proxy pool k");
+  };
+  kk::DeviceBuffer out = alloc(size_t(g) * per_group * sizeof(float), "proxy scores");
+  if (precision == ProxyPrecision::exact) {
+    KernelTimer t;
+    for (int g0 = 0; g0 < g; g0 += kk::kMaxPoolGroups) {
+      const int gn = std::min(g - g0, kk::kMaxPoolGroups);
+      kk::ProxyExactParams pe;
+      pe.in = m.peer_input();
+      pe.groups = gn;
+      for (int x = 0; x < gn; ++x) ranges(g0 + x, pe.q_begin[x], pe.q_end[x], pe.k_begin[x], pe.k_end[x]);
+      pe.block = block;
+      pe.query_stride = config.proxy.query_stride;
+      pe.out = out.as<float>() + size_t(g0) * per_group;
+      check(kk::proxy_scores_exact(pe), "proxy_scores (exact)");
+    }
+    impl_->last_ms = t.stop();
+  } else {
+    kk::DeviceBuffer qg = alloc(size_t(g) * N * d * esz, "proxy q"), kg = alloc(size_t(g) * N * d * esz, "proxy k");
+    KernelTimer t;
+    // Pool in chunks of kMaxPoolGroups groups.
+    for (int g0 = 0; g0 < g; g0 += kk::kMaxPoolGroups) {
+      const int gn = std::min(g - g0, kk::kMaxPoolGroups);
+      kk::PoolHeadsParams pq, pk;
+      pq.src = m.q.data();
+      pq.dst = static_cast<char*>(qg.data()) + size_t(g0) * N * d * esz;
+      pk.src = m.k.data();
+      pk.dst = static_cast<char*>(kg.data()) + size_t(g0) * N * d * esz;
+      pq.type = pk.type = m.et;
+      pq.heads = m.s.q_heads;
+      pk.heads = m.s.kv_heads;
+      pq.head_dim = pk.head_dim = m.s.head_dim;
+      pq.groups = pk.groups = gn;
+      pq.seq_len = pk.seq_len = N;
+      for (int x = 0; x < gn; ++x) ranges(g0 + x, pq.head_begin[x], pq.head_end[x], pk.head_begin[x], pk.head_end[x]);
+      check(kk::pool_heads(pq), "proxy pool q");
+      check(kk::pool_heads(pk), "proxy pool k");
+    }
+    kk::DeviceBuffer lse = m.lse_of(qg.data(), kg.data(), g, g, 0);
+    kk::BlockScoreParams p = m.score_params(qg.data(), kg.data(), g, g, lse.as<float>(), out.as<float>(), block);
+    p.reduce = kk::BlockReduce::max;
+    p.query_stride = config.proxy.query_stride;
+    check(kk::block_scores(p), "proxy block scores");
+    impl_->last_ms = t.stop();
   }
-  kk::DeviceBuffer lse = m.lse_of(qg.data(), kg.data(), g, g, 0);
-  kk::BlockScoreParams p = m.score_params(qg.data(), kg.data(), g, g, lse.as<float>(), out.as<float>(), block);
-  p.reduce = kk::BlockReduce::max;
-  p.query_stride = config.proxy.query_stride;
-  check(kk::block_scores(p), "proxy block scores");
-  impl_->last_ms = t.stop();
-  const std::vector<float> gs = download<float>(out, size_t(g) * nb * nb, "proxy scores");
+  const std::vector<float> gs = download<float>(out, size_t(g) * per_group, "proxy scores");
 
-  BlockScores s;
-  s.method = "proxy";
-  s.heads = m.s.q_heads;
-  s.num_blocks = nb;
-  s.block = block;
-  s.seq_len = N;
-  s.score.resize(size_t(s.heads) * nb * nb);
+  BlockScores s = empty_scores("proxy", m.s, block);
   s.group_of_head.resize(s.heads);
-  const size_t per_head = size_t(nb) * nb;
   for (int h = 0; h < s.heads; ++h) {
     s.group_of_head[h] = h / per;
-    std::copy_n(gs.begin() + size_t(h / per) * per_head, per_head, s.score.begin() + size_t(h) * per_head);
+    std::copy_n(gs.begin() + size_t(h / per) * per_group, per_group, s.score.begin() + size_t(h) * per_group);
   }
   return s;
+}
+
+BlockScores CudaLayer::pooled_scores(const EstimatorConfig& config) const {
+  const Impl& m = *impl_;
+  validate_estimator_config(config, m.s.q_heads, "pooled");
+  BlockScores s = empty_scores("pooled", m.s, config.block);
+  kk::DeviceBuffer out = alloc(s.score.size() * sizeof(float), "pooled scores");
+  kk::PooledScoreParams p;
+  p.in = m.peer_input();
+  p.block = config.block;
+  p.out = out.as<float>();
+  KernelTimer t;
+  check(kk::pooled_scores(p), "pooled_scores");
+  impl_->last_ms = t.stop();
+  s.score = download<float>(out, s.score.size(), "pooled scores");
+  renative_from_scores(s, config);  // the CPU's rule on the device scores (global too)
+  return s;
+}
+
+BlockScores CudaLayer::xattn_scores(const EstimatorConfig& config) const {
+  const Impl& m = *impl_;
+  validate_estimator_config(config, m.s.q_heads, "xattn");
+  BlockScores s = empty_scores("xattn", m.s, config.block);
+  kk::DeviceBuffer out = alloc(s.score.size() * sizeof(float), "xattn scores");
+  kk::XAttnScoreParams p;
+  p.in = m.peer_input();
+  p.block = config.block;
+  p.stride = config.xattn.stride;
+  p.out = out.as<float>();
+  KernelTimer t;
+  check(kk::xattn_scores(p), "xattn_scores");
+  impl_->last_ms = t.stop();
+  s.score = download<float>(out, s.score.size(), "xattn scores");
+  renative_from_scores(s, config);
+  return s;
+}
+
+BlockScores CudaLayer::vslash_scores(const EstimatorConfig& config) const {
+  const Impl& m = *impl_;
+  validate_estimator_config(config, m.s.q_heads, "vslash");
+  BlockScores s = empty_scores("vslash", m.s, config.block);
+  const size_t cells = s.score.size();
+  kk::DeviceBuffer out = alloc(cells * sizeof(float), "vslash scores"), bm = alloc(cells, "vslash bitmap");
+  kk::DeviceBuffer counts = alloc(size_t(s.heads) * s.num_blocks * sizeof(int32_t), "vslash row counts");
+  const VSlashConfig& v = config.vslash;
+  kk::VSlashParams p;
+  p.in = m.peer_input();
+  p.block = config.block;
+  p.last_q = v.last_q;
+  p.vertical = v.vertical;
+  p.slash = v.slash;
+  p.sink_columns = v.sink_columns;
+  p.local_diagonals = v.local_diagonals;
+  p.out = out.as<float>();
+  p.bitmap = bm.as<uint8_t>();
+  p.row_counts = counts.as<int32_t>();
+  KernelTimer t;
+  check(kk::vslash_scores(p), "vslash_scores");
+  impl_->last_ms = t.stop();
+  s.score = download<float>(out, cells, "vslash scores");
+  s.native = BlockMask::from_bitmap(s.heads, s.seq_len, s.block, download<uint8_t>(bm, cells, "vslash bitmap"));
+  return s;
+}
+
+bool CudaLayer::has_estimator(std::string_view name) {
+  return name == "proxy" || name == "pooled" || name == "xattn" || name == "vslash" || name == "oracle";
+}
+
+BlockScores CudaLayer::estimate(std::string_view name, const EstimatorConfig& config) const {
+  if (name == "proxy") return proxy_scores(config, ProxyPrecision::exact);
+  if (name == "pooled") return pooled_scores(config);
+  if (name == "xattn") return xattn_scores(config);
+  if (name == "vslash") return vslash_scores(config);
+  if (name == "oracle") {
+    validate_estimator_config(config, impl_->s.q_heads, "oracle");
+    return scores_from_mass(block_mass(config.block));
+  }
+  make_estimator(name);  // throws for an unknown name, listing the valid ones
+  throw Error("cuda: no GPU implementation of estimator '" + std::string(name) + "' (it runs on the CPU)");
 }
 
 std::vector<double> CudaLayer::last_block_mass(int block) const {
@@ -445,6 +559,50 @@ BlockMask select_blocks_cuda(const BlockScores& scores, const Budgets& budgets, 
   kk::DeviceBuffer ix = alloc(size_t(indptr.back()) * sizeof(int32_t), "indices");
   p.indices = ix.as<int32_t>();
   check(kk::select_fill(p), "select_fill");
+  std::vector<int32_t> indices = download<int32_t>(ix, size_t(indptr.back()), "indices");
+  return BlockMask(H, scores.seq_len, scores.block, std::move(indptr), std::move(indices));
+}
+
+BlockMask native_select_cuda(const BlockScores& scores, const EstimatorConfig& config) {
+  const int H = scores.heads, nb = scores.num_blocks;
+  if (H <= 0 || nb <= 0 || scores.score.size() != size_t(H) * nb * nb)
+    throw Error("cuda: native_select: scores of '" + scores.method + "' are empty or mis-shaped");
+  validate_estimator_config(config, 0, scores.method == "xattn" ? "xattn" : "pooled");
+  kk::NativeSelectParams p;
+  if (scores.method == "pooled") {
+    if (config.pooled.global)
+      throw Error("cuda: native_select: pooled.global (one budget over the flattened head) has no GPU kernel");
+    p.rule = kk::NativeRule::cumulative;
+    p.threshold = config.pooled.gamma;
+  } else if (scores.method == "xattn") {
+    p.rule = kk::NativeRule::xattn;
+    p.threshold = config.xattn.tau;
+  } else {
+    throw Error("cuda: native_select: '" + scores.method + "' has no score-only native rule (pooled, xattn)");
+  }
+  if (!cuda_available()) throw Error("cuda: " + cuda_device_description());
+  const size_t cells = scores.score.size(), rows = size_t(H) * nb;
+  kk::DeviceBuffer sc = alloc(cells * sizeof(float), "scores"), bm = alloc(cells, "native bitmap");
+  kk::DeviceBuffer counts = alloc(rows * sizeof(int32_t), "native row counts");
+  kk::DeviceBuffer ip = alloc((rows + 1) * sizeof(int32_t), "indptr");
+  check(sc.upload(scores.score.data(), cells * sizeof(float)), "uploading scores");
+  p.scores = sc.as<float>();
+  p.heads = H;
+  p.num_blocks = nb;
+  p.bitmap = bm.as<uint8_t>();
+  p.row_counts = counts.as<int32_t>();
+  check(kk::native_select(p), "native_select");
+  kk::CsrParams c;
+  c.bitmap = bm.as<uint8_t>();
+  c.row_counts = counts.as<int32_t>();
+  c.heads = H;
+  c.num_blocks = nb;
+  c.indptr = ip.as<int32_t>();
+  check(kk::csr_indptr(c), "csr_indptr");
+  std::vector<int32_t> indptr = download<int32_t>(ip, rows + 1, "indptr");
+  kk::DeviceBuffer ix = alloc(size_t(indptr.back()) * sizeof(int32_t), "indices");
+  c.indices = ix.as<int32_t>();
+  check(kk::csr_fill(c), "csr_fill");
   std::vector<int32_t> indices = download<int32_t>(ix, size_t(indptr.back()), "indices");
   return BlockMask(H, scores.seq_len, scores.block, std::move(indptr), std::move(indices));
 }

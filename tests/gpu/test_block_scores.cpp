@@ -122,7 +122,7 @@ TEST_P(BlockScoresTest, LastBlockMassMatchesCpu) {
   test::expect_rel("last-block mass", got, ref, test::rel_tol(dt));
 }
 
-// ProxyAttn scores through the dispatch vs the CPU estimator.
+// ProxyAttn scores through the dispatch (operand-precision proxy heads) vs the CPU estimator.
 TEST(ProxyScores, MatchEstimator) {
   PROXYATTN_REQUIRE_GPU();
   struct P {
@@ -143,7 +143,8 @@ TEST(ProxyScores, MatchEstimator) {
       cfg.proxy.query_stride = p.stride;
       cfg.proxy.pool = p.pool;
       const BlockScores ref = make_estimator("proxy")->estimate(q, k, cfg);
-      const BlockScores got = CudaLayer(q, k, {}, dt).proxy_scores(cfg);
+      // The operand-precision (benchmark) path; the exact path is test_peer_scores.cpp's.
+      const BlockScores got = CudaLayer(q, k, {}, dt).proxy_scores(cfg, ProxyPrecision::operand);
       ASSERT_EQ(got.heads, ref.heads);
       ASSERT_EQ(got.num_blocks, ref.num_blocks);
       EXPECT_EQ(got.group_of_head, ref.group_of_head);

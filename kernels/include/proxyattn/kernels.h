@@ -266,4 +266,130 @@ struct SelectParams {
 Status select_counts(const SelectParams& p) noexcept;
 Status select_fill(const SelectParams& p) noexcept;
 
+
+// =============================================================================================
+// ---- the peers' estimators and exact ProxyAttn scores (peer_*.cu, proxy_score.cu) -----------
+// Same semantics as the CPU estimators (lib/src/estimator.cpp, estimator_peers.cpp; the CPU code
+// is the spec): scores [Hq, Nb, Nb] float32, every entry written (0 above the diagonal), fp32
+// accumulation, softmax statistics in fp32 or better. Launchers that need scratch memory take it
+// stream-ordered (cudaMallocAsync / cudaFreeAsync on p.stream), as row_lse does.
+//
+// Native selections come out as a bitmap [H, Nb, Nb] uint8 (1 = selected; only j <= i is ever
+// 1) plus the row counts [H * Nb]; csr_indptr + csr_fill turn them into the BlockMask CSR.
+
+// Operand-side fields shared by the peers' launchers (same meaning as in AttentionParams).
+struct PeerInput {
+  const void* q = nullptr;  // [Hq, N, d]
+  const void* k = nullptr;  // [Hkv, N, d]
+  ElemType in_type = ElemType::bf16;  // bf16 or f16
+  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t seq_len = 0;
+  int64_t q_stride_head = 0, q_stride_token = 0;  // elements, 0 = contiguous
+  int64_t k_stride_head = 0, k_stride_token = 0;
+};
+
+// `pooled`: out[h, i, j] = row-softmax over j <= i of (Qbar_i . Kbar_j) * scale, Qbar / Kbar the
+// exact fp32 means of the tokens of each block (a partial last block averages its own rows).
+// fp32 SIMT (the product is Nb x Nb x d per head: small), softmax in float64 like the CPU.
+// head_dim a multiple of 8 up to 256; block any power of two.
+struct PooledScoreParams {
+  PeerInput in;
+  int block = 128;
+  float scale = 0.0f;     // 0 -> 1 / sqrt(head_dim)
+  float* out = nullptr;   // [Hq, Nb, Nb]
+  Stream stream = nullptr;
+};
+Status pooled_scores(const PooledScoreParams& p) noexcept;
+
+// `xattn` (XAttention antidiagonal scoring): strided rows a and keys b (S = stride),
+//   s[a, b] = scale * sum_{t < S} q[aS + S-1-t] . k[bS + t]   (positions >= N read as 0),
+// causal b <= a, softmax over b per strided row; out[h, I, J] = (sum over the strided rows a of
+// block I and strided keys b of block J of softmax[a, b]) / (strided rows of block I).
+// Two passes of mma.sync (row LSE, then block sums), never an A x A buffer. head_dim 64, 128 or
+// 256; block a power of two with stride <= block <= 128 * stride.
+struct XAttnScoreParams {
+  PeerInput in;
+  int block = 128;
+  int stride = 8;         // S: power of two
+  float scale = 0.0f;     // 0 -> 1 / (sqrt(head_dim) * stride)
+  float* out = nullptr;   // [Hq, Nb, Nb]
+  Stream stream = nullptr;
+};
+Status xattn_scores(const XAttnScoreParams& p) noexcept;
+
+// `vslash` (MInference vertical-slash mapped to blocks), the whole estimator: exact
+// probabilities of the last L = min(last_q, N) queries (row_lse + one mma.sync pass), vertical[k]
+// and slash[o = q - k] means over those rows; kept columns = 0..sink_columns-1 then the top by
+// vertical up to `vertical` in all, kept diagonals = offsets 0..local_diagonals-1 then the top by
+// slash up to `slash` (ranking: value descending, ties lower index, as the CPU's order_desc, by a
+// radix select on the device); then per block (i, j) the score (kept column mass of block j +
+// kept diagonal mass crossing (i, j)) and the native bitmap (a kept column or diagonal crosses
+// it, or j == 0, or j == i). head_dim 64, 128 or 256; last_q <= 4096.
+struct VSlashParams {
+  PeerInput in;
+  int block = 128;
+  int last_q = 64;
+  int64_t vertical = 1000, slash = 6096;
+  int sink_columns = 30, local_diagonals = 100;
+  float* out = nullptr;          // [Hq, Nb, Nb] scores
+  uint8_t* bitmap = nullptr;     // [Hq, Nb, Nb] native selection
+  int32_t* row_counts = nullptr; // [Hq * Nb] blocks per row of the bitmap
+  float* vertical_out = nullptr; // optional [Hq, N]: the vertical means (tests)
+  float* slash_out = nullptr;    // optional [Hq, N]: the slash means (tests)
+  Stream stream = nullptr;
+};
+Status vslash_scores(const VSlashParams& p) noexcept;
+
+// Native selections that are functions of the scores, per row (h, i) over j <= i:
+//   cumulative (pooled, per row): the fewest blocks in descending order (ties lower j, NaN last)
+//     whose sum reaches threshold * (sum of the positive entries), union block 0 and the diagonal;
+//   xattn: block 0 and the diagonal first (their mass counts), then descending while the kept mass
+//     is < threshold * (row sum).
+enum class NativeRule : int { cumulative = 0, xattn = 1 };
+struct NativeSelectParams {
+  const float* scores = nullptr;  // [heads, Nb, Nb]
+  int heads = 0, num_blocks = 0;  // num_blocks <= 16384
+  NativeRule rule = NativeRule::cumulative;
+  double threshold = 0.9;         // gamma or tau, in (0, 1]
+  uint8_t* bitmap = nullptr;      // [heads, Nb, Nb], every entry written
+  int32_t* row_counts = nullptr;  // [heads * Nb]
+  Stream stream = nullptr;
+};
+Status native_select(const NativeSelectParams& p) noexcept;
+
+// CSR from a bitmap: indptr = exclusive prefix sum of row_counts ([rows + 1], rows = heads * Nb,
+// total < 2^31); then indices[indptr[r] ..] = the selected j of row r, ascending.
+struct CsrParams {
+  const uint8_t* bitmap = nullptr;      // [heads, Nb, Nb]
+  const int32_t* row_counts = nullptr;  // [heads * Nb], must equal the bitmap's row sums
+  int heads = 0, num_blocks = 0;
+  int32_t* indptr = nullptr;   // [heads * Nb + 1], written by csr_indptr
+  int32_t* indices = nullptr;  // [indptr[last]], written by csr_fill
+  Stream stream = nullptr;
+};
+Status csr_indptr(const CsrParams& p) noexcept;
+Status csr_fill(const CsrParams& p) noexcept;
+
+// ProxyAttn scores with float32 proxy heads (the "exact" path; CudaLayer::proxy_scores and the
+// analysis use it). The fast path (pool_heads into the operand dtype, row_lse, block_scores max)
+// rounds the pooled heads to bf16/fp16, which moves a few block scores enough to flip near-equal
+// rankings; here the proxy heads are the fp32 means of the 16-bit inputs (the CPU's values when
+// the inputs are 16-bit exact), the logits fp32 FMA (SIMT), the row LSE float64, and
+//   out[g, i, j] = max over rows q of block i (q - iB multiple of query_stride) of
+//                  float(exp(max_{k in j, k <= q} logit[q, k] - lse[q]))   (as the CPU).
+// Cost: 2 * N^2/2 * d fp32 FMA per group (SIMT): for analysis lengths, not for the benchmark.
+struct ProxyExactParams {
+  PeerInput in;
+  int groups = 0;  // <= kMaxPoolGroups per call
+  // Group g averages query heads [q_begin[g], q_end[g]) and KV heads [k_begin[g], k_end[g]).
+  int32_t q_begin[kMaxPoolGroups] = {0}, q_end[kMaxPoolGroups] = {0};
+  int32_t k_begin[kMaxPoolGroups] = {0}, k_end[kMaxPoolGroups] = {0};
+  int block = 128;         // power of two >= 64
+  int query_stride = 1;
+  float scale = 0.0f;      // 0 -> 1 / sqrt(head_dim)
+  float* out = nullptr;    // [groups, Nb, Nb]
+  Stream stream = nullptr;
+};
+Status proxy_scores_exact(const ProxyExactParams& p) noexcept;
+
 }  // namespace proxyattn::kernels

@@ -11,9 +11,20 @@
 //     AttentionOutput o = layer.full_attention();
 //     BlockMass m = layer.block_mass(128);
 //     BlockScores s = layer.proxy_scores(config);          // == make_estimator("proxy")
+//     BlockScores x = layer.estimate("xattn", config);     // == make_estimator("xattn")
 //   }
+//
+// Estimators on the GPU: proxy, pooled, xattn, vslash and oracle (flexprefill has no kernel:
+// has_estimator() says which). Scores match the CPU estimator to float rounding (fp32
+// accumulation where the CPU accumulates in float32, float64 softmax statistics where it uses
+// float64); the native selections follow the CPU's rule: pooled / xattn apply it on the host to
+// the device scores (renative_from_scores), vslash's comes from the device. A selection can then
+// differ from the CPU's only where the CPU's own decision is a near tie (a cumulative sum within
+// float rounding of its threshold, or two scores within float rounding of each other at the
+// boundary of a top-k or of a coverage cut).
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "proxyattn/attention.hpp"
@@ -34,6 +45,19 @@ std::string cuda_device_description();
 // (no-op without a device). Returns the device chosen, -1 when none.
 int use_cuda_device_for_rank(int local_rank);
 
+// How CudaLayer::proxy_scores builds and scores the proxy heads.
+enum class ProxyPrecision {
+  // float32 proxy heads (the means of the 16-bit inputs, in the CPU's order), fp32 SIMT logits,
+  // float64 row LSE (kernels::proxy_scores_exact): the CPU estimator's scores to float rounding,
+  // so its budgets and masks up to exact ties. What the analysis uses.
+  exact,
+  // Heads pooled into the operand dtype, tensor-core row LSE + block max (pool_heads, row_lse,
+  // block_scores): the benchmark's fast path. The rounding of the pooled heads moves block scores
+  // by up to ~1e-2 (bf16) relative, enough to shift a budget or a mask by one block in a few
+  // rows out of a thousand.
+  operand,
+};
+
 // One layer's Q, K (and optionally V) resident on the GPU in `dtype` (bf16 or f16).
 class CudaLayer {
  public:
@@ -53,8 +77,16 @@ class CudaLayer {
   BlockMass block_mass(int block) const;
 
   // estimator.hpp: make_estimator("proxy")->estimate(q, k, config) (score broadcast to the
-  // member heads, group_of_head filled).
-  BlockScores proxy_scores(const EstimatorConfig& config) const;
+  // member heads, group_of_head filled). Groups are scored 128 at a time.
+  BlockScores proxy_scores(const EstimatorConfig& config, ProxyPrecision precision = ProxyPrecision::exact) const;
+  // make_estimator("pooled" / "xattn" / "vslash")->estimate(q, k, config), native included.
+  BlockScores pooled_scores(const EstimatorConfig& config) const;
+  BlockScores xattn_scores(const EstimatorConfig& config) const;
+  BlockScores vslash_scores(const EstimatorConfig& config) const;
+  // By name: proxy (exact), pooled, xattn, vslash, oracle (scores_from_mass of block_mass).
+  // Throws Error for a name without a GPU implementation (flexprefill) or an unknown one.
+  BlockScores estimate(std::string_view name, const EstimatorConfig& config) const;
+  static bool has_estimator(std::string_view name);
   // estimator.hpp maxpool_block_scores on the layer's own heads (requires Hq == Hkv).
   std::vector<float> maxpool_block_scores(int block, int query_stride = 1) const;
 
@@ -74,6 +106,12 @@ class CudaLayer {
 // select.hpp select_blocks on the GPU (scores of any estimator, per-row budgets).
 BlockMask select_blocks_cuda(const BlockScores& scores, const Budgets& budgets,
                              const SelectOptions& options = {});
+
+// The native selection of pooled (per-row gamma; pooled.global is not on the device: Error) or
+// xattn (tau) computed on the GPU from the given scores (kernels::native_select + CSR): what the
+// benchmark times. Equal to renative_from_scores on the same scores (up to the last bits of a
+// float64 sum at the threshold).
+BlockMask native_select_cuda(const BlockScores& scores, const EstimatorConfig& config);
 
 // One-shot helpers (upload, compute, download).
 AttentionOutput full_attention_cuda(ConstView q, ConstView k, ConstView v, DType dtype = DType::bf16);
