@@ -203,11 +203,12 @@ __global__ void __launch_bounds__(384, 1)
   // softmax: row max over the quad, probabilities in place in sc, alpha = rescale of O.
   auto softmax = [&](float (&sc)[BN / 2], int64_t k0, float (&alpha)[2]) {
     if (k0 + BN - 1 > r_lo) {
+      const int lim = int(r_lo - k0);  // in (-BN, BN) here: 32-bit offsets inside the tile
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (k0 + 8 * i + 2 * t4 + (e & 1) > r_lo + (e >> 1) * 8) sc[4 * i + e] = -INFINITY;
+          if (8 * i + 2 * t4 + (e & 1) > lim + (e >> 1) * 8) sc[4 * i + e] = -INFINITY;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -274,16 +275,21 @@ __global__ void __launch_bounds__(384, 1)
         softmax(acc, int64_t(j) * BN, alpha);
       } else {
         const int64_t k0 = int64_t(j) * BN;
-        const bool diag = k0 + BN - 1 > r_lo;
         // max of exp(x) = exp(max of x): one ex2 per warp and tile instead of one per element
         float mx = -INFINITY;
+        if (k0 + BN - 1 > r_lo) {  // diagonal tile: causal mask, offsets relative to the tile
+          const int lim = int(r_lo - k0);
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i)
+          for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const bool masked = diag && k0 + 8 * i + 2 * t4 + (e & 1) > r_lo + (e >> 1) * 8;
-            if (!masked) mx = fmaxf(mx, fmaf(acc[4 * i + e], sl2, -lse2[e >> 1]));
-          }
+            for (int e = 0; e < 4; ++e)
+              if (8 * i + 2 * t4 + (e & 1) <= lim + (e >> 1) * 8) mx = fmaxf(mx, fmaf(acc[4 * i + e], sl2, -lse2[e >> 1]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fmaf(acc[4 * i + e], sl2, -lse2[e >> 1]));
+        }
 #pragma unroll
         for (int off = 1; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         // P >= 0: the float order is the int order of its bits

@@ -314,6 +314,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def git_sha() -> str:
+    # PROXYATTN_GIT_SHA overrides (a copy of the tree without its .git, as the C++ tools do)
+    if os.environ.get("PROXYATTN_GIT_SHA"):
+        return os.environ["PROXYATTN_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
