@@ -141,7 +141,7 @@ if [ $TESTS_OK = 1 ] && [ "${PROXYATTN_SKIP_SANITIZERS:-0}" != 1 ] && command -v
     for t in $GPU_TESTS; do
       budget=$(($(left) - 15))
       if [ $budget -lt 20 ]; then SAN_RESULT+="$tool/$t:no-time "; continue; fi
-      [ $budget -gt 90 ] && budget=90
+      [ $budget -gt 150 ] && budget=150
       stamp "compute-sanitizer --tool $tool $t"
       echo "==== $tool $t" >>"$OUT/sanitize.log"
       PROXYATTN_TEST_SMALL=1 timeout $budget compute-sanitizer --tool $tool --error-exitcode 3 \

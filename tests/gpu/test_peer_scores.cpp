@@ -39,7 +39,8 @@ struct Case {
 };
 
 std::vector<Case> cases() {
-  if (test::small_mode()) return {{2, 2, 64, 64, 197}, {3, 1, 128, 128, 261}, {4, 1, 256, 64, 131}};
+  // compute-sanitizer (racecheck is ~100x slower): small N, every code path still taken
+  if (test::small_mode()) return {{2, 2, 64, 64, 131}, {3, 1, 128, 128, 200}, {4, 1, 256, 64, 131}};
   return {{2, 2, 64, 64, 389},   {3, 1, 128, 128, 1001}, {8, 2, 128, 64, 517},
           {4, 1, 256, 128, 389}, {6, 2, 64, 128, 1001},  {4, 4, 256, 64, 263}};
 }
