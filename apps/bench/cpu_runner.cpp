@@ -110,13 +110,7 @@ class CpuRunner : public Runner {
   }
 
   void describe(Row& row) override {
-    if (m_.family == Family::full) {
-      row.density = 1.0;
-      row.element_density = 1.0;
-    } else if (mask_) {
-      row.density = mask_->density();
-      row.element_density = mask_->element_density();
-    }
+    describe_density(row, m_.family, mask_ ? &*mask_ : nullptr);
     if (m_.family == Family::estimate || m_.family == Family::proxyattn) {
       row.extra["inputs"] = in_->kind;
       if (m_.estimator == "proxy" || m_.family == Family::proxyattn)

@@ -259,13 +259,7 @@ class GpuRunner : public Runner {
   }
 
   void describe(Row& row) override {
-    if (m_.family == Family::full) {
-      row.density = 1.0;
-      row.element_density = 1.0;
-    } else if (mask_) {
-      row.density = mask_->density();
-      row.element_density = mask_->element_density();
-    }
+    describe_density(row, m_.family, mask_ ? &*mask_ : nullptr);
     row.extra["inputs"] = inputs_kind_;
     for (auto it = stage_info_.begin(); it != stage_info_.end(); ++it) row.extra[it.key()] = it.value();
   }

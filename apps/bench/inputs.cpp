@@ -125,4 +125,14 @@ void write_check_files(const std::string& dir, const HostInputs& in, const std::
   write_file_atomic((fs::path(dir) / "check.json").string(), j.dump(2) + "\n");
 }
 
+void describe_density(Row& row, Family family, const BlockMask* mask) {
+  if (family == Family::full) {
+    row.density = 1.0;
+    row.element_density = 1.0;
+  } else if (mask) {
+    row.density = mask->density();
+    row.element_density = mask->element_density();
+  }
+}
+
 }  // namespace proxyattn::bench

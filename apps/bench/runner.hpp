@@ -67,6 +67,10 @@ std::unique_ptr<Runner> make_gpu_runner(const Sweep& sw);
 // Whether a CUDA device is usable (built with CUDA and one found).
 bool gpu_available();
 
+// The density facts of a case into its row (both runners): 1 for full attention, the mask's
+// block and element density when the case has a mask, untouched otherwise.
+void describe_density(Row& row, Family family, const BlockMask* mask);
+
 // Writes the check files common to both runners.
 void write_check_files(const std::string& dir, const HostInputs& in, const std::vector<uint16_t>& o_bf16,
                        const BlockMask& mask, const nlohmann::json& info);
