@@ -2,6 +2,7 @@
 // Host-side glue shared by the attention-shaped launchers: argument checks (one message per
 // failure, kept in last_error_detail) and the launch of one attn_kernel instantiation.
 #include <cmath>
+#include <cstdio>
 
 #include "attention_core.cuh"
 
@@ -55,6 +56,74 @@ inline Status make_attn_args(const AttentionParams& p, bool need_v, AttnArgs* a)
   a->kv_splits = 1;
   a->part = nullptr;
   return Status::ok;
+}
+
+// Multiprocessors of the current device (132 when it cannot be asked): sizes key splits.
+inline int sm_count() {
+  int sms = 132, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+// Fills the block-score kernel arguments (key_splits left at 1); `who` names the caller in the
+// messages; the row lse is an input only when need_lse.
+inline Status make_block_score_args(const BlockScoreParams& p, const char* who, bool need_lse, BlockScoreArgs* a) {
+  auto bad = [&](Status s, const char* what) {  // fail() copies the text
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s: %s", who, what);
+    return fail(s, msg);
+  };
+  if (p.in_type != ElemType::bf16 && p.in_type != ElemType::f16) return bad(Status::unsupported, "in_type must be bf16 or f16");
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)
+    return bad(Status::unsupported, "head_dim must be 64, 128 or 256");
+  if (p.block != 64 && p.block != 128) return bad(Status::unsupported, "block must be 64 or 128");
+  if (p.q_heads <= 0 || p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || p.q_heads > 65535)
+    return bad(Status::invalid_argument, "q_heads must be a positive multiple of kv_heads");
+  if (p.seq_len <= 0 || p.seq_len > 0x7fffffffLL) return bad(Status::invalid_argument, "seq_len must be in [1, 2^31)");
+  if (!p.q || !p.k || (need_lse && !p.lse) || !p.out) return bad(Status::invalid_argument, "null pointer");
+  if (!aligned16(p.q) || !aligned16(p.k)) return bad(Status::invalid_argument, "q/k must be 16-byte aligned");
+  if (p.query_stride < 1) return bad(Status::invalid_argument, "query_stride must be >= 1");
+  const int64_t nb = (p.seq_len + p.block - 1) / p.block;
+  if (nb > 65535) return bad(Status::invalid_argument, "too many blocks");
+  if (p.row_block_begin < 0 || p.row_block_begin >= nb) return bad(Status::invalid_argument, "row_block_begin outside [0, Nb)");
+  const int64_t d = p.head_dim, n = p.seq_len;
+  a->q = p.q;
+  a->k = p.k;
+  a->lse = p.lse;
+  a->out = p.out;
+  a->qst = p.q_stride_token ? p.q_stride_token : d;
+  a->qsh = p.q_stride_head ? p.q_stride_head : n * a->qst;
+  a->kst = p.k_stride_token ? p.k_stride_token : d;
+  a->ksh = p.k_stride_head ? p.k_stride_head : n * a->kst;
+  if ((a->qst | a->qsh | a->kst | a->ksh) % 8 != 0) return bad(Status::invalid_argument, "strides must be multiples of 8 elements");
+  a->n = n;
+  a->group = p.q_heads / p.kv_heads;
+  a->nb = int(nb);
+  a->row_block_begin = p.row_block_begin;
+  a->out_rows = int(nb) - p.row_block_begin;
+  a->query_stride = p.query_stride;
+  a->reduce_max = p.reduce == BlockReduce::max ? 1 : 0;
+  const float scale = p.scale > 0.f ? p.scale : 1.0f / std::sqrt(float(p.head_dim));
+  a->scale_log2 = scale * kLog2e;
+  a->key_splits = 1;
+  return Status::ok;
+}
+
+// The Hopper kernel's arguments for a score pass over the operands of `b` (no V, no O).
+inline AttnArgs sm90_score_args(const BlockScoreArgs& b, float* lse) {
+  AttnArgs a{};
+  a.q = b.q;
+  a.k = b.k;
+  a.lse = lse;
+  a.qst = b.qst;
+  a.qsh = b.qsh;
+  a.kst = b.kst;
+  a.ksh = b.ksh;
+  a.n = b.n;
+  a.group = b.group;
+  a.scale_log2 = b.scale_log2;
+  a.kv_splits = 1;
+  return a;
 }
 
 template <int D, int MT, int NW, int BKV, class T, AttnMode MODE, int PIPE = 0, bool LAZY = false, int SUBT = 1>

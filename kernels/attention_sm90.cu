@@ -64,7 +64,11 @@ Status launch(const AttnArgs& a0, ElemType t, int q_heads, int kv_heads, const S
   if (MODE == Sm90Mode::blockmax) a.nb = int(tiles);
   // V (MN-major): 64-column chunks are BN rows x 128 B apart; 8-row groups 1024 B apart.
   const Sm90VDesc vd{uint32_t(C::BN * 128), 1024u};
-  kern<<<dim3(unsigned(tiles), unsigned(q_heads)), C::THREADS, smem, st>>>(mq, mk, mv, a, vd, sco);
+  // tilestats: only the query tiles [first_tile, tiles) (the kernel counts them from the last),
+  // each with its keys split over key_splits CTAs.
+  const bool stats = MODE == Sm90Mode::tilestats;
+  const dim3 grid(unsigned(stats ? tiles - sco.first_tile : tiles), unsigned(q_heads), unsigned(stats ? sco.key_splits : 1));
+  kern<<<grid, C::THREADS, smem, st>>>(mq, mk, mv, a, vd, sco);
   return check_launch("hopper attention kernel launch");
 }
 
@@ -76,6 +80,7 @@ Status launch_mode(Sm90Mode mode, const AttnArgs& a, ElemType t, int q_heads, in
     case Sm90Mode::sparse: return launch<D, T, Sm90Mode::sparse>(a, t, q_heads, kv_heads, sco, st);
     case Sm90Mode::lse: return launch<D, T, Sm90Mode::lse>(a, t, q_heads, kv_heads, sco, st);
     case Sm90Mode::blockmax: return launch<D, T, Sm90Mode::blockmax>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::tilestats: return launch<D, T, Sm90Mode::tilestats>(a, t, q_heads, kv_heads, sco, st);
   }
   return fail(Status::invalid_argument, "hopper attention: unknown mode");
 }

@@ -43,14 +43,25 @@ struct Sm90Config {
 };
 
 // What one launch computes: O and lse (full / sparse), lse only (the first pass of the scores),
-// or the token-level max-pool of P per (query block, key block) (second pass, needs lse).
-enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3 };
+// the token-level max-pool of P per (query block, key block) (second pass, needs lse), or the
+// statistics of every (query row, key tile) that all block scores are functions of (one pass;
+// tile_scores.cu reduces them).
+enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3, tilestats = 4 };
 
 // blockmax: out[h, i, j] = max over rows q of block i (every query_stride-th row offset) and
 // keys k <= q of block j of exp(scale q.k - lse[q]); 0 above the diagonal.
+// tilestats: for row q and key tile j (keys k <= q only), tile_max = max_k q.k (unscaled) and,
+// when tile_sum is set, tile_sum = sum_k 2^((q.k - tile_max) scale_log2); both [Hq, Nb, stat_rows]
+// with row q at q - 128 first_tile. The CTAs of the query tiles [first_tile, Nb) run, their key
+// tiles split over key_splits CTAs (contiguous ranges); a.lse is written only unsplit.
 struct Sm90Scores {
   float* out = nullptr;  // [Hq, Nb, Nb]
   int query_stride = 1;
+  float* tile_max = nullptr;
+  float* tile_sum = nullptr;
+  int64_t stat_rows = 0;
+  int first_tile = 0;
+  int key_splits = 1;
 };
 
 // V's descriptor offsets (MN-major, see smem_desc); a kernel argument so the launcher owns them.
@@ -84,7 +95,7 @@ __global__ void __launch_bounds__(384, 1)
   const int h = blockIdx.y;
   const int kvh = h / a.group;
   const int64_t q0 = int64_t(qt) * BM;
-  int count = 0, row_end = 0, jmax = 0;
+  int count = 0, row_end = 0, jmax = 0, t0 = 0;
   if constexpr (SPARSE) {
     const int64_t row = int64_t(h) * a.nb + qt;
     row_end = a.indptr[row + 1];
@@ -92,9 +103,14 @@ __global__ void __launch_bounds__(384, 1)
   } else {
     jmax = int((min(q0 + BM, a.n) - 1) / BN);
     count = jmax + 1;
+    if constexpr (MODE == Sm90Mode::tilestats) {  // this CTA's share of the key tiles
+      const int z = blockIdx.z, zs = gridDim.z;
+      t0 = int(int64_t(count) * z / zs);
+      count = int(int64_t(count) * (z + 1) / zs) - t0;
+    }
   }
   // Key tile of step t: from the diagonal down (the CSR row is sorted ascending).
-  auto tile_of = [&](int t) { return SPARSE ? a.indices[row_end - 1 - t] : jmax - t; };
+  auto tile_of = [&](int t) { return SPARSE ? a.indices[row_end - 1 - t] : jmax - t0 - t; };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = threadIdx.x / 128;
   float* tilemax = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + C::TILEMAX_OFF);
@@ -255,6 +271,46 @@ __global__ void __launch_bounds__(384, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
+  // tilestats: the online softmax above (its exponentials, relative to the running max), plus the
+  // tile's own max and, rescaled to it, the tile's sum, stored by one thread of the quad.
+  // this thread's rows in the statistics, tile 0 (a tile adds j * stat_rows: one IMAD per tile)
+  const int64_t stat_row = int64_t(h) * a.num_q_tiles * sco.stat_rows + (r_lo - int64_t(sco.first_tile) * BM);
+  auto stats = [&](float (&sc)[BN / 2], int j) {
+    const int64_t k0 = int64_t(j) * BN;
+    const int64_t at0 = stat_row + int64_t(j) * sco.stat_rows;
+    if (k0 + BN - 1 > r_lo) {
+      const int lim = int(r_lo - k0);
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (8 * i + 2 * t4 + (e & 1) > lim + (e >> 1) * 8) sc[4 * i + e] = -INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tm = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) tm = fmaxf(tm, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
+      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+      const float mx = fmaxf(m[r], tm);
+      const float alpha = ex2((m[r] - mx) * sl2);
+      m[r] = mx;
+      const float msc = mx * sl2;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+        sum += ex2(fmaf(sc[4 * i + 2 * r], sl2, -msc)) + ex2(fmaf(sc[4 * i + 2 * r + 1], sl2, -msc));
+      l[r] = l[r] * alpha + sum;
+      const int64_t at = at0 + 8 * r;
+      if (sco.tile_sum) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (t4 == 0) __stcs(sco.tile_sum + at, sum * ex2((mx - tm) * sl2));
+      }
+      if (t4 == 0) __stcs(sco.tile_max + at, tm);
+    }
+  };
 
   if constexpr (!WITH_V) {
     // Scores only (no P V): S per tile, then the row statistics (lse) or the tile's max of P.
@@ -273,6 +329,8 @@ __global__ void __launch_bounds__(384, 1)
       if constexpr (MODE == Sm90Mode::lse) {
         float alpha[2];
         softmax(acc, int64_t(j) * BN, alpha);
+      } else if constexpr (MODE == Sm90Mode::tilestats) {
+        stats(acc, j);
       } else {
         const int64_t k0 = int64_t(j) * BN;
         // max of exp(x) = exp(max of x): one ex2 per warp and tile instead of one per element

@@ -19,27 +19,51 @@ __global__ void budget_kernel(const float* __restrict__ mass, int nb, int npow, 
   const float* p = mass + int64_t(h) * nb;
   for (int j = threadIdx.x; j < npow; j += blockDim.x) key[j] = j < nb ? rank_key(p[j], j) : ~0ull;
   bitonic_sort(key, npow);
+  // The values in rank order, in place of their keys: the serial float64 sums below (the CPU's
+  // order, so the same k_h) then read shared memory, not scattered global loads.
+  double* val = reinterpret_cast<double*>(key);
+  for (int r = threadIdx.x; r < nb; r += blockDim.x) val[r] = double(p[uint32_t(key[r])]);
+  __syncthreads();
   if (threadIdx.x == 0) {
+    // Loads run 8 ahead of the dependent float64 adds (the chain is the cost; the order is kept).
+    constexpr int U = 8;
     double total = 0;
-    for (int r = 0; r < nb; ++r) {
-      const double v = p[uint32_t(key[r])];
-      if (v > 0) total += v;
+    int r = 0;
+    for (; r + U <= nb; r += U) {
+      double v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) v[u] = val[r + u];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v[u] > 0) total += v[u];
     }
+    for (; r < nb; ++r)
+      if (val[r] > 0) total += val[r];
+    // count = fewest ranked blocks whose prefix reaches gamma * total; acc = that prefix.
     int64_t count = 0;
+    double acc = 0;
     if (total > 0) {
-      double acc = 0;
-      for (int r = 0; r < nb; ++r) {
-        ++count;
-        acc += double(p[uint32_t(key[r])]);
-        if (acc >= gamma * total) break;
+      const double target = gamma * total;
+      bool done = false;
+      for (r = 0; r < nb && !done; r += U) {
+        double v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = r + u < nb ? val[r + u] : 0.0;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (!done && r + u < nb) {
+            ++count;
+            acc += v[u];
+            done = acc >= target;
+          }
       }
     }
     const int64_t lo = k_min < nb ? k_min : nb;
     const int64_t kh = count < lo ? lo : (count > nb ? nb : count);
     k_out[h] = int32_t(kh);
-    if (kept) {
-      double s = 0;
-      for (int r = 0; r < kh; ++r) s += double(p[uint32_t(key[r])]);
+    if (kept) {  // the prefix sum of kh blocks: acc, extended when k_min raised kh above count
+      double s = acc;
+      for (int64_t x = count; x < kh; ++x) s += val[x];
       kept[h] = s;
     }
   }

@@ -100,9 +100,7 @@ Status row_lse(const AttentionParams& p) noexcept {
   int splits = p.kv_splits;
   if (splits < 0) return fail(Status::invalid_argument, "row_lse: kv_splits must be >= 0");
   if (splits == 0) {
-    int sms = 132;
-    int dev = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const int sms = detail::sm_count();
     splits = ctas >= 2 * sms ? 1 : int(std::min<int64_t>({(4 * sms + ctas - 1) / ctas, max_tiles, 64}));
   }
   if (splits > 65535) return fail(Status::invalid_argument, "row_lse: kv_splits too large");

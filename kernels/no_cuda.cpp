@@ -47,6 +47,8 @@ Status full_attention(const AttentionParams&) noexcept { return Status::no_cuda;
 Status row_lse(const AttentionParams&) noexcept { return Status::no_cuda; }
 Status sparse_attention(const SparseAttentionParams&) noexcept { return Status::no_cuda; }
 Status block_scores(const BlockScoreParams&) noexcept { return Status::no_cuda; }
+Status fused_block_scores(const FusedScoreParams&) noexcept { return Status::no_cuda; }
+size_t fused_block_scores_workspace(const FusedScoreParams&) noexcept { return 0; }
 Status pool_heads(const PoolHeadsParams&) noexcept { return Status::no_cuda; }
 Status dynamic_budget(const BudgetParams&) noexcept { return Status::no_cuda; }
 Status select_counts(const SelectParams&) noexcept { return Status::no_cuda; }

@@ -4,9 +4,10 @@
 // in prepare (untimed) after the memory check, and freed in end_case.
 //
 // ProxyAttn on the device (the chain the dispatch layer uses; every stage is one launcher):
-//   scores:  pool_heads(Q), pool_heads(K) -> proxy heads; row_lse on them; block_scores(max)
-//   budget:  row_lse of the last query block of every head; block_scores(mean_sum) of that
-//            block (p_h); dynamic_budget(gamma) -> k_h
+//   scores:  pool_heads(Q), pool_heads(K) -> proxy heads; fused_block_scores(max) on them (row
+//            LSE and max-pool: one pass over Q K^T on Hopper, row_lse + block_scores elsewhere)
+//   budget:  fused_block_scores(mean_sum) of the last query block of every head (p_h; one pass
+//            on Hopper, keys split over CTAs); dynamic_budget(gamma) -> k_h
 //   select:  select_counts + select_fill (sink, diagonal, best proxy scores) -> CSR mask
 //   kernel:  sparse_attention on that mask
 // proxyattn@density=D: an untimed calibration run reads k_h back and finds the one scale c
@@ -268,7 +269,7 @@ class GpuRunner : public Runner {
 
   void end_case() override {
     for (kn::DeviceBuffer* b :
-         {&indptr_, &indices_, &qg_, &kg_, &lse_g_, &scores_, &mass_, &kout_, &kscaled_, &bitmap_, &counts_})
+         {&indptr_, &indices_, &qg_, &kg_, &lse_g_, &scores_, &mass_, &kout_, &kscaled_, &bitmap_, &counts_, &ws_})
       b->reset();
     kscaled_ok_ = false;
     mask_.reset();
@@ -342,6 +343,9 @@ class GpuRunner : public Runner {
       case Family::proxyattn: {
         const double g = m.groups;
         b += 2 * g * n * d * es + g * n * 4 + g * nb * nb * 4 + hq * nb * 4 + hq * 8 + csr_max;
+        // fused_block_scores' workspace (per-tile statistics), at most its default limit.
+        const double bb = sw_.block;
+        b += std::min(double(kn::FusedScoreParams{}.workspace_limit), std::max(g * nb * nb * bb, hq * nb * bb) * 8);
         break;
       }
     }
@@ -445,6 +449,15 @@ class GpuRunner : public Runner {
     mask_ = BlockMask(hq, n_, sw_.block, std::move(indptr), std::move(indices));
   }
 
+  // The one-pass scores' workspace, allocated by the first (untimed, prepare) estimation and
+  // kept for the timed ones: a stream-ordered allocation per call would be timed too.
+  void use_workspace(kn::FusedScoreParams& f) {
+    const size_t need = kn::fused_block_scores_workspace(f);
+    if (need > ws_.bytes()) ck(ws_.allocate(need), "alloc fused_block_scores workspace");
+    f.workspace = ws_.data();
+    f.workspace_bytes = ws_.bytes();
+  }
+
   void run_proxy_estimation(const int32_t* head_k) {
     const int hq = sw_.model.num_q_heads, hkv = sw_.model.num_kv_heads, g = m_.groups, d = sw_.model.head_dim;
     const int r = hq / hkv, per = hq / g;
@@ -471,13 +484,12 @@ class GpuRunner : public Runner {
     }
     ck(kn::pool_heads(pq), "pool_heads (q)");
     ck(kn::pool_heads(pk), "pool_heads (k)");
-    kn::AttentionParams pa = base_params(qg_.data(), kg_.data(), nullptr, nullptr, lse_g_.as<float>(), n_, dt_);
-    pa.q_heads = pa.kv_heads = g;
-    ck(kn::row_lse(pa), "row_lse (proxy heads)");
-    kn::BlockScoreParams bs;
+    // The proxy heads' LSE and max-pool: one pass over Q K^T where the Hopper kernels apply.
+    bool one_pass = false;
+    kn::FusedScoreParams fs;
+    kn::BlockScoreParams& bs = fs.scores;
     bs.q = qg_.data();
     bs.k = kg_.data();
-    bs.lse = lse_g_.as<float>();
     bs.out = scores_.as<float>();
     bs.in_type = et;
     bs.q_heads = bs.kv_heads = g;
@@ -486,19 +498,19 @@ class GpuRunner : public Runner {
     bs.block = sw_.block;
     bs.query_stride = m_.query_stride;
     bs.reduce = kn::BlockReduce::max;
-    ck(kn::block_scores(bs), "block_scores (proxy max)");
+    fs.lse_out = lse_g_.as<float>();
+    fs.one_pass = &one_pass;
+    use_workspace(fs);
+    ck(kn::fused_block_scores(fs), "fused_block_scores (proxy max-pool)");
     s_scores_.stop();
+    stage_info_["proxy"]["passes"] = one_pass ? 1 : 2;
 
     s_budget_.start();
-    kn::AttentionParams la = attn();
-    la.o = nullptr;
-    la.v = nullptr;
-    la.row_begin = int64_t(nb_ - 1) * sw_.block;
-    ck(kn::row_lse(la), "row_lse (last block)");
-    kn::BlockScoreParams ms;
+    // The last query block's mass per key block (one pass on Hopper, keys split over CTAs).
+    kn::FusedScoreParams fm;
+    kn::BlockScoreParams& ms = fm.scores;
     ms.q = q_.data();
     ms.k = k_.data();
-    ms.lse = lse_.as<float>();
     ms.out = mass_.as<float>();
     ms.in_type = et;
     ms.q_heads = hq;
@@ -508,7 +520,9 @@ class GpuRunner : public Runner {
     ms.block = sw_.block;
     ms.row_block_begin = nb_ - 1;
     ms.reduce = kn::BlockReduce::mean_sum;
-    ck(kn::block_scores(ms), "block_scores (last-block mass)");
+    fm.one_pass = &one_pass;
+    use_workspace(fm);
+    ck(kn::fused_block_scores(fm), "fused_block_scores (last-block mass)");
     kn::BudgetParams bp;
     bp.mass = mass_.as<float>();
     bp.heads = hq;
@@ -518,6 +532,7 @@ class GpuRunner : public Runner {
     bp.k_out = kout_.as<int32_t>();
     ck(kn::dynamic_budget(bp), "dynamic_budget");
     s_budget_.stop();
+    stage_info_["budget"]["passes"] = one_pass ? 1 : 2;
 
     s_select_.start();
     kn::SelectParams sp;
@@ -671,7 +686,7 @@ class GpuRunner : public Runner {
   DType dt_ = DType::bf16;
   int nb_ = 0;
   std::string inputs_kind_;
-  kn::DeviceBuffer q_, k_, v_, o_, lse_;
+  kn::DeviceBuffer q_, k_, v_, o_, lse_, ws_;
   Method m_;
   std::optional<BlockMask> mask_;
   nlohmann::json stage_info_ = nlohmann::json::object();

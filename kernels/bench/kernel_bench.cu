@@ -358,6 +358,27 @@ int run_bench(int argc, char** argv) {
     row("est.select", n, "B128", t_select, 0, -1);
     row("est.total", n, "vs full", total, 0, total / fms);  // extra = fraction of full time
 
+    // The same estimation with fused_block_scores: LSE + max-pool in one pass (the proxy
+    // scores) and the last-block mass in one key-split pass (the budget); 1 = one pass ran.
+    kk::FusedScoreParams fs, fm;
+    bool one_s = false, one_m = false;
+    fs.scores = ps;
+    fs.lse_out = static_cast<float*>(lse_g.p());
+    fs.one_pass = &one_s;
+    fm.scores = pm;
+    fm.one_pass = &one_m;
+    Buf ws(std::max(kk::fused_block_scores_workspace(fs), kk::fused_block_scores_workspace(fm)) + 16);
+    fs.workspace = fm.workspace = ws.p();
+    fs.workspace_bytes = fm.workspace_bytes = ws.b.bytes();
+    const double t_fscore = median_ms(r, [&] { CK(kk::fused_block_scores(fs)); });
+    const double t_fbudget = median_ms(r, [&] { CK(kk::fused_block_scores(fm)); CK(kk::dynamic_budget(pb)); });
+    const double t_fmass = median_ms(r, [&] { CK(kk::fused_block_scores(fm)); });
+    const double ftotal = t_pool + t_fscore + t_fbudget + t_select;
+    row("est.fused_scores", n, "g1 B128 lse+max", t_fscore, 0, one_s ? 1 : 0);
+    row("est.fused_mass", n, "last block", t_fmass, 0, one_m ? 1 : 0);
+    row("est.fused_budget", n, "gamma .95", t_fbudget, 0, one_m ? 1 : 0);
+    row("est.fused_total", n, "vs full", ftotal, 0, ftotal / fms);
+
     // Oracle mass (two passes) over all heads.
     Buf mfull(size_t(HQ) * nb * nb * 4);
     kk::AttentionParams pa = L.params();

@@ -7,6 +7,7 @@
 // with Status::unsupported (never a silent fallback).
 #include <gtest/gtest.h>
 
+#include <set>
 #include <tuple>
 
 #include "gpu_test_util.hpp"
@@ -265,6 +266,130 @@ TEST_P(HopperAttention, ScorePassesMatchCpuAndPortable) {
       if (!gqa) test::expect_rel(("hopper maxpool vs cpu " + tag).c_str(), gh, maxpool_block_scores(q, k, 128, stride), tol);
     }
   }
+}
+
+// fused_block_scores (one pass: per-tile statistics + reduction) vs the CPU and vs the two
+// portable passes (row_lse + block_scores): the max-pool (query strides 1 and 3) and the block
+// mass of all rows and of the last block alone, unsplit and with the keys split over CTAs
+// (forced, and the automatic choice), MHA and GQA. The statistics are exact fp32 (no P rounding),
+// so the tolerance is far tighter than the attention outputs'.
+TEST_P(HopperAttention, FusedScoresMatchCpuAndTwoPasses) {
+  REQUIRE_HOPPER();
+  const auto [c, dt] = GetParam();
+  const kk::ElemType et = test::elem_of(dt);
+  constexpr double tol = 1e-4;
+  for (bool gqa : {false, true}) {
+    const int hq = c.hq, hkv = gqa ? c.hkv : c.hq;
+    if (gqa && hkv == hq) continue;
+    const Tensor3 q = test::random_rounded(hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(hkv, c.n, c.d, dt);
+    const int nb = num_blocks_for(c.n, 128);
+    kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt);
+    const int64_t nl = int64_t(hq) * c.n;
+    const BlockMass mass_cpu = block_mass_cpu(q, k, 128);
+    auto params = [&](kk::BlockReduce reduce, int stride, int rbb, int splits, kk::AttnImpl impl) {
+      kk::FusedScoreParams f;
+      kk::BlockScoreParams& b = f.scores;
+      b.q = dq.data();
+      b.k = dk.data();
+      b.in_type = et;
+      b.q_heads = hq;
+      b.kv_heads = hkv;
+      b.head_dim = c.d;
+      b.seq_len = c.n;
+      b.block = 128;
+      b.query_stride = stride;
+      b.row_block_begin = rbb;
+      b.reduce = reduce;
+      b.key_splits = splits;
+      b.impl = impl;
+      return f;
+    };
+    // Runs one request; returns the scores and the lse of rows [rbb 128, N) (NaN-poisoned elsewhere).
+    auto run = [&](kk::FusedScoreParams f, bool expect_one_pass, bool own_workspace = false) {
+      const int64_t ns = int64_t(hq) * (nb - f.scores.row_block_begin) * nb;
+      kk::DeviceBuffer out = test::poisoned(ns, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
+      bool one = !expect_one_pass;
+      f.scores.out = out.as<float>();
+      f.lse_out = lse.as<float>();
+      f.one_pass = &one;
+      kk::DeviceBuffer ws;
+      if (own_workspace) {
+        const size_t bytes = kk::fused_block_scores_workspace(f);
+        EXPECT_EQ(bytes > 0, expect_one_pass);
+        test::kcheck(ws.allocate(bytes), "workspace");
+        test::kcheck(kk::fill(ws.data(), kk::ElemType::f32, int64_t(bytes / 4), NAN), "poison workspace");
+        f.workspace = ws.data();
+        f.workspace_bytes = bytes;
+      }
+      test::kcheck(kk::fused_block_scores(f), "fused_block_scores");
+      test::kcheck(kk::synchronize(), "fused_block_scores sync");
+      EXPECT_EQ(one, expect_one_pass);
+      std::vector<float> l = test::download_as_float(lse, nl, kk::ElemType::f32);
+      for (int h = 0; h < hq; ++h)  // keep the rows that were asked for
+        l.erase(l.begin() + int64_t(h) * (c.n - 128 * f.scores.row_block_begin),
+                l.begin() + int64_t(h) * (c.n - 128 * f.scores.row_block_begin) + 128 * f.scores.row_block_begin);
+      return std::make_pair(test::download_as_float(out, ns, kk::ElemType::f32), l);
+    };
+    for (int stride : {1, 3})
+      for (int splits : {1, 3}) {
+        const std::string tag = std::string(gqa ? "gqa" : "mha") + " stride " + std::to_string(stride) + " splits " +
+                                std::to_string(splits);
+        const auto [got, got_lse] = run(params(kk::BlockReduce::max, stride, 0, splits, kk::AttnImpl::hopper), true);
+        const auto [ref, ref_lse] = run(params(kk::BlockReduce::max, stride, 0, 0, kk::AttnImpl::portable), false);
+        test::expect_rel(("fused maxpool vs two passes " + tag).c_str(), got, ref, tol);
+        test::expect_rel(("fused lse vs row_lse " + tag).c_str(), got_lse, ref_lse, tol);
+        if (!gqa) test::expect_rel(("fused maxpool vs cpu " + tag).c_str(), got, maxpool_block_scores(q, k, 128, stride), tol);
+        // The caller's (NaN-poisoned) workspace gives the same bits as the stream-ordered one.
+        const auto [own, own_lse] = run(params(kk::BlockReduce::max, stride, 0, splits, kk::AttnImpl::hopper), true, true);
+        EXPECT_EQ(own, got) << tag;
+        EXPECT_EQ(own_lse, got_lse) << tag;
+      }
+    for (int rbb : std::set<int>{0, nb - 1})
+      for (int splits : {0, 1, 4}) {
+        if (rbb == 0 && splits == 0) continue;  // same as 1 unless the rows are few
+        const std::string tag = std::string(gqa ? "gqa" : "mha") + " from block " + std::to_string(rbb) + " splits " +
+                                std::to_string(splits);
+        const auto [got, got_lse] = run(params(kk::BlockReduce::mean_sum, 1, rbb, splits, kk::AttnImpl::hopper), true);
+        const auto [ref, ref_lse] = run(params(kk::BlockReduce::mean_sum, 1, rbb, 0, kk::AttnImpl::portable), false, true);
+        test::expect_rel(("fused mass vs two passes " + tag).c_str(), got, ref, tol);
+        test::expect_rel(("fused lse vs row_lse " + tag).c_str(), got_lse, ref_lse, tol);
+        const std::vector<float> cpu(mass_cpu.mass.begin(), mass_cpu.mass.end());
+        std::vector<float> cpu_rows;
+        for (int h = 0; h < hq; ++h)
+          cpu_rows.insert(cpu_rows.end(), cpu.begin() + (int64_t(h) * nb + rbb) * nb, cpu.begin() + int64_t(h + 1) * nb * nb);
+        test::expect_rel(("fused mass vs cpu " + tag).c_str(), got, cpu_rows, tol);
+      }
+  }
+}
+
+// The automatic path of fused_block_scores takes the two passes when its workspace would pass
+// the limit, and an explicit hopper request then fails with the reason.
+TEST(HopperAttentionApi, FusedScoresFallBackOverTheWorkspaceLimit) {
+  REQUIRE_HOPPER();
+  const int64_t n = 700;
+  const int nb = num_blocks_for(n, 128);
+  const Tensor3 q = test::random_rounded(2, n, 64, DType::bf16), k = test::random_rounded(2, n, 64, DType::bf16);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), DType::bf16), dk = test::upload16(k.storage(), DType::bf16);
+  kk::DeviceBuffer out = test::poisoned(int64_t(2) * nb * nb, kk::ElemType::f32);
+  kk::FusedScoreParams f;
+  f.scores.q = dq.data();
+  f.scores.k = dk.data();
+  f.scores.out = out.as<float>();
+  f.scores.q_heads = f.scores.kv_heads = 2;
+  f.scores.head_dim = 64;
+  f.scores.seq_len = n;
+  f.scores.reduce = kk::BlockReduce::max;
+  f.workspace_limit = 1024;
+  bool one = true;
+  f.one_pass = &one;
+  test::kcheck(kk::fused_block_scores(f), "fused_block_scores (automatic, over the limit)");
+  test::kcheck(kk::synchronize(), "sync");
+  EXPECT_FALSE(one);
+  test::expect_rel("two-pass fallback vs cpu", test::download_as_float(out, int64_t(2) * nb * nb, kk::ElemType::f32),
+                   maxpool_block_scores(q, k, 128, 1), 1e-4);
+  f.scores.impl = kk::AttnImpl::hopper;
+  EXPECT_EQ(kk::fused_block_scores(f), kk::Status::unsupported);
+  EXPECT_NE(std::string(kk::last_error_detail()).find("workspace"), std::string::npos) << kk::last_error_detail();
 }
 
 // A query block with an empty CSR row gives O = 0 and lse = -inf; the other rows are unaffected.

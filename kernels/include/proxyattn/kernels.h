@@ -217,6 +217,28 @@ struct BlockScoreParams {
 // Second pass of the oracle (mean_sum) or of the ProxyAttn scores (max); never an N x N buffer.
 Status block_scores(const BlockScoreParams& p) noexcept;
 
+// Block scores straight from Q and K, the row LSE found on the way: what row_lse then
+// block_scores give (the same `out`; lse_out = row_lse's lse of rows [row_block_begin B, N)).
+// Where the Hopper kernels apply (compute capability 9.x, block 128, head_dim 64/128) it is one
+// pass over Q K^T instead of two: attn_sm90_kernel stores the max logit of every (query row, key
+// tile) and, when needed, the tile's exp-sum in a stream-ordered workspace (Hq x rows x Nb x 4
+// or 8 bytes, rows = the query rows scored), its key tiles split over CTAs when the rows are
+// few (the last-block mass); a reduction (tile_scores.cu) turns them into the scores.
+// Elsewhere, or when the workspace would pass workspace_limit or cannot be allocated, the two
+// passes run (impl = hopper fails instead, with the reason). A caller that repeats the call
+// (a benchmark) passes its own workspace of fused_block_scores_workspace(p) bytes: a 512 MB
+// stream-ordered allocation per call costs as much as the reduction.
+struct FusedScoreParams {
+  BlockScoreParams scores;                   // scores.lse is not read
+  float* lse_out = nullptr;                  // optional [Hq, N]
+  size_t workspace_limit = size_t(4) << 30;  // bytes
+  void* workspace = nullptr;                 // optional, device; used when workspace_bytes suffice
+  size_t workspace_bytes = 0;
+  bool* one_pass = nullptr;                  // optional: set to whether the one-pass path ran
+};
+Status fused_block_scores(const FusedScoreParams& p) noexcept;
+// Workspace bytes the one-pass path takes for p; 0 when the two passes would run.
+size_t fused_block_scores_workspace(const FusedScoreParams& p) noexcept;
 // ---- ProxyAttn building blocks ---------------------------------------------------------------
 constexpr int kMaxPoolGroups = 128;
 // dst[g] = mean over src heads [head_begin[g], head_end[g]) of src (same dtype, fp32 sums).
