@@ -1,7 +1,8 @@
 // Kernel timings on the GPU (not a test): full causal attention per tile variant, block-sparse
 // attention at several densities (random per-head blocks + diagonal, block 128, as the
 // FlexAttention anchor), the ProxyAttn estimation pipeline (pool, proxy LSE, max-pool scores,
-// last-block mass, dynamic budget, selection) and the oracle block mass. Shape of
+// last-block mass, dynamic budget, selection; then est.fused_*: the same with the one-pass
+// fused_block_scores) and the oracle block mass. Shape of
 // PERFORMANCE.md: bf16, 32 query heads, 8 KV heads, d 128, causal. CUDA-event medians.
 //
 //   proxyattn_kernel_bench [--lengths 4096,32768] [--variants 0,1,2] [--impls portable,hopper] [--reps 5]
