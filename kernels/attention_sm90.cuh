@@ -215,17 +215,23 @@ __global__ void __launch_bounds__(384, 1)
     }
     wgmma_commit();
   };
-  // Causal mask of tile k0 (only tiles reaching past this thread's first row), then the online
-  // softmax: row max over the quad, probabilities in place in sc, alpha = rescale of O.
-  auto softmax = [&](float (&sc)[BN / 2], int64_t k0, float (&alpha)[2]) {
+  // Causal mask of the tile at key k0: -inf where k > q, only in tiles reaching past this
+  // thread's first row (offsets inside the tile in 32 bits: the 64-bit compare per element was
+  // the bottleneck of the score passes, NOTES.md v9).
+  auto mask_causal = [&](float (&sc)[BN / 2], int64_t k0) {
     if (k0 + BN - 1 > r_lo) {
-      const int lim = int(r_lo - k0);  // in (-BN, BN) here: 32-bit offsets inside the tile
+      const int lim = int(r_lo - k0);  // in (-BN, BN) here
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (8 * i + 2 * t4 + (e & 1) > lim + (e >> 1) * 8) sc[4 * i + e] = -INFINITY;
     }
+  };
+  // The causal mask, then the online softmax: row max over the quad, probabilities in place in
+  // sc, alpha = rescale of O.
+  auto softmax = [&](float (&sc)[BN / 2], int64_t k0, float (&alpha)[2]) {
+    mask_causal(sc, k0);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = m[r];
@@ -271,21 +277,14 @@ __global__ void __launch_bounds__(384, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
+  // tilestats: this thread's first row in the statistics at tile 0 (tile j adds j * stat_rows).
+  const int64_t stat_row = int64_t(h) * a.num_q_tiles * sco.stat_rows + (r_lo - int64_t(sco.first_tile) * BM);
   // tilestats: the online softmax above (its exponentials, relative to the running max), plus the
   // tile's own max and, rescaled to it, the tile's sum, stored by one thread of the quad.
-  // this thread's rows in the statistics, tile 0 (a tile adds j * stat_rows: one IMAD per tile)
-  const int64_t stat_row = int64_t(h) * a.num_q_tiles * sco.stat_rows + (r_lo - int64_t(sco.first_tile) * BM);
   auto stats = [&](float (&sc)[BN / 2], int j) {
     const int64_t k0 = int64_t(j) * BN;
     const int64_t at0 = stat_row + int64_t(j) * sco.stat_rows;
-    if (k0 + BN - 1 > r_lo) {
-      const int lim = int(r_lo - k0);
-#pragma unroll
-      for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (8 * i + 2 * t4 + (e & 1) > lim + (e >> 1) * 8) sc[4 * i + e] = -INFINITY;
-    }
+    mask_causal(sc, k0);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tm = -INFINITY;
