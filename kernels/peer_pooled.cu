@@ -60,18 +60,7 @@ __global__ void __launch_bounds__(256) pooled_logits_kernel(const float* __restr
       sk[r][c] = okc && j0 + r < nb ? kb[int64_t(j0 + r) * d + c0 + c] : 0.f;
     }
     __syncthreads();
-    for (int c = 0; c < cw; ++c) {
-      float a[4], b[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        a[u] = sq[ty + 16 * u][c];
-        b[u] = sk[tx + 16 * u][c];
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(a[u], b[v], acc[u][v]);
-    }
+    fma_4x4(acc, sq, sk, cw, tx, ty);
   }
 #pragma unroll
   for (int u = 0; u < 4; ++u)

@@ -187,6 +187,26 @@ __device__ V block_exclusive_scan(V x, V* total) {
   return out;
 }
 
+// acc[u][v] += sum over c < cw of sa[ty + 16 u][c] * sb[tx + 16 v][c]: the 4 x 4 register block
+// of a 64 x 64 fp32 tile computed by 16 x 16 threads from one chunk staged in shared memory,
+// FMA in c order (the CPU's summation order within the chunk).
+template <int W>
+__device__ __forceinline__ void fma_4x4(float (&acc)[4][4], const float (*sa)[W], const float (*sb)[W], int cw,
+                                        int tx, int ty) {
+  for (int c = 0; c < cw; ++c) {
+    float a[4], b[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      a[u] = sa[ty + 16 * u][c];
+      b[u] = sb[tx + 16 * u][c];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(a[u], b[v], acc[u][v]);
+  }
+}
+
 // floor(a / b) for b > 0 and any sign of a.
 __host__ __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {
   return a >= 0 ? a / b : -((-a + b - 1) / b);

@@ -154,18 +154,7 @@ __device__ __forceinline__ void exact_tile(float (&acc)[4][4], float (*sq)[kXC +
       sk[r][c] = okc && k0 + r < n ? k[(k0 + r) * d + c0 + c] : 0.f;
     }
     __syncthreads();
-    for (int c = 0; c < cw; ++c) {
-      float a[4], b[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        a[u] = sq[ty + 16 * u][c];
-        b[u] = sk[tx + 16 * u][c];
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(a[u], b[v], acc[u][v]);
-    }
+    peer::fma_4x4(acc, sq, sk, cw, tx, ty);
   }
 #pragma unroll
   for (int u = 0; u < 4; ++u)

@@ -38,6 +38,22 @@ struct Case {
   int64_t n;
 };
 
+// Attention parameters over device Q/K/V (contiguous [heads, n, d]), no outputs yet.
+kk::AttentionParams attn_params(const kk::DeviceBuffer& q, const kk::DeviceBuffer& k, const kk::DeviceBuffer* v,
+                                DType dt, int hq, int hkv, int d, int64_t n, kk::AttnImpl impl) {
+  kk::AttentionParams p;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v ? v->data() : nullptr;
+  p.in_type = test::elem_of(dt);
+  p.q_heads = hq;
+  p.kv_heads = hkv;
+  p.head_dim = d;
+  p.seq_len = n;
+  p.impl = impl;
+  return p;
+}
+
 std::vector<Case> cases() {
   if (test::small_mode()) return {{2, 2, 64, 131}, {3, 1, 128, 300}};
   return {{2, 2, 64, 1},    {4, 4, 64, 127},   {3, 1, 64, 1031},  {6, 2, 128, 300},
@@ -93,15 +109,7 @@ TEST_P(HopperAttention, FullMatchesCpuAndPortable) {
   kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
                    dv = test::upload16(v.storage(), dt);
   const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
-  kk::AttentionParams p;
-  p.q = dq.data();
-  p.k = dk.data();
-  p.v = dv.data();
-  p.in_type = et;
-  p.q_heads = c.hq;
-  p.kv_heads = c.hkv;
-  p.head_dim = c.d;
-  p.seq_len = c.n;
+  kk::AttentionParams p = attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::automatic);
 
   std::vector<float> portable_o;
   for (kk::AttnImpl impl : {kk::AttnImpl::portable, kk::AttnImpl::hopper})
@@ -135,23 +143,14 @@ TEST_P(HopperAttention, StridedInputs) {
                    dv = test::upload16(interleave(v), dt);
   const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
   kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
-  kk::AttentionParams p;
-  p.q = dq.data();
-  p.k = dk.data();
-  p.v = dv.data();
+  kk::AttentionParams p = attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
   p.o = o.data();
   p.lse = lse.as<float>();
-  p.in_type = test::elem_of(dt);
   p.out_type = kk::ElemType::f32;
-  p.q_heads = c.hq;
-  p.kv_heads = c.hkv;
-  p.head_dim = c.d;
-  p.seq_len = c.n;
   p.q_stride_token = int64_t(c.hq) * c.d;
   p.q_stride_head = c.d;
   p.k_stride_token = p.v_stride_token = int64_t(c.hkv) * c.d;
   p.k_stride_head = p.v_stride_head = c.d;
-  p.impl = kk::AttnImpl::hopper;
   test::kcheck(kk::full_attention(p), "full_attention strided");
   test::kcheck(kk::synchronize(), "full_attention strided sync");
   test::expect_rel("O strided", test::download_as_float(o, no, kk::ElemType::f32), ref.o.storage(), test::rel_tol(dt));
@@ -175,18 +174,10 @@ TEST_P(HopperAttention, SparseMatchesCpu) {
     for (kk::ElemType ot : {kk::ElemType::f32, et}) {
       kk::DeviceBuffer o = test::poisoned(no, ot), lse = test::poisoned(nl, kk::ElemType::f32);
       kk::SparseAttentionParams sp;
-      sp.attn.q = dq.data();
-      sp.attn.k = dk.data();
-      sp.attn.v = dv.data();
+      sp.attn = attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
       sp.attn.o = o.data();
       sp.attn.lse = lse.as<float>();
-      sp.attn.in_type = et;
       sp.attn.out_type = ot;
-      sp.attn.q_heads = c.hq;
-      sp.attn.kv_heads = c.hkv;
-      sp.attn.head_dim = c.d;
-      sp.attn.seq_len = c.n;
-      sp.attn.impl = kk::AttnImpl::hopper;
       sp.indptr = ip.as<int32_t>();
       sp.indices = ix.as<int32_t>();
       sp.block = 128;
@@ -217,17 +208,9 @@ TEST_P(HopperAttention, ScorePassesMatchCpuAndPortable) {
     const int64_t nl = int64_t(hq) * c.n, ns = int64_t(hq) * nb * nb;
     auto run_lse = [&](kk::AttnImpl impl) {
       kk::DeviceBuffer lse = test::poisoned(nl, kk::ElemType::f32);
-      kk::AttentionParams p;
-      p.q = dq.data();
-      p.k = dk.data();
+      kk::AttentionParams p = attn_params(dq, dk, nullptr, dt, hq, hkv, c.d, c.n, impl);
       p.lse = lse.as<float>();
-      p.in_type = et;
-      p.q_heads = hq;
-      p.kv_heads = hkv;
-      p.head_dim = c.d;
-      p.seq_len = c.n;
       p.kv_splits = 1;
-      p.impl = impl;
       test::kcheck(kk::row_lse(p), "row_lse");
       return lse;
     };
@@ -419,18 +402,10 @@ TEST(HopperAttentionSparse, EmptyRowsGiveZeroAndMinusInf) {
   const int64_t no = int64_t(hq) * n * d, nl = int64_t(hq) * n;
   kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
   kk::SparseAttentionParams sp;
-  sp.attn.q = dq.data();
-  sp.attn.k = dk.data();
-  sp.attn.v = dv.data();
+  sp.attn = attn_params(dq, dk, &dv, dt, hq, hkv, d, n, kk::AttnImpl::hopper);
   sp.attn.o = o.data();
   sp.attn.lse = lse.as<float>();
-  sp.attn.in_type = kk::ElemType::f16;
   sp.attn.out_type = kk::ElemType::f32;
-  sp.attn.q_heads = hq;
-  sp.attn.kv_heads = hkv;
-  sp.attn.head_dim = d;
-  sp.attn.seq_len = n;
-  sp.attn.impl = kk::AttnImpl::hopper;
   sp.indptr = ip.as<int32_t>();
   sp.indices = ix.as<int32_t>();
   sp.block = 128;
@@ -477,16 +452,8 @@ TEST(HopperAttentionCausal, SparseCausalEqualsFullBitwise) {
   const int64_t no = int64_t(hq) * n * d;
   kk::DeviceBuffer of = test::poisoned(no, kk::ElemType::f32), os = test::poisoned(no, kk::ElemType::f32);
   kk::SparseAttentionParams sp;
-  sp.attn.q = dq.data();
-  sp.attn.k = dk.data();
-  sp.attn.v = dv.data();
-  sp.attn.in_type = kk::ElemType::bf16;
+  sp.attn = attn_params(dq, dk, &dv, dt, hq, hkv, d, n, kk::AttnImpl::hopper);
   sp.attn.out_type = kk::ElemType::f32;
-  sp.attn.q_heads = hq;
-  sp.attn.kv_heads = hkv;
-  sp.attn.head_dim = d;
-  sp.attn.seq_len = n;
-  sp.attn.impl = kk::AttnImpl::hopper;
   sp.attn.o = of.data();
   test::kcheck(kk::full_attention(sp.attn), "full_attention");
   sp.attn.o = os.data();
