@@ -283,8 +283,7 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
         float mx = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < NTILE; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = quad_max(mx);
         const float m_new = fmaxf(m[mt][hr], mx * a.scale_log2);
         const float base = m_new == -INFINITY ? 0.f : m_new;  // fully masked row so far: no NaN
         alpha[mt][hr] = ex2(m[mt][hr] - base);
@@ -355,8 +354,7 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       float lt = l[mt][hr];
-      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+      lt = quad_sum(lt);
       const int64_t row = row_lo + mt * 16 + (lane >> 2) + hr * 8;
       if (row >= a.n) continue;
       if (MODE == AttnMode::lse && a.kv_splits > 1) {

@@ -237,8 +237,7 @@ __global__ void __launch_bounds__(384, 1)
       float mx = m[r];
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = quad_max(mx);
       alpha[r] = ex2((m[r] - mx) * sl2);
       m[r] = mx;
       const float msc = mx * sl2;
@@ -290,8 +289,7 @@ __global__ void __launch_bounds__(384, 1)
       float tm = -INFINITY;
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) tm = fmaxf(tm, fmaxf(sc[4 * i + 2 * r], sc[4 * i + 2 * r + 1]));
-      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
-      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+      tm = quad_max(tm);
       const float mx = fmaxf(m[r], tm);
       const float alpha = ex2((m[r] - mx) * sl2);
       m[r] = mx;
@@ -303,8 +301,7 @@ __global__ void __launch_bounds__(384, 1)
       l[r] = l[r] * alpha + sum;
       const int64_t at = at0 + 8 * r;
       if (sco.tile_sum) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum = quad_sum(sum);
         if (t4 == 0) __stcs(sco.tile_sum + at, sum * ex2((mx - tm) * sl2));
       }
       if (t4 == 0) __stcs(sco.tile_max + at, tm);
@@ -411,8 +408,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float lr = l[r];
-      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      lr = quad_sum(lr);
       const int64_t row = r_lo + 8 * r;
       if (row >= a.n) continue;
       const float inv = lr > 0.f ? 1.f / lr : 0.f;

@@ -120,8 +120,7 @@ __global__ void __launch_bounds__(XNT, 1) xattn_kernel(const XArgs a) {
               if (need_mask && b0 + nt * 8 + (lane & 3) * 2 + e > row) x = -INFINITY;
               mx = fmaxf(mx, x);
             }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx = detail::quad_max(mx);
           const float m_new = fmaxf(m[mt][hr], mx * a.scale_log2);
           const float base = m_new == -INFINITY ? 0.f : m_new;
           float sum = 0.f;
@@ -184,8 +183,7 @@ __global__ void __launch_bounds__(XNT, 1) xattn_kernel(const XArgs a) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         float lt = l[mt][hr];
-        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        lt = detail::quad_sum(lt);
         const int64_t row = row_lo + mt * 16 + (lane >> 2) + hr * 8;
         if (row < a.A && (lane & 3) == 0) a.lse2[int64_t(h) * a.A + row] = m[mt][hr] + log2f(lt);
       }

@@ -19,7 +19,7 @@ using detail::fail;
 namespace detail {
 namespace {
 
-struct PoolArgs {
+struct PoolArgs {  // pool_heads_kernel (dst: the operand type) and pool_f32_kernel (dst: float32)
   const void* src;
   void* dst;
   int64_t sh, st;
@@ -96,21 +96,10 @@ Status pool_heads(const PoolHeadsParams& p) noexcept {
 namespace detail {
 namespace {
 
-struct PoolF32Args {
-  const void* src;
-  float* dst;
-  int64_t sh, st;
-  int64_t n;
-  int d;
-  int groups;
-  int32_t begin[kMaxPoolGroups];
-  int32_t end[kMaxPoolGroups];
-};
-
 // dst[g, t, c] = (sum over heads h in [begin, end) in order of src[h, t, c]) / count: the CPU's
 // make_proxy_heads (zero, += each member, /= count) in the same order, so the same float.
 template <class T>
-__global__ void pool_f32_kernel(const PoolF32Args a) {
+__global__ void pool_f32_kernel(const PoolArgs a) {  // a.dst: float32
   const int64_t total = int64_t(a.groups) * a.n * a.d;
   for (int64_t x = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; x < total; x += int64_t(gridDim.x) * blockDim.x) {
     const int c = int(x % a.d);
@@ -118,7 +107,7 @@ __global__ void pool_f32_kernel(const PoolF32Args a) {
     const int g = int(x / (int64_t(a.d) * a.n));
     float acc = 0.f;
     for (int h = a.begin[g]; h < a.end[g]; ++h) acc += to_float(static_cast<const T*>(a.src)[h * a.sh + t * a.st + c]);
-    a.dst[x] = acc / float(a.end[g] - a.begin[g]);
+    static_cast<float*>(a.dst)[x] = acc / float(a.end[g] - a.begin[g]);
   }
 }
 
@@ -284,7 +273,7 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
   if (p.query_stride < 1) return fail(Status::invalid_argument, "proxy_scores_exact: query_stride must be >= 1");
   if (!p.out) return fail(Status::invalid_argument, "proxy_scores_exact: null out");
   const int64_t n = o.n, d = p.in.head_dim, nb = (n + p.block - 1) / p.block;
-  detail::PoolF32Args pq{}, pk{};
+  detail::PoolArgs pq{}, pk{};
   pq.src = o.q;
   pq.sh = o.qsh;
   pq.st = o.qst;

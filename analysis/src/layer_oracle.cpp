@@ -64,6 +64,17 @@ void load_queries(ConstView q, int h, int64_t r0, int nr, int d, float scale, fl
   }
 }
 
+// Per-key-block partial outputs of a panel of nr rows: u[r, j, :] = P[r, keys of block j] V[those
+// keys] for the key blocks j < nbk (P: nr rows of stride ldp over ncols keys).
+void block_partial_outputs(const float* p, int64_t ldp, int nr, ConstView v, int kvh, int64_t ncols, int B, int nbk,
+                           int d, float* u, int64_t ldu) {
+  for (int j = 0; j < nbk; ++j) {
+    const int64_t c0 = static_cast<int64_t>(j) * B;
+    const int nc = static_cast<int>(std::min<int64_t>(B, ncols - c0));
+    kn::pv_panel(p + c0, ldp, nr, v.row(kvh, c0), v.stride_token, nc, d, u + static_cast<size_t>(j) * d, ldu);
+  }
+}
+
 // One query row: the full output is the sum of its per-key-block partial outputs ur[j] (written to
 // `of`); adds each mask's squared error of the row to err/empty at slot (m, h, i) and adds the
 // full row's squared norm to fsq (term by term, so sums are the same as one inline loop).
@@ -261,12 +272,7 @@ LayerPass layer_pass(ConstView q, ConstView k, ConstView v, int block,
 
       // Partial outputs per key block, the full output, then every mask and ranking.
       const int64_t ldu = static_cast<int64_t>(nb) * d;
-      for (int j = 0; j < nbk; ++j) {
-        const int64_t c0 = static_cast<int64_t>(j) * B;
-        const int nc = static_cast<int>(std::min<int64_t>(B, ncols - c0));
-        kn::pv_panel(s.data() + c0, g.ldk, nr, v.row(kvh, c0), v.stride_token, nc, d,
-                     u.data() + static_cast<size_t>(j) * d, ldu);
-      }
+      block_partial_outputs(s.data(), g.ldk, nr, v, kvh, ncols, B, nbk, d, u.data(), ldu);
       for (size_t x = 0; x < R; ++x) {
         const Ranking& rk = rankings[x];
         if (rk.source == Ranking::Source::given) continue;
@@ -361,12 +367,7 @@ OutputErrors output_errors(ConstView q, ConstView k, ConstView v, const LayerOra
         kn::block_sums(row, ncols, B, pm.data() + static_cast<size_t>(r) * nb);
       }
       const int64_t ldu = static_cast<int64_t>(nb) * d;
-      for (int j = 0; j < nbk; ++j) {
-        const int64_t c0 = static_cast<int64_t>(j) * B;
-        const int nc = static_cast<int>(std::min<int64_t>(B, ncols - c0));
-        kn::pv_panel(s.data() + c0, g.ldk, nr, v.row(kvh, c0), v.stride_token, nc, d,
-                     u.data() + static_cast<size_t>(j) * d, ldu);
-      }
+      block_partial_outputs(s.data(), g.ldk, nr, v, kvh, ncols, B, nbk, d, u.data(), ldu);
       double fsq = 0;
       for (int r = 0; r < nr; ++r) {
         const float* ur = u.data() + static_cast<size_t>(r) * ldu;

@@ -406,39 +406,41 @@ BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config, ProxyPrecisio
   return s;
 }
 
-BlockScores CudaLayer::pooled_scores(const EstimatorConfig& config) const {
-  const Impl& m = *impl_;
-  validate_estimator_config(config, m.s.q_heads, "pooled");
-  BlockScores s = empty_scores("pooled", m.s, config.block);
-  kk::DeviceBuffer out = alloc(s.score.size() * sizeof(float), "pooled scores");
-  kk::PooledScoreParams p;
-  p.in = m.peer_input();
+namespace {
+
+// pooled and xattn: one timed launch writing the [H, Nb, Nb] scores, then the CPU's native rule
+// on the device scores (global selections too).
+template <class Params>
+BlockScores device_scores(const char* name, const AttentionShape& shape, const EstimatorConfig& config, Params p,
+                          kk::Status (*launch)(const Params&) noexcept, double& last_ms) {
+  const std::string what = std::string(name) + " scores";
+  BlockScores s = empty_scores(name, shape, config.block);
+  kk::DeviceBuffer out = alloc(s.score.size() * sizeof(float), what);
   p.block = config.block;
   p.out = out.as<float>();
   KernelTimer t;
-  check(kk::pooled_scores(p), "pooled_scores");
-  impl_->last_ms = t.stop();
-  s.score = download<float>(out, s.score.size(), "pooled scores");
-  renative_from_scores(s, config);  // the CPU's rule on the device scores (global too)
+  check(launch(p), what);
+  last_ms = t.stop();
+  s.score = download<float>(out, s.score.size(), what);
+  renative_from_scores(s, config);
   return s;
 }
 
+}  // namespace
+
+BlockScores CudaLayer::pooled_scores(const EstimatorConfig& config) const {
+  validate_estimator_config(config, impl_->s.q_heads, "pooled");
+  kk::PooledScoreParams p;
+  p.in = impl_->peer_input();
+  return device_scores("pooled", impl_->s, config, p, &kk::pooled_scores, impl_->last_ms);
+}
+
 BlockScores CudaLayer::xattn_scores(const EstimatorConfig& config) const {
-  const Impl& m = *impl_;
-  validate_estimator_config(config, m.s.q_heads, "xattn");
-  BlockScores s = empty_scores("xattn", m.s, config.block);
-  kk::DeviceBuffer out = alloc(s.score.size() * sizeof(float), "xattn scores");
+  validate_estimator_config(config, impl_->s.q_heads, "xattn");
   kk::XAttnScoreParams p;
-  p.in = m.peer_input();
-  p.block = config.block;
+  p.in = impl_->peer_input();
   p.stride = config.xattn.stride;
-  p.out = out.as<float>();
-  KernelTimer t;
-  check(kk::xattn_scores(p), "xattn_scores");
-  impl_->last_ms = t.stop();
-  s.score = download<float>(out, s.score.size(), "xattn scores");
-  renative_from_scores(s, config);
-  return s;
+  return device_scores("xattn", impl_->s, config, p, &kk::xattn_scores, impl_->last_ms);
 }
 
 BlockScores CudaLayer::vslash_scores(const EstimatorConfig& config) const {

@@ -63,6 +63,22 @@ inline kk::DeviceBuffer upload_raw(const std::vector<T>& v) {
   return b;
 }
 // Buffer of n elements of type t filled with NaN (for f32/bf16/f16).
+// Attention parameters over device Q/K/V (contiguous [heads, n, d]), no outputs yet.
+inline kk::AttentionParams attn_params(const kk::DeviceBuffer& q, const kk::DeviceBuffer& k, const kk::DeviceBuffer* v,
+                                DType dt, int hq, int hkv, int d, int64_t n, kk::AttnImpl impl) {
+  kk::AttentionParams p;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v ? v->data() : nullptr;
+  p.in_type = elem_of(dt);
+  p.q_heads = hq;
+  p.kv_heads = hkv;
+  p.head_dim = d;
+  p.seq_len = n;
+  p.impl = impl;
+  return p;
+}
+
 inline kk::DeviceBuffer poisoned(int64_t n, kk::ElemType t) {
   kk::DeviceBuffer b;
   EXPECT_EQ(b.allocate(size_t(n) * kk::elem_size(t) + 16), kk::Status::ok);

@@ -48,16 +48,8 @@ TEST_P(FullAttention, MatchesCpuReference) {
                    dv = test::upload16(v.storage(), dt);
   const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
 
-  kk::AttentionParams p;
-  p.q = dq.data();
-  p.k = dk.data();
-  p.v = dv.data();
-  p.in_type = et;
-  p.q_heads = c.hq;
-  p.kv_heads = c.hkv;
-  p.head_dim = c.d;
-  p.seq_len = c.n;
-  p.impl = kk::AttnImpl::portable;  // the Hopper kernels: test_hopper_attention.cpp
+  // The portable kernels; the Hopper ones: test_hopper_attention.cpp.
+  kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::portable);
 
   const int variants = c.d == 128 ? 4 : 1;
   for (int variant = 0; variant < variants; ++variant)

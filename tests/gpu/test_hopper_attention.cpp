@@ -38,22 +38,6 @@ struct Case {
   int64_t n;
 };
 
-// Attention parameters over device Q/K/V (contiguous [heads, n, d]), no outputs yet.
-kk::AttentionParams attn_params(const kk::DeviceBuffer& q, const kk::DeviceBuffer& k, const kk::DeviceBuffer* v,
-                                DType dt, int hq, int hkv, int d, int64_t n, kk::AttnImpl impl) {
-  kk::AttentionParams p;
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v ? v->data() : nullptr;
-  p.in_type = test::elem_of(dt);
-  p.q_heads = hq;
-  p.kv_heads = hkv;
-  p.head_dim = d;
-  p.seq_len = n;
-  p.impl = impl;
-  return p;
-}
-
 std::vector<Case> cases() {
   if (test::small_mode()) return {{2, 2, 64, 131}, {3, 1, 128, 300}};
   return {{2, 2, 64, 1},    {4, 4, 64, 127},   {3, 1, 64, 1031},  {6, 2, 128, 300},
@@ -109,7 +93,7 @@ TEST_P(HopperAttention, FullMatchesCpuAndPortable) {
   kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
                    dv = test::upload16(v.storage(), dt);
   const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
-  kk::AttentionParams p = attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::automatic);
+  kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::automatic);
 
   std::vector<float> portable_o;
   for (kk::AttnImpl impl : {kk::AttnImpl::portable, kk::AttnImpl::hopper})
@@ -143,7 +127,7 @@ TEST_P(HopperAttention, StridedInputs) {
                    dv = test::upload16(interleave(v), dt);
   const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
   kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
-  kk::AttentionParams p = attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
+  kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
   p.o = o.data();
   p.lse = lse.as<float>();
   p.out_type = kk::ElemType::f32;
@@ -174,7 +158,7 @@ TEST_P(HopperAttention, SparseMatchesCpu) {
     for (kk::ElemType ot : {kk::ElemType::f32, et}) {
       kk::DeviceBuffer o = test::poisoned(no, ot), lse = test::poisoned(nl, kk::ElemType::f32);
       kk::SparseAttentionParams sp;
-      sp.attn = attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
+      sp.attn = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
       sp.attn.o = o.data();
       sp.attn.lse = lse.as<float>();
       sp.attn.out_type = ot;
@@ -208,7 +192,7 @@ TEST_P(HopperAttention, ScorePassesMatchCpuAndPortable) {
     const int64_t nl = int64_t(hq) * c.n, ns = int64_t(hq) * nb * nb;
     auto run_lse = [&](kk::AttnImpl impl) {
       kk::DeviceBuffer lse = test::poisoned(nl, kk::ElemType::f32);
-      kk::AttentionParams p = attn_params(dq, dk, nullptr, dt, hq, hkv, c.d, c.n, impl);
+      kk::AttentionParams p = test::attn_params(dq, dk, nullptr, dt, hq, hkv, c.d, c.n, impl);
       p.lse = lse.as<float>();
       p.kv_splits = 1;
       test::kcheck(kk::row_lse(p), "row_lse");
@@ -402,7 +386,7 @@ TEST(HopperAttentionSparse, EmptyRowsGiveZeroAndMinusInf) {
   const int64_t no = int64_t(hq) * n * d, nl = int64_t(hq) * n;
   kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(nl, kk::ElemType::f32);
   kk::SparseAttentionParams sp;
-  sp.attn = attn_params(dq, dk, &dv, dt, hq, hkv, d, n, kk::AttnImpl::hopper);
+  sp.attn = test::attn_params(dq, dk, &dv, dt, hq, hkv, d, n, kk::AttnImpl::hopper);
   sp.attn.o = o.data();
   sp.attn.lse = lse.as<float>();
   sp.attn.out_type = kk::ElemType::f32;
@@ -452,7 +436,7 @@ TEST(HopperAttentionCausal, SparseCausalEqualsFullBitwise) {
   const int64_t no = int64_t(hq) * n * d;
   kk::DeviceBuffer of = test::poisoned(no, kk::ElemType::f32), os = test::poisoned(no, kk::ElemType::f32);
   kk::SparseAttentionParams sp;
-  sp.attn = attn_params(dq, dk, &dv, dt, hq, hkv, d, n, kk::AttnImpl::hopper);
+  sp.attn = test::attn_params(dq, dk, &dv, dt, hq, hkv, d, n, kk::AttnImpl::hopper);
   sp.attn.out_type = kk::ElemType::f32;
   sp.attn.o = of.data();
   test::kcheck(kk::full_attention(sp.attn), "full_attention");

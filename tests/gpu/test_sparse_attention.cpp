@@ -68,19 +68,11 @@ TEST_P(SparseAttention, MatchesCpuReference) {
   const int64_t no = int64_t(c.hq) * c.n * c.d, nl = int64_t(c.hq) * c.n;
   for (kk::ElemType ot : {kk::ElemType::f32, et}) {
     kk::DeviceBuffer o = test::poisoned(no, ot), lse = test::poisoned(nl, kk::ElemType::f32);
-    kk::SparseAttentionParams sp;
-    sp.attn.q = dq.data();
-    sp.attn.k = dk.data();
-    sp.attn.v = dv.data();
+    kk::SparseAttentionParams sp;  // the portable kernel; Hopper: test_hopper_attention.cpp
+    sp.attn = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::portable);
     sp.attn.o = o.data();
     sp.attn.lse = lse.as<float>();
-    sp.attn.in_type = et;
     sp.attn.out_type = ot;
-    sp.attn.q_heads = c.hq;
-    sp.attn.kv_heads = c.hkv;
-    sp.attn.head_dim = c.d;
-    sp.attn.seq_len = c.n;
-    sp.attn.impl = kk::AttnImpl::portable;  // Hopper: test_hopper_attention.cpp
     sp.indptr = ip.as<int32_t>();
     sp.indices = ix.as<int32_t>();
     sp.block = c.block;
