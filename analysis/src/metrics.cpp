@@ -284,6 +284,49 @@ std::vector<double> mass_recall_per_head(const BlockMask& sel, const BlockMass& 
   return out;
 }
 
+std::vector<int32_t> mass_rank_positions(const BlockMass& mass) {
+  const int nb = mass.num_blocks;
+  const size_t per_head = static_cast<size_t>(nb) * (nb + 1) / 2;
+  std::vector<int32_t> pos(per_head * static_cast<size_t>(mass.heads));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 16) if (par)
+  for (int64_t t = 0; t < static_cast<int64_t>(mass.heads) * nb; ++t) {
+    const int h = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
+    const std::vector<int32_t> order = rank_row(mass.row(h, i), i);
+    int32_t* p = pos.data() + static_cast<size_t>(h) * per_head + static_cast<size_t>(i) * (i + 1) / 2;
+    for (int r = 0; r <= i; ++r) p[order[static_cast<size_t>(r)]] = r;
+  }
+  return pos;
+}
+
+std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass,
+                                          const std::vector<int32_t>& rank_pos) {
+  check_mask_vs_mass(sel, mass, "block recall");
+  const int nb = mass.num_blocks;
+  const size_t per_head = static_cast<size_t>(nb) * (nb + 1) / 2;
+  if (rank_pos.size() != per_head * static_cast<size_t>(mass.heads))
+    throw Error("block recall: rank positions are not of this mass");
+  std::vector<double> out(static_cast<size_t>(mass.heads));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(static) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    double total = 0;
+    int used = 0;
+    for (int i = 0; i < nb; ++i) {
+      const auto s = sel.row(h, i);
+      const int k = static_cast<int>(s.size());
+      if (k == 0) continue;
+      const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * per_head + static_cast<size_t>(i) * (i + 1) / 2;
+      int hit = 0;
+      for (int32_t j : s) hit += p[j] < k;  // j is among the row's k best blocks
+      total += static_cast<double>(hit) / k;
+      ++used;
+    }
+    out[static_cast<size_t>(h)] = used ? total / used : kNaN;
+  }
+  return out;
+}
+
 std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass) {
   check_mask_vs_mass(sel, mass, "block recall");
   std::vector<double> out(static_cast<size_t>(mass.heads));

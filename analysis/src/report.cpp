@@ -17,6 +17,7 @@
 #include "analysis_kernels.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
+#include "proxyattn/methods.hpp"
 #include "proxyattn/version.hpp"
 
 namespace proxyattn::analysis {
@@ -139,12 +140,14 @@ bool same_num(const json& v, double x) {
   return std::isfinite(y) && std::abs(y - x) < 1e-12;
 }
 
-// Label of a selection for tables: "proxy (g=1)", "xattn".
+// Label of a selection for tables: "proxy (g=1)" (grouped methods), "xattn".
 std::string method_label(const std::map<std::string, json>& r) {
   std::string m = str(r.at("method"));
-  if (m == "proxy") m += " (g=" + str(r.at("groups")) + ")";
+  for (const MethodInfo* x : all_methods())
+    if (x->name == m && x->grouped()) m += " (g=" + str(r.at("groups")) + ")";
   return m;
 }
+bool is_proxyattn(const std::map<std::string, json>& r) { return str(r.at("method")) == proxyattn_method().name; }
 
 // ---- sections ----------------------------------------------------------------------------------
 
@@ -278,7 +281,7 @@ void section_recall(std::ostringstream& o, const json& report) {
   bool header = false;
   for (const auto& r : R.rows) {
     const std::string b = str(r.at("budget"));
-    const bool native = b == "native" || (str(r.at("method")) == "proxy" && b == "dynamic" &&
+    const bool native = b == "native" || (is_proxyattn(r) && b == "dynamic" &&
                                           !std::isfinite(dbl(r.at("target_sparsity"))));
     if (!native) continue;
     if (!header) {
@@ -342,7 +345,7 @@ void section_budget(std::ostringstream& o, const json& report) {
   bool header = false;
   for (const auto& r : R.rows) {
     const std::string b = str(r.at("budget")), rule = str(r.at("rule"));
-    if (str(r.at("method")) != "proxy" || (rule != "scaled" && rule != "row_uniform") ||
+    if (!is_proxyattn(r) || (rule != "scaled" && rule != "row_uniform") ||
         !std::isfinite(dbl(r.at("target_sparsity"))))
       continue;
     if (!header) {

@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "proxyattn/methods.hpp"
 #include "proxyattn/attention.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/method.hpp"
@@ -24,9 +25,9 @@ double ms_since(Clock::time_point t0) {
 // The budget each estimator's estimation is timed with: ProxyAttn's own dynamic budget, the
 // oracle's coverage budget, the peers' native selection.
 std::string estimate_budget(const std::string& estimator) {
-  if (estimator == "proxy") return "dynamic";
-  if (estimator == "oracle") return "oracle";
-  return "native";
+  const MethodInfo& m = find_method(estimator);
+  if (m.native != NativeRule::none) return "native";
+  return m.exact_mass ? "oracle" : "dynamic";
 }
 
 class CpuRunner : public Runner {
@@ -90,7 +91,7 @@ class CpuRunner : public Runner {
         break;
       }
       case Family::proxyattn: {
-        MethodResult r = run_method(q, k, spec("proxy", "dynamic", m_.gamma));
+        MethodResult r = run_method(q, k, spec(proxyattn_method().name, "dynamic", m_.gamma));
         if (m_.target_density) {
           auto t1 = Clock::now();
           r.mask = select_budgets_to_density(r.scores, r.budgets, m_.density);
@@ -113,7 +114,7 @@ class CpuRunner : public Runner {
     describe_density(row, m_.family, mask_ ? &*mask_ : nullptr);
     if (m_.family == Family::estimate || m_.family == Family::proxyattn) {
       row.extra["inputs"] = in_->kind;
-      if (m_.estimator == "proxy" || m_.family == Family::proxyattn)
+      if (m_.family == Family::proxyattn || find_method(m_.estimator).grouped())
         row.extra["proxy"] = {{"groups", m_.groups}, {"query_stride", m_.query_stride}, {"pool", "mean"}};
       row.extra["budget"] = m_.family == Family::proxyattn ? "dynamic" : estimate_budget(m_.estimator);
     }

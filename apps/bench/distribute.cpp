@@ -4,22 +4,25 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "proxyattn/estimator.hpp"
+#include "proxyattn/methods.hpp"
 
 namespace proxyattn::bench {
 
 namespace {
 
-// Work of an estimator relative to one causal attention (see distribute.hpp).
-double estimator_units(const std::string& name, int groups, int stride, int64_t n) {
-  const EstimatorConfig defaults;  // the bench runs the estimators with their defaults
-  const double len = static_cast<double>(n);
-  if (name == "proxy") return 1.0 / (2.0 * std::max(1, groups) * std::max(1, stride));
-  if (name == "oracle") return 1.0;
-  if (name == "xattn") return 1.0 / (2.0 * std::max(1, defaults.xattn.stride));
-  if (name == "flexprefill") return std::min(1.0, defaults.flexprefill.last_q / len);
-  if (name == "vslash") return std::min(1.0, defaults.vslash.last_q / len);
-  return 0.0;  // pooled: block-level work only
+// Work of an estimator relative to one causal attention: the registry's cost model, with the
+// estimators' defaults (what the bench runs) and the case's groups / query stride.
+double estimator_units(const Sweep& sw, const MethodInfo& method, int groups, int stride, int64_t n) {
+  EstimatorConfig c;
+  c.block = sw.block;
+  if (method.set_groups) method.set_groups(c, std::max(1, groups));
+  c.proxy.query_stride = std::max(1, stride);
+  AttentionShape s;
+  s.q_heads = sw.model.num_q_heads;
+  s.kv_heads = sw.model.num_kv_heads;
+  s.head_dim = sw.model.head_dim;
+  s.seq_len = n;
+  return method.cost(s, c);
 }
 
 }  // namespace
@@ -30,9 +33,9 @@ double case_cost(const Sweep& sw, const Case& c, double mask_density) {
   switch (m.family) {
     case Family::full: u = 1.0; break;
     case Family::sparse: u = m.mask_file.empty() ? m.density : mask_density; break;
-    case Family::estimate: u = estimator_units(m.estimator, m.groups, m.query_stride, c.n); break;
+    case Family::estimate: u = estimator_units(sw, find_method(m.estimator), m.groups, m.query_stride, c.n); break;
     case Family::proxyattn:
-      u = estimator_units("proxy", m.groups, m.query_stride, c.n) + (m.target_density ? m.density : 0.25);
+      u = estimator_units(sw, proxyattn_method(), m.groups, m.query_stride, c.n) + (m.target_density ? m.density : 0.25);
       break;
   }
   const double n = static_cast<double>(c.n);
@@ -41,8 +44,9 @@ double case_cost(const Sweep& sw, const Case& c, double mask_density) {
 
 const char* cost_model_text() {
   return "longest-processing-time first over the cases by estimated cost Hq*d*(N^2*u + N*B), u = 1 (full), D "
-         "(sparse@D), 1/(2gs) (estimate:proxy), 1 (oracle), 1/(2S) (xattn), last_q/N (flexprefill, vslash), 0 "
-         "(pooled), 1/(2gs) + D (proxyattn@density=D), 1/(2gs) + 0.25 (proxyattn@gamma); skipped cases 0";
+         "(sparse@D), the method registry's cost for estimate:<method> (proxy g/(2 Hq s) + 1/N, oracle 1, xattn "
+         "1/(2S), flexprefill and vslash last_q/N, pooled 1/N + 1/B^2), that cost + D (proxyattn@density=D) or "
+         "+ 0.25 (proxyattn@gamma); skipped cases 0";
 }
 
 PrefixedStderr::PrefixedStderr(std::string prefix) : std::ostream(nullptr), buf_(std::move(prefix)) { rdbuf(&buf_); }

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include "proxyattn/methods.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/estimator.hpp"
 
@@ -233,14 +234,16 @@ void expand_method(const std::string& tok, const Axes& ax, const std::string& wh
     } else {
       names = {tok.substr(9)};
     }
-    const auto known = estimator_names();
     for (const std::string& n : names) {
-      if (std::find(known.begin(), known.end(), n) == known.end())
+      const MethodInfo* info = nullptr;
+      for (const MethodInfo* x : all_methods())
+        if (x->name == n) info = x;
+      if (!info)
         throw Error(fmt::format("{}: method '{}': unknown estimator '{}' (valid: {})", where, tok, n,
-                                fmt::join(known, ", ")));
+                                method_name_list()));
       Method m = make_method(Family::estimate, "estimate:" + n);
       m.estimator = n;
-      if (n == "proxy") proxy_methods(m);
+      if (info->grouped()) proxy_methods(m);
       else add_unique(out, m);
     }
   } else if (tok == "proxyattn") {
@@ -431,7 +434,7 @@ Sweep load_sweep(const std::string& path, const SweepOverrides& o) {
   if (j.contains("estimators")) {
     for (const json& v : as_list(j, where, "estimators")) ax.estimators.push_back(string_field(v, where, "estimators"));
   } else {
-    ax.estimators = {"proxy"};
+    ax.estimators = {proxyattn_method().name};
   }
   if (j.contains("proxy")) {
     const json& p = j["proxy"];

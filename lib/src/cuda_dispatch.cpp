@@ -2,6 +2,7 @@
 // CUDA-free kernels API. Plain C++: conversion to bf16/fp16 happens on the device, every Status
 // becomes an Error naming the operation.
 #include "proxyattn/cuda_dispatch.hpp"
+#include "proxyattn/methods.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -275,6 +276,77 @@ AttentionOutput CudaLayer::sparse_attention(const BlockMask& mask) const {
   return out;
 }
 
+MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks) const {
+  const Impl& m = *impl_;
+  if (!m.has_v) throw Error("cuda: output_errors needs V (the layer was uploaded without it)");
+  const int H = m.s.q_heads;
+  const size_t no = size_t(H) * m.s.seq_len * m.s.head_dim;
+  MaskErrors out;
+  out.rel_error.assign(masks.size(), std::vector<double>(size_t(H), 0.0));
+  out.empty_rows.assign(masks.size(), 0);
+  if (masks.empty()) return out;
+  KernelTimer t;
+  kk::DeviceBuffer o_full = alloc(no * sizeof(float), "full output"), o = alloc(no * sizeof(float), "sparse output");
+  kk::DeviceBuffer sums = alloc(size_t(2) * H * sizeof(double), "error sums");
+  kk::AttentionParams p = m.attn_params();
+  p.o = o_full.data();
+  p.out_type = kk::ElemType::f32;
+  check(kk::full_attention(p), "full_attention");
+  double* sq_diff = sums.as<double>();
+  double* sq_ref = sq_diff + H;
+  std::vector<double> host(size_t(2) * H);
+  for (size_t x = 0; x < masks.size(); ++x) {
+    const BlockMask& mask = *masks[x];
+    if (mask.heads() != H || mask.seq_len() != m.s.seq_len)
+      throw Error("cuda: output_errors: mask is for " + std::to_string(mask.heads()) + " heads x " +
+                  std::to_string(mask.seq_len()) + " tokens, layer has " + std::to_string(H) + " x " +
+                  std::to_string(m.s.seq_len));
+    check_block(mask.block(), "output_errors");
+    kk::DeviceBuffer ip = alloc(mask.indptr().size() * 4, "mask indptr");
+    kk::DeviceBuffer ix = alloc(std::max<size_t>(1, mask.indices().size()) * 4, "mask indices");
+    check(ip.upload(mask.indptr().data(), mask.indptr().size() * 4), "uploading mask indptr");
+    if (!mask.indices().empty()) check(ix.upload(mask.indices().data(), mask.indices().size() * 4), "uploading mask indices");
+    kk::SparseAttentionParams sp;
+    sp.attn = m.attn_params();
+    sp.attn.o = o.data();
+    sp.attn.out_type = kk::ElemType::f32;
+    sp.indptr = ip.as<int32_t>();
+    sp.indices = ix.as<int32_t>();
+    sp.block = mask.block();
+    check(kk::sparse_attention(sp), "sparse_attention");
+    check(kk::memset_device(sums.data(), 0, sums.bytes()), "zeroing error sums");
+    kk::OutputErrorParams ep;
+    ep.o_ref = o_full.as<float>();
+    ep.o = o.as<float>();
+    ep.heads = H;
+    ep.head_dim = m.s.head_dim;
+    ep.seq_len = m.s.seq_len;
+    ep.sq_diff = sq_diff;
+    ep.sq_ref = sq_ref;
+    check(kk::output_error_sums(ep), "output_error_sums");
+    check(sums.download(host.data(), host.size() * sizeof(double)), "downloading error sums");
+    for (int h = 0; h < H; ++h) {
+      const double ref = host[size_t(H) + h];
+      out.rel_error[x][size_t(h)] = ref > 0 ? std::sqrt(host[size_t(h)] / ref) : 0.0;
+      // A query block with no selected key block gives o = 0 on its rows (as the CPU's empty rows).
+      for (int i = 0; i < mask.num_blocks(); ++i)
+        if (mask.row(h, i).empty())
+          out.empty_rows[x] += std::min<int64_t>(mask.block(), m.s.seq_len - int64_t(i) * mask.block());
+    }
+  }
+  impl_->last_ms = t.stop();
+  return out;
+}
+
+size_t cuda_device_memory_bytes() noexcept {
+  if (kk::device_count() <= 0) return 0;
+  int dev = 0;
+  if (kk::current_device(&dev) != kk::Status::ok) dev = 0;
+  kk::DeviceInfo info;
+  if (kk::device_info(dev, &info) != kk::Status::ok) return 0;
+  return info.global_mem;
+}
+
 std::vector<float> CudaLayer::row_lse() const {
   const Impl& m = *impl_;
   KernelTimer t;
@@ -308,7 +380,6 @@ BlockMass CudaLayer::block_mass(int block) const {
 std::vector<float> CudaLayer::maxpool_block_scores(int block, int query_stride) const {
   const Impl& m = *impl_;
   check_block(block, "maxpool_block_scores");
-  if (m.s.q_heads != m.s.kv_heads) throw Error("cuda: maxpool_block_scores needs one k head per q head");
   if (query_stride < 1) throw Error("cuda: maxpool_block_scores: query_stride must be >= 1");
   const int nb = num_blocks_for(m.s.seq_len, block);
   const size_t nm = size_t(m.s.q_heads) * nb * nb;
@@ -470,21 +541,13 @@ BlockScores CudaLayer::vslash_scores(const EstimatorConfig& config) const {
   return s;
 }
 
-bool CudaLayer::has_estimator(std::string_view name) {
-  return name == "proxy" || name == "pooled" || name == "xattn" || name == "vslash" || name == "oracle";
-}
+bool CudaLayer::has_estimator(std::string_view name) { return find_method(name).has_gpu(); }
 
 BlockScores CudaLayer::estimate(std::string_view name, const EstimatorConfig& config) const {
-  if (name == "proxy") return proxy_scores(config, ProxyPrecision::exact);
-  if (name == "pooled") return pooled_scores(config);
-  if (name == "xattn") return xattn_scores(config);
-  if (name == "vslash") return vslash_scores(config);
-  if (name == "oracle") {
-    validate_estimator_config(config, impl_->s.q_heads, "oracle");
-    return scores_from_mass(block_mass(config.block));
-  }
-  make_estimator(name);  // throws for an unknown name, listing the valid ones
-  throw Error("cuda: no GPU implementation of estimator '" + std::string(name) + "' (it runs on the CPU)");
+  const MethodInfo& m = find_method(name);  // throws for an unknown name, listing the valid ones
+  if (!m.has_gpu()) throw Error("cuda: no GPU implementation of estimator '" + m.name + "' (it runs on the CPU)");
+  validate_estimator_config(config, impl_->s.q_heads, m.name);
+  return m.estimate_gpu(*this, config);
 }
 
 std::vector<double> CudaLayer::last_block_mass(int block) const {
@@ -569,19 +632,16 @@ BlockMask native_select_cuda(const BlockScores& scores, const EstimatorConfig& c
   const int H = scores.heads, nb = scores.num_blocks;
   if (H <= 0 || nb <= 0 || scores.score.size() != size_t(H) * nb * nb)
     throw Error("cuda: native_select: scores of '" + scores.method + "' are empty or mis-shaped");
-  validate_estimator_config(config, 0, scores.method == "xattn" ? "xattn" : "pooled");
+  const MethodInfo* method = nullptr;
+  for (const MethodInfo* m : all_methods())
+    if (m->name == scores.method) method = m;
+  if (!method || !method->device_native)
+    throw Error("cuda: native_select: '" + scores.method + "' has no score-only native rule on the GPU");
+  validate_estimator_config(config, 0, method->name);
+  const DeviceNative rule = method->device_native(config);
   kk::NativeSelectParams p;
-  if (scores.method == "pooled") {
-    if (config.pooled.global)
-      throw Error("cuda: native_select: pooled.global (one budget over the flattened head) has no GPU kernel");
-    p.rule = kk::NativeRule::cumulative;
-    p.threshold = config.pooled.gamma;
-  } else if (scores.method == "xattn") {
-    p.rule = kk::NativeRule::xattn;
-    p.threshold = config.xattn.tau;
-  } else {
-    throw Error("cuda: native_select: '" + scores.method + "' has no score-only native rule (pooled, xattn)");
-  }
+  p.rule = rule.rule == DeviceNativeRule::cumulative ? kk::NativeRule::cumulative : kk::NativeRule::xattn;
+  p.threshold = rule.threshold;
   if (!cuda_available()) throw Error("cuda: " + cuda_device_description());
   const size_t cells = scores.score.size(), rows = size_t(H) * nb;
   kk::DeviceBuffer sc = alloc(cells * sizeof(float), "scores"), bm = alloc(cells, "native bitmap");

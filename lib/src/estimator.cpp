@@ -1,5 +1,7 @@
-// Estimator registry, config validation, ProxyAttn (`proxy`), pooled-block (`pooled`) and the
-// oracle. The peers FlexPrefill / XAttention / vertical-slash live in estimator_peers.cpp.
+// Shared estimator building blocks: ProxyAttn's proxy heads and max-pooled token softmax, the
+// pooled block scores and their cumulative native rule, the oracle's scores from a mass. The
+// method units (registry, config, CPU/GPU estimates) live in lib/src/methods/; the peers'
+// estimates FlexPrefill / XAttention / vertical-slash in estimator_peers.cpp.
 #include "proxyattn/estimator.hpp"
 
 #include <algorithm>
@@ -22,54 +24,6 @@ ProxyPool parse_proxy_pool(std::string_view s) {
   if (s == "mean") return ProxyPool::mean;
   if (s == "max_norm" || s == "max-norm") return ProxyPool::max_norm;
   throw Error("unknown proxy pooling '" + std::string(s) + "' (valid: mean, max_norm)");
-}
-
-namespace {
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw Error("estimator config: " + msg);
-}
-bool coverage_ok(double x) { return x > 0.0 && x <= 1.0; }  // false for NaN too
-bool pow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
-
-}  // namespace
-
-void validate_estimator_config(const EstimatorConfig& c, int q_heads, std::string_view method) {
-  require(pow2(c.block), "block = " + std::to_string(c.block) + " must be a positive power of two");
-  const bool all = method.empty();
-  if (all || method == "proxy") {
-    const ProxyConfig& p = c.proxy;
-    require(p.groups >= 1, "proxy.groups = " + std::to_string(p.groups) + " must be >= 1");
-    if (q_heads > 0)
-      require(q_heads % p.groups == 0, "proxy.groups = " + std::to_string(p.groups) + " does not divide the " +
-                                           std::to_string(q_heads) + " query heads");
-    require(p.query_stride >= 1, "proxy.query_stride = " + std::to_string(p.query_stride) + " must be >= 1");
-  }
-  if (all || method == "pooled")
-    require(coverage_ok(c.pooled.gamma), "pooled.gamma = " + str(c.pooled.gamma) + " must be in (0, 1]");
-  if (all || method == "flexprefill") {
-    const FlexPrefillConfig& f = c.flexprefill;
-    require(coverage_ok(f.gamma), "flexprefill.gamma = " + str(f.gamma) + " must be in (0, 1]");
-    require(f.tau >= 0.0, "flexprefill.tau = " + str(f.tau) + " must be >= 0");
-    require(f.min_budget_tokens >= 0,
-            "flexprefill.min_budget_tokens = " + std::to_string(f.min_budget_tokens) + " must be >= 0");
-    require(f.last_q >= 1, "flexprefill.last_q = " + std::to_string(f.last_q) + " must be >= 1");
-  }
-  if (all || method == "xattn") {
-    require(pow2(c.xattn.stride) && c.xattn.stride <= c.block,
-            "xattn.stride = " + std::to_string(c.xattn.stride) + " must be a power of two <= block (" +
-                std::to_string(c.block) + ")");
-    require(coverage_ok(c.xattn.tau), "xattn.tau = " + str(c.xattn.tau) + " must be in (0, 1]");
-  }
-  if (all || method == "vslash") {
-    const VSlashConfig& v = c.vslash;
-    require(v.last_q >= 1, "vslash.last_q = " + std::to_string(v.last_q) + " must be >= 1");
-    require(v.vertical >= 0, "vslash.vertical = " + std::to_string(v.vertical) + " must be >= 0");
-    require(v.slash >= 0, "vslash.slash = " + std::to_string(v.slash) + " must be >= 0");
-    require(v.sink_columns >= 0, "vslash.sink_columns = " + std::to_string(v.sink_columns) + " must be >= 0");
-    require(v.local_diagonals >= 0,
-            "vslash.local_diagonals = " + std::to_string(v.local_diagonals) + " must be >= 0");
-  }
 }
 
 namespace detail {
@@ -217,30 +171,6 @@ std::vector<float> maxpool_block_scores(ConstView q, ConstView k, int block, int
   return out;
 }
 
-namespace {
-
-class ProxyEstimator final : public Estimator {
- public:
-  std::string name() const override { return "proxy"; }
-  std::string description() const override {
-    return "ProxyAttn: proxy head per group (mean-pooled Q/K), token-level softmax max-pooled to blocks";
-  }
-  BlockScores estimate(ConstView q, ConstView k, const EstimatorConfig& c) const override {
-    const AttentionShape s = check_qkv(q, k);
-    validate_estimator_config(c, s.q_heads, name());
-    BlockScores out = detail::make_scores(name(), s.q_heads, s.seq_len, c.block);
-    const ProxyHeads ph = make_proxy_heads(q, k, c.proxy);
-    const std::vector<float> gs = maxpool_block_scores(ph.q, ph.k, c.block, c.proxy.query_stride);
-    const size_t per_head = static_cast<size_t>(out.num_blocks) * out.num_blocks;
-    for (int h = 0; h < s.q_heads; ++h)
-      std::copy_n(gs.begin() + ph.group_of_head[h] * per_head, per_head, out.score.begin() + h * per_head);
-    out.group_of_head = ph.group_of_head;
-    return out;
-  }
-};
-
-}  // namespace
-
 namespace detail {
 
 // Native selection of `pooled`: per row (or over the flattened head) the fewest blocks
@@ -273,53 +203,6 @@ BlockMask cumulative_native(const BlockScores& s, double gamma, bool global) {
 
 }  // namespace detail
 
-namespace {
-
-class PooledEstimator final : public Estimator {
- public:
-  std::string name() const override { return "pooled"; }
-  std::string description() const override {
-    return "mean-pooled Q/K per block, block-causal row softmax (coarse-grained)";
-  }
-  BlockScores estimate(ConstView q, ConstView k, const EstimatorConfig& c) const override {
-    const AttentionShape s = check_qkv(q, k);
-    validate_estimator_config(c, s.q_heads, name());
-    BlockScores out = detail::make_scores(name(), s.q_heads, s.seq_len, c.block);
-    detail::pooled_scores(q, k, out);
-    out.native = detail::cumulative_native(out, c.pooled.gamma, c.pooled.global);
-    return out;
-  }
-};
-
-class OracleEstimator final : public Estimator {
- public:
-  std::string name() const override { return "oracle"; }
-  std::string description() const override { return "exact block mass of the causal softmax"; }
-  BlockScores estimate(ConstView q, ConstView k, const EstimatorConfig& c) const override {
-    const AttentionShape s = check_qkv(q, k);
-    validate_estimator_config(c, s.q_heads, name());
-    return scores_from_mass(block_mass_cpu(q, k, c.block));
-  }
-};
-
-template <BlockScores (*F)(ConstView, ConstView, const EstimatorConfig&)>
-class PeerEstimator final : public Estimator {
- public:
-  PeerEstimator(std::string name, std::string desc) : name_(std::move(name)), desc_(std::move(desc)) {}
-  std::string name() const override { return name_; }
-  std::string description() const override { return desc_; }
-  BlockScores estimate(ConstView q, ConstView k, const EstimatorConfig& c) const override {
-    const AttentionShape s = check_qkv(q, k);
-    validate_estimator_config(c, s.q_heads, name());
-    return F(q, k, c);
-  }
-
- private:
-  std::string name_, desc_;
-};
-
-}  // namespace
-
 BlockScores scores_from_mass(const BlockMass& mass) {
   BlockScores s;
   s.method = "oracle";
@@ -329,38 +212,6 @@ BlockScores scores_from_mass(const BlockMass& mass) {
   s.seq_len = mass.seq_len;
   s.score = mass.mass;
   return s;
-}
-
-bool renative_from_scores(BlockScores& s, const EstimatorConfig& c) {
-  if (s.method != "pooled" && s.method != "xattn") return false;
-  validate_estimator_config(c, 0, s.method);
-  if (s.heads <= 0 || s.score.size() != static_cast<size_t>(s.heads) * s.num_blocks * s.num_blocks)
-    throw Error("renative_from_scores: block scores of '" + s.method + "' are empty or mis-shaped");
-  s.native = s.method == "pooled" ? detail::cumulative_native(s, c.pooled.gamma, c.pooled.global)
-                                  : detail::xattn_native(s, c.xattn.tau);
-  return true;
-}
-
-std::vector<std::string> estimator_names() {
-  return {"proxy", "pooled", "flexprefill", "xattn", "vslash", "oracle"};
-}
-
-std::unique_ptr<Estimator> make_estimator(std::string_view name) {
-  if (name == "proxy") return std::make_unique<ProxyEstimator>();
-  if (name == "pooled") return std::make_unique<PooledEstimator>();
-  if (name == "oracle") return std::make_unique<OracleEstimator>();
-  if (name == "flexprefill")
-    return std::make_unique<PeerEstimator<detail::estimate_flexprefill>>(
-        "flexprefill", "FlexPrefill: last-block vertical/slash, JSD pattern decision, query-aware union");
-  if (name == "xattn")
-    return std::make_unique<PeerEstimator<detail::estimate_xattn>>(
-        "xattn", "XAttention: strided antidiagonal scores, per-row threshold tau");
-  if (name == "vslash")
-    return std::make_unique<PeerEstimator<detail::estimate_vslash>>(
-        "vslash", "MInference vertical-slash from the last queries, mapped to blocks");
-  std::string valid;
-  for (const auto& n : estimator_names()) valid += (valid.empty() ? "" : ", ") + n;
-  throw Error("unknown estimator '" + std::string(name) + "' (valid: " + valid + ")");
 }
 
 }  // namespace proxyattn

@@ -1,5 +1,6 @@
 // run_method: estimator -> budget -> selection, timed.
 #include "proxyattn/method.hpp"
+#include "proxyattn/methods.hpp"
 
 #include <chrono>
 #include <string>
@@ -31,7 +32,7 @@ Budgets budgets_from_mask(const BlockMask& mask, std::string kind) {
 
 MethodResult run_method(ConstView q, ConstView k, const MethodSpec& spec, const BlockMass* oracle_mass,
                         const std::vector<float>* last_block_probs) {
-  const auto est = make_estimator(spec.estimator);
+  const MethodInfo& method = find_method(spec.estimator);
   const bool native = spec.budget == "native";
   std::unique_ptr<Budget> budget;
   if (!native) {
@@ -40,15 +41,15 @@ MethodResult run_method(ConstView q, ConstView k, const MethodSpec& spec, const 
   }
   MethodResult r;
   auto t0 = std::chrono::steady_clock::now();
-  if (spec.estimator == "oracle" && oracle_mass) {
+  if (method.exact_mass && oracle_mass) {
     const AttentionShape s = check_qkv(q, k);
-    validate_estimator_config(spec.config, s.q_heads, "oracle");
+    validate_estimator_config(spec.config, s.q_heads, method.name);
     if (oracle_mass->block != spec.config.block || oracle_mass->heads != s.q_heads ||
         oracle_mass->seq_len != s.seq_len)
       throw Error("run_method: the given oracle block mass does not match the layer / block size");
     r.scores = scores_from_mass(*oracle_mass);
   } else {
-    r.scores = est->estimate(q, k, spec.config);
+    r.scores = method.estimate(q, k, spec.config);
   }
   r.estimate_seconds = seconds_since(t0);
 

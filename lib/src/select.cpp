@@ -166,15 +166,17 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
         cells.push_back({s.at(h, i, j), i, j, tier});
       }
     }
-    std::stable_sort(cells.begin(), cells.end(), [](const Cell& a, const Cell& b) {
+    int64_t nforced = 0;
+    for (const Cell& c : cells) nforced += c.tier == 0;
+    const int64_t take = std::min<int64_t>(static_cast<int64_t>(cells.size()), std::max(nforced, target));
+    // A strict total order (tier, score descending, NaN lowest, then i, j): the first `take`
+    // cells are one set, found in linear time (at 128K a head has 524K causal cells).
+    std::nth_element(cells.begin(), cells.begin() + take, cells.end(), [](const Cell& a, const Cell& b) {
       if (a.tier != b.tier) return a.tier < b.tier;
       if (better(a.score, b.score)) return true;
       if (better(b.score, a.score)) return false;
       return a.i != b.i ? a.i < b.i : a.j < b.j;
     });
-    int64_t nforced = 0;
-    for (const Cell& c : cells) nforced += c.tier == 0;
-    const int64_t take = std::min<int64_t>(static_cast<int64_t>(cells.size()), std::max(nforced, target));
     for (int64_t t = 0; t < take; ++t)
       bitmap[(static_cast<size_t>(h) * nb + cells[t].i) * nb + cells[t].j] = 1;
   });

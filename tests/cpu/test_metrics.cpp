@@ -278,6 +278,23 @@ TEST_P(OracleCase, MassLseAndLastBlockMatchFloat64) {
     }
 }
 
+// Block recall from the per-layer rank positions equals the partial-sort definition, ties
+// included (a mass with repeated values: ties go to the lower block in both).
+TEST_P(OracleCase, BlockRecallFromRankPositionsEqualsTheDefinition) {
+  const Shape c = GetParam();
+  const Tensor3 q = random_tensor(c.hq, c.n, c.d, 2.0f), k = random_tensor(c.hkv, c.n, c.d);
+  LayerOracle o = layer_oracle(q, k, c.block);
+  for (size_t x = 0; x < o.mass.mass.size(); x += 7) o.mass.mass[x] = 0.125f;  // ties
+  const std::vector<int32_t> pos = mass_rank_positions(o.mass);
+  for (double density : {0.1, 0.4, 0.9}) {
+    const BlockMask m = test::random_mask(c.hq, c.n, c.block, density);
+    const std::vector<double> a = block_recall_per_head(m, o.mass), b = block_recall_per_head(m, o.mass, pos);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t h = 0; h < a.size(); ++h) EXPECT_EQ(a[h], b[h]) << "density " << density << " head " << h;
+  }
+  EXPECT_THROW(block_recall_per_head(test::random_mask(c.hq, c.n, c.block, 0.5), o.mass, std::vector<int32_t>(3)), Error);
+}
+
 TEST_P(OracleCase, OutputErrorsMatchFloat64) {
   const Shape c = GetParam();
   const Tensor3 q = random_tensor(c.hq, c.n, c.d, 2.0f), k = random_tensor(c.hkv, c.n, c.d),

@@ -188,6 +188,20 @@ struct SparseAttentionParams {
 // causal inside the diagonal block. A row with no blocks gives o = 0, lse = -inf.
 Status sparse_attention(const SparseAttentionParams& p) noexcept;
 
+// Output error of a sparse output against a reference (output_error.cu): per head,
+// sq_diff[h] += sum (o - o_ref)^2 and sq_ref[h] += sum o_ref^2 over its N x d values (float64;
+// the caller zeroes the sums). Both outputs [heads, N, d] float32, contiguous.
+struct OutputErrorParams {
+  const float* o_ref = nullptr;
+  const float* o = nullptr;
+  int heads = 0, head_dim = 0;
+  int64_t seq_len = 0;
+  double* sq_diff = nullptr;  // [heads], device
+  double* sq_ref = nullptr;   // [heads], device; may be null
+  Stream stream = nullptr;
+};
+Status output_error_sums(const OutputErrorParams& p) noexcept;
+
 // ---- block scores (oracle mass, proxy max-pool) ----------------------------------------------
 enum class BlockReduce : int {
   mean_sum = 0,  // out[h,i,j] = (1/rows of block i) * sum_{q in i, k in j, k <= q} P[q,k]

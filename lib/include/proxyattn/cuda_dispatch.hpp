@@ -41,9 +41,17 @@ namespace proxyattn {
 bool cuda_available() noexcept;
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)", or why there is none.
 std::string cuda_device_description();
+// Global memory of the current device in bytes; 0 without a device. Never throws.
+size_t cuda_device_memory_bytes() noexcept;
 // One GPU per MPI rank: makes device local_rank % device_count() current for this process
 // (no-op without a device). Returns the device chosen, -1 when none.
 int use_cuda_device_for_rank(int local_rank);
+
+// Output error of block masks against full attention (CudaLayer::output_errors).
+struct MaskErrors {
+  std::vector<std::vector<double>> rel_error;  // [mask][head]: ||O_sparse - O_full||_F / ||O_full||_F
+  std::vector<int64_t> empty_rows;             // [mask]: query rows whose mask row is empty (O = 0)
+};
 
 // How CudaLayer::proxy_scores builds and scores the proxy heads.
 enum class ProxyPrecision {
@@ -74,6 +82,10 @@ class CudaLayer {
   AttentionOutput full_attention() const;
   AttentionOutput sparse_attention(const BlockMask& mask) const;
   std::vector<float> row_lse() const;
+  // Output error of each mask (analysis::output_errors on the device): the full output once,
+  // then per mask block-sparse attention and a float64 reduction per head; outputs float32 on
+  // the device, never downloaded. Needs V.
+  MaskErrors output_errors(const std::vector<const BlockMask*>& masks) const;
   BlockMass block_mass(int block) const;
 
   // estimator.hpp: make_estimator("proxy")->estimate(q, k, config) (score broadcast to the
@@ -87,7 +99,8 @@ class CudaLayer {
   // Throws Error for a name without a GPU implementation (flexprefill) or an unknown one.
   BlockScores estimate(std::string_view name, const EstimatorConfig& config) const;
   static bool has_estimator(std::string_view name);
-  // estimator.hpp maxpool_block_scores on the layer's own heads (requires Hq == Hkv).
+  // estimator.hpp maxpool_block_scores on the layer's own heads; with GQA each query head
+  // against the KV head it reads (the oracle's block max, LayerOracle::block_max).
   std::vector<float> maxpool_block_scores(int block, int query_stride = 1) const;
 
   // budget.hpp: last_block_mass_cpu as float64 [Hq, Nb].

@@ -83,6 +83,13 @@ std::vector<double> mass_recall_per_head(const BlockMask& sel, const BlockMass& 
 // Block recall per head vs the oracle at the same per-row budget: per row k = |S_h[i]|,
 // S* = top-k of M_h[i, :], recall = |S cap S*| / k; mean over rows with k > 0 (NaN if none).
 std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass);
+// The same from the rank of every block in its mass row (mass_rank_positions), computed once per
+// layer: O(selected blocks) per mask instead of a partial sort of every row.
+std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass,
+                                          const std::vector<int32_t>& rank_pos);
+// Position of block j in the descending order of row (h, i) of the mass (ties: lower j first),
+// in the causal layout of layer_oracle.hpp (row (h, i) at h Nb (Nb + 1) / 2 + i (i + 1) / 2).
+std::vector<int32_t> mass_rank_positions(const BlockMass& mass);
 
 // ---- estimator scores ------------------------------------------------------------------------
 

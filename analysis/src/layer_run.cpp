@@ -1,0 +1,627 @@
+// One (store, layer) unit of the analysis: the exact quantities once, every method's
+// selections, their metrics. Methods are read from the registry (methods.hpp) by trait; nothing
+// here knows a method by name.
+//
+// CPU (--device cpu): three phases around one fused pass over the layer:
+//   before  the selections that need neither the oracle nor its block max (methods whose
+//           scores are not the block max, budgets read from the last block);
+//   pass    oracle + output error of the "before" masks + prefix error tables of the rankings
+//           the later masks are built from (oracle mass, block max, budget-driven scores);
+//   after   the oracle's own selections, scores equal to the oracle's block max and the oracle
+//           budget; their errors come from the prefix tables.
+// GPU (--device cuda): the exact block mass and row LSE from the kernels first, then every
+// selection, then the output error of every distinct mask from block-sparse attention on the
+// device (never an N x N buffer, no CPU pass over the layer).
+#include <omp.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "analyze_internal.hpp"
+#include "proxyattn/analysis/layer_oracle.hpp"
+#include "proxyattn/budget.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
+#include "proxyattn/error.hpp"
+#include "proxyattn/methods.hpp"
+#include "proxyattn/select.hpp"
+
+namespace proxyattn::analysis::detail {
+
+namespace {
+
+class LayerRun {
+ public:
+  LayerRun(const AnalyzeConfig& cfg, const Topics& topics, StoreCtx& store, LayerData&& data, Tables& tables,
+           Aggregates& agg, Timing& timing, std::set<std::string>& notes)
+      : cfg_(cfg), topics_(topics), store_(store), layer_(data.layer), T_(tables), A_(agg), tm_(timing),
+        notes_(notes), data_(std::move(data)) {}
+
+  void run();
+
+ private:
+  enum class Phase { before, after };
+  const BlockScores& scores(const MethodInfo& method, int groups, double gamma);
+  const Budgets& budgets(const BudgetKindInfo& kind, const BlockScores& sc, double gamma);
+  BlockMask fixed_selection(const MethodInfo& method, const BlockScores& sc, double density, std::string& rule);
+  EstimatorConfig config_for(const MethodInfo& method, int groups, double gamma) const;
+  // Scores equal to the oracle's block max: built after the pass on both devices (so the rows
+  // come in the same order), taken from the CPU pass's block max on the CPU.
+  bool after_pass(const MethodInfo& method, int groups) const {
+    return method.equals_block_max && method.equals_block_max(config_for(method, groups, kNaN), H_);
+  }
+  bool from_pass(const MethodInfo& method, int groups) const { return !cuda() && after_pass(method, groups); }
+  bool in_phase(bool needs_pass) const { return needs_pass == (phase_ == Phase::after); }
+  // Adds a selection (once per id); make() runs only when it is added. Returns its index.
+  template <class F>
+  size_t add(SelDesc d, F&& make);
+  void similarity();
+  void recall_selections();
+  void budget_selections();
+  void pass();
+  void gpu_pass();
+  void gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty);
+  void evaluate();
+
+  const AnalyzeConfig& cfg_;
+  const Topics& topics_;
+  StoreCtx& store_;
+  int layer_;
+  Tables& T_;
+  Aggregates& A_;
+  Timing& tm_;
+  std::set<std::string>& notes_;
+  int H_ = 0;
+
+  // --device cuda: the layer's Q, K (and V for the output error) on the GPU, fp16: exact for the
+  // float16 stores.
+  CudaLayer& gpu() {
+    if (!gpu_) gpu_ = std::make_unique<CudaLayer>(q_, k_, errors_ ? data_.v->view() : ConstView{}, DType::f16);
+    return *gpu_;
+  }
+  bool cuda() const { return cfg_.device == "cuda"; }
+  std::unique_ptr<CudaLayer> gpu_;
+
+  Phase phase_ = Phase::before;
+  bool errors_ = false;  // output error computed for this layer
+  LayerData data_;
+  ConstView q_, k_;
+  LayerOracle oracle_;
+  LayerPass pass_;                      // errors and prefix tables (oracle moved to oracle_)
+  std::vector<int> explicit_of_;        // per selection: index into pass_.errors, or -1
+  std::vector<OracleBudget> obudget_;   // per cfg.gamma
+  std::map<std::string, BlockScores> score_cache_;
+  std::map<std::string, Budgets> budget_cache_;
+  std::vector<Selection> sels_;
+  std::map<std::string, size_t> sel_index_;
+  // Budget topic rows: accuracy is computed once the oracle budget exists.
+  struct PendingBudget {
+    std::string kind;
+    double gamma;
+    size_t gamma_index;
+    const Budgets* budgets;
+    size_t sel;
+  };
+  std::vector<PendingBudget> pending_;
+};
+
+EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
+  EstimatorConfig c = cfg_.estimator;
+  c.block = cfg_.block;
+  if (method.set_groups) method.set_groups(c, groups);
+  if (method.set_coverage && std::isfinite(gamma)) method.set_coverage(c, gamma);
+  return c;
+}
+
+const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double gamma) {
+  // Only the coverage-driven natives depend on gamma; grouped methods on their groups.
+  const bool by_gamma = method.set_coverage != nullptr;
+  const std::string key = method.name + "/" + std::to_string(groups) + "/" + (by_gamma ? short_num(gamma) : "");
+  auto it = score_cache_.find(key);
+  if (it != score_cache_.end()) return it->second;
+  if (method.native == NativeRule::from_scores && gamma != gamma_ref(cfg_)) {
+    // The native selection is a function of the scores: score once (at the reference gamma),
+    // then only redo the native rule for this gamma.
+    BlockScores s = scores(method, groups, gamma_ref(cfg_));
+    Timing::Scope scope(tm_, "estimate:" + method.name);
+    renative_from_scores(s, config_for(method, groups, gamma));
+    return score_cache_.emplace(key, std::move(s)).first->second;
+  }
+  Timing::Scope scope(tm_, "estimate:" + method.name);
+  BlockScores s;
+  if (method.exact_mass) {
+    s = scores_from_mass(oracle_.mass);
+  } else if (after_pass(method, groups)) {
+    // One group per query head: the proxy is the head itself (either pooling), and its score
+    // is the block max of the exact probabilities: from the CPU pass, or from the score kernels
+    // on the layer's own heads (fp32 sums of exact fp16 products: the CPU's values to rounding).
+    s.method = method.name;
+    s.heads = H_;
+    s.num_blocks = oracle_.mass.num_blocks;
+    s.block = oracle_.mass.block;
+    s.seq_len = oracle_.mass.seq_len;
+    s.score = cuda() ? gpu().maxpool_block_scores(cfg_.block, 1) : oracle_.block_max;
+    s.group_of_head.resize(static_cast<size_t>(H_));
+    for (int h = 0; h < H_; ++h) s.group_of_head[static_cast<size_t>(h)] = h;
+  } else {
+    const EstimatorConfig c = config_for(method, groups, gamma);
+    // --device cuda: the methods whose GPU estimate the analysis trusts run there (the exact
+    // ProxyAttn path: float32 proxy heads, so the scores are the CPU's to float rounding); their
+    // native rules as on the CPU. The others (gpu_note) stay on the CPU.
+    if (cuda() && method.has_gpu() && method.gpu_in_analysis)
+      s = gpu().estimate(method.name, c);
+    else
+      s = method.estimate(q_, k_, c);
+  }
+  return score_cache_.emplace(key, std::move(s)).first->second;
+}
+
+const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& sc, double gamma) {
+  // Only the kinds that read the scores are cached per score set (cached scores never move).
+  std::string key = kind.name + "/" + short_num(gamma);
+  if (kind.reads_scores) key += fmt::format("/{}", fmt::ptr(&sc));
+  auto it = budget_cache_.find(key);
+  if (it != budget_cache_.end()) return it->second;
+  BudgetConfig c = cfg_.budget;
+  c.gamma = gamma;
+  if (kind.mean_of_dynamic) {
+    // The baseline of the dynamic budget: the same blocks per row for every head, as many as
+    // the dynamic budget gives on average at this gamma.
+    const Budgets& dyn = budgets(find_budget_kind("dynamic"), sc, gamma);
+    double mean = 0;
+    for (double x : dyn.per_head_k) mean += x;
+    mean /= static_cast<double>(dyn.per_head_k.size());
+    c.uniform_k = std::max(1, static_cast<int>(std::lround(mean)));
+  }
+  Timing::Scope scope(tm_, "budget");
+  const BlockMass* mass = kind.needs_oracle_mass ? &oracle_.mass : nullptr;
+  // On the GPU path the last block's token probabilities were computed once (gpu_pass); the CPU
+  // path lets the budget compute them in float64 as the spec does.
+  const std::vector<float>* probs = cuda() ? &oracle_.last_block_probs : nullptr;
+  Budgets b = make_budget(kind.name)->compute(q_, k_, sc, c, mass, probs);
+  return budget_cache_.emplace(key, std::move(b)).first->second;
+}
+
+BlockMask LayerRun::fixed_selection(const MethodInfo& method, const BlockScores& sc, double density,
+                                    std::string& rule) {
+  // The oracle needs no forced blocks: its fixed-density selection is the upper bound.
+  SelectOptions opts;
+  if (!method.forced_blocks) opts.sink = opts.diagonal = false;
+  if (cfg_.density_rule == "auto") {
+    rule = auto_density_name(method.auto_density);
+    switch (method.auto_density) {
+      case AutoDensity::scaled_dynamic:
+        return select_budgets_to_density(sc, budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_)), density, opts);
+      case AutoDensity::layer_global:
+        return oracle_density_mask(oracle_.mass, density);
+      case AutoDensity::native_adjust:
+        break;
+    }
+    return select_to_density(sc, density, parse_density_rule(rule), opts);
+  }
+  rule = cfg_.density_rule;
+  return select_to_density(sc, density, parse_density_rule(rule), opts);
+}
+
+template <class F>
+size_t LayerRun::add(SelDesc d, F&& make) {
+  const std::string id = d.id();
+  auto it = sel_index_.find(id);
+  if (it != sel_index_.end()) return it->second;  // the same selection from two topics
+  sels_.push_back({std::move(d), make()});
+  sel_index_.emplace(id, sels_.size() - 1);
+  return sels_.size() - 1;
+}
+
+void LayerRun::similarity() {
+  const int H = oracle_.mass.heads, nb = oracle_.mass.num_blocks, r = oracle_.shape.group();
+  SimilarityOptions so;
+  so.topk_fractions = cfg_.topk_fractions;
+  so.max_rows = cfg_.sim_rows;
+  const HeadSimilarity s = head_similarity(oracle_.mass, oracle_.last_block_probs,
+                                           oracle_.shape.seq_len, so);
+  const size_t F = s.topk_fractions.size();
+  std::vector<std::vector<double>> pair_topk(F);
+  std::vector<double> pair_cos, pair_sp, same_kv, cross_kv;
+  const size_t last_f = F - 1;
+  for (int a = 0; a < H; ++a)
+    for (int b = 0; b < H; ++b) {
+      json row = {store_.label, layer_, a, b, (a / r == b / r) ? 1 : 0};
+      for (size_t f = 0; f < F; ++f) row.push_back(num(s.at(s.topk_overlap[f], a, b)));
+      row.push_back(num(s.at(s.cosine, a, b)));
+      row.push_back(num(s.at(s.spearman, a, b)));
+      T_.sim_pairs->add(std::move(row));
+      if (a < b) {
+        for (size_t f = 0; f < F; ++f) pair_topk[f].push_back(s.at(s.topk_overlap[f], a, b));
+        pair_cos.push_back(s.at(s.cosine, a, b));
+        pair_sp.push_back(s.at(s.spearman, a, b));
+        (a / r == b / r ? same_kv : cross_kv).push_back(s.at(s.topk_overlap[last_f], a, b));
+      }
+    }
+  json row = {store_.label, layer_, H * (H - 1) / 2, s.rows_used};
+  for (size_t f = 0; f < F; ++f) {
+    const Summary sm = summarize(pair_topk[f]);
+    row.push_back(num(sm.mean));
+    row.push_back(num(sm.min));
+  }
+  const Summary sc = summarize(pair_cos), ss = summarize(pair_sp);
+  row.push_back(num(sc.mean));
+  row.push_back(num(sc.min));
+  row.push_back(num(ss.mean));
+  row.push_back(num(ss.min));
+  row.push_back(num(mean_of(same_kv)));
+  row.push_back(num(mean_of(cross_kv)));
+  T_.sim_layers->add(std::move(row));
+
+  // Per-head oracle budget at each gamma: "same tokens, different sparsity".
+  const double causal = 0.5 * nb * (nb + 1.0);
+  for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) {
+    const OracleBudget& b = obudget_[gi];
+    std::vector<double> head_mean, head_sparsity;
+    for (int h = 0; h < H; ++h) {
+      const std::vector<double> rows = b.rows(h);
+      const Summary sm = summarize(rows);
+      double sel = 0;
+      for (double x : rows) sel += x;
+      const double density = sel / causal;
+      head_mean.push_back(sm.mean);
+      head_sparsity.push_back(1.0 - density);
+      T_.head_budget->add({store_.label, layer_, h, num(b.gamma), num(sm.mean), num(sm.min),
+                           num(sm.p5), num(sm.p25), num(sm.median), num(sm.p75), num(sm.p95),
+                           num(sm.max), b.at(h, nb - 1), num(density), num(1.0 - density)});
+    }
+    const Summary hm = summarize(head_mean), hs = summarize(head_sparsity);
+    double var = 0;
+    for (double x : head_mean) var += (x - hm.mean) * (x - hm.mean);
+    const double sd = std::sqrt(var / static_cast<double>(H));
+    T_.head_budget_layers->add({store_.label, layer_, num(b.gamma), num(hm.mean), num(sd),
+                                num(hm.mean > 0 ? sd / hm.mean : kNaN), num(hm.min), num(hm.max),
+                                num(hs.mean), num(hs.min), num(hs.max)});
+  }
+
+  // Fidelity of each proxy: its ranking at each member head's own oracle budget.
+  for (int g : store_.groups) {
+    const BlockScores& sc = scores(proxyattn_method(), g, kNaN);
+    const ScoreView view{sc.score.data(), sc.heads, sc.num_blocks, H};
+    for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) {
+      const auto f = ranking_fidelity(view, oracle_.mass, obudget_[gi]);
+      auto& agg = A_.fidelity[{g, cfg_.gamma[gi]}];
+      for (const RankingFidelity& x : f) {
+        T_.fidelity->add({store_.label, layer_, g, num(cfg_.gamma[gi]), x.head,
+                          proxy_group_of(x.head, H, g), num(x.block_recall), num(x.mass_recall),
+                          num(x.mass_ratio)});
+        agg[0].push_back(x.block_recall);
+        agg[1].push_back(x.mass_recall);
+        agg[2].push_back(x.mass_ratio);
+      }
+    }
+  }
+}
+
+
+void LayerRun::recall_selections() {
+  const double gref = gamma_ref(cfg_);
+  for (const std::string& name : cfg_.methods) {
+    const MethodInfo& m = find_method(name);
+    Timing::Scope scope(tm_, "select");
+    const std::string auto_rule(auto_density_name(m.auto_density));
+    const std::string rule0 = cfg_.density_rule == "auto" ? auto_rule : cfg_.density_rule;
+    if (m.grouped()) {
+      // Budget-driven: the dynamic budget at each gamma, and each fixed sparsity.
+      for (int g : store_.groups) {
+        if (!in_phase(after_pass(m, g))) continue;
+        const BlockScores& sc = scores(m, g, kNaN);
+        for (double gamma : cfg_.gamma)
+          add({m.name, g, "dynamic", "", gamma, kNaN},
+              [&] { return select_blocks(sc, budgets(find_budget_kind("dynamic"), sc, gamma)); });
+        for (double s : cfg_.sparsity) {
+          std::string rule = rule0;
+          add({m.name, g, "fixed", rule, kNaN, s}, [&] { return fixed_selection(m, sc, 1.0 - s, rule); });
+        }
+      }
+    } else if (m.exact_mass) {
+      // The oracle: its per-row top-k reaching each gamma, and each fixed sparsity.
+      if (!in_phase(true)) continue;
+      const BlockScores& sc = scores(m, 0, kNaN);
+      for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi)
+        add({m.name, 0, "native", "", cfg_.gamma[gi], kNaN},
+            [&] { return oracle_topk_mask(oracle_.mass, obudget_[gi].per_row); });
+      for (double s : cfg_.sparsity) {
+        std::string rule = rule0;
+        add({m.name, 0, "fixed", rule, kNaN, s}, [&] { return fixed_selection(m, sc, 1.0 - s, rule); });
+      }
+    } else {
+      if (!in_phase(false)) continue;
+      const bool by_gamma = m.set_coverage != nullptr;
+      if (by_gamma) {
+        for (double gamma : cfg_.gamma) {
+          const BlockScores& sc = scores(m, 0, gamma);
+          if (sc.native) add({m.name, 0, "native", "", gamma, kNaN}, [&] { return *sc.native; });
+        }
+      } else {
+        const BlockScores& sc = scores(m, 0, kNaN);
+        if (sc.native) add({m.name, 0, "native", "", kNaN, kNaN}, [&] { return *sc.native; });
+      }
+      const BlockScores& sc = scores(m, 0, by_gamma ? gref : kNaN);
+      for (double s : cfg_.sparsity) {
+        std::string rule = rule0;
+        add({m.name, 0, "fixed", rule, kNaN, s}, [&] { return fixed_selection(m, sc, 1.0 - s, rule); });
+      }
+    }
+  }
+}
+
+void LayerRun::budget_selections() {
+  Timing::Scope scope(tm_, "select");
+  const MethodInfo& m = proxyattn_method();
+  const int g0 = store_.groups.front();
+  const bool g0_pass = after_pass(m, g0);
+  const bool any_now = in_phase(g0_pass) || in_phase(true);
+  if (!any_now) return;
+  for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) {
+    const double gamma = cfg_.gamma[gi];
+    for (const BudgetKindInfo* kind : all_budget_kinds()) {
+      if (!in_phase(g0_pass || kind->needs_oracle_mass)) continue;
+      const BlockScores& sc = scores(m, g0, kNaN);
+      const Budgets& b = budgets(*kind, sc, gamma);
+      const size_t at = add({m.name, g0, kind->name, "", gamma, kNaN}, [&] { return select_blocks(sc, b); });
+      pending_.push_back({kind->name, gamma, gi, &b, at});
+    }
+    if (!in_phase(g0_pass)) continue;
+    // Fig. 5c: the same scores with each budget brought to each fixed sparsity. The per-head
+    // budgets keep their proportions (scaled); uniform is one k for every row and head.
+    const BlockScores& sc = scores(m, g0, kNaN);
+    for (double s : cfg_.sparsity)
+      for (const BudgetKindInfo* kind : all_budget_kinds())
+        if (kind->fig5c)
+          add({m.name, g0, kind->name, "scaled", gamma, s},
+              [&] { return select_budgets_to_density(sc, budgets(*kind, sc, gamma), 1.0 - s); });
+  }
+  if (!in_phase(g0_pass)) return;
+  const BlockScores& sc = scores(m, g0, kNaN);
+  for (double s : cfg_.sparsity)
+    add({m.name, g0, "uniform", "row_uniform", kNaN, s},
+        [&] { return select_to_density(sc, 1.0 - s, DensityRule::row_uniform); });
+}
+
+void LayerRun::pass() {
+  if (!errors_) {
+    Timing::Scope scope(tm_, "oracle");
+    oracle_ = layer_oracle(q_, k_, cfg_.block);
+  } else {
+    Timing::Scope scope(tm_, "oracle+output_error");
+    // Rankings for the masks built after the pass (and for "before" masks that are prefixes
+    // of budget-driven scores, which then need no explicit evaluation).
+    std::vector<Ranking> rankings;
+    Ranking oracle_rank;
+    oracle_rank.source = Ranking::Source::mass;
+    rankings.push_back(oracle_rank);
+    const MethodInfo& proxy = proxyattn_method();
+    if (from_pass(proxy, H_) && std::find(store_.groups.begin(), store_.groups.end(), H_) != store_.groups.end()) {
+      Ranking bm;
+      bm.source = Ranking::Source::block_max;
+      bm.sink = bm.diagonal = true;
+      rankings.push_back(bm);
+    }
+    for (const auto& [key, sc] : score_cache_)
+      if (find_method(sc.method).grouped()) {
+        Ranking r;
+        r.source = Ranking::Source::given;
+        r.order = rank_orders(sc.score.data(), sc.heads, sc.num_blocks, true, true);
+        rankings.push_back(std::move(r));
+      }
+    // The "before" masks that no ranking covers, once per distinct mask.
+    std::vector<const BlockMask*> masks;
+    explicit_of_.assign(sels_.size(), -1);
+    for (size_t i = 0; i < sels_.size(); ++i) {
+      const BlockMask& m = sels_[i].mask;
+      bool covered = false;
+      for (const Ranking& r : rankings)
+        if (r.source == Ranking::Source::given && is_prefix_mask(m, r.order)) covered = true;
+      if (covered) continue;
+      int found = -1;
+      for (size_t c = 0; c < masks.size() && found < 0; ++c)
+        if (*masks[c] == m) found = static_cast<int>(c);
+      if (found < 0) {
+        found = static_cast<int>(masks.size());
+        masks.push_back(&m);
+      }
+      explicit_of_[i] = found;
+    }
+    pass_ = layer_pass(q_, k_, *data_.v, cfg_.block, masks, rankings);
+    oracle_ = std::move(pass_.oracle);
+  }
+  Timing::Scope scope(tm_, "oracle");
+  A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
+  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
+}
+
+void LayerRun::gpu_pass() {
+  {
+    Timing::Scope scope(tm_, "oracle:cuda");
+    oracle_.shape = check_qkv(q_, k_);
+    oracle_.mass = gpu().block_mass(cfg_.block);
+    oracle_.lse = gpu().row_lse();
+  }
+  {
+    // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
+    // B rows against every key, float64 on the CPU as the spec computes them.
+    Timing::Scope scope(tm_, "last_block");
+    const std::vector<double> p = last_block_token_probs_cpu(q_, k_, cfg_.block);
+    oracle_.last_block_probs.assign(p.begin(), p.end());
+  }
+  Timing::Scope scope(tm_, "oracle");
+  A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
+  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
+}
+
+// Output error of every selection on the device: the full output once, each distinct mask's
+// block-sparse output, their difference reduced per head.
+void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
+  std::vector<const BlockMask*> masks;
+  std::vector<size_t> mask_of(sels_.size());
+  for (size_t i = 0; i < sels_.size(); ++i) {
+    size_t found = masks.size();
+    for (size_t c = 0; c < masks.size() && found == masks.size(); ++c)
+      if (*masks[c] == sels_[i].mask) found = c;
+    if (found == masks.size()) masks.push_back(&sels_[i].mask);
+    mask_of[i] = found;
+  }
+  const MaskErrors o = gpu().output_errors(masks);
+  for (size_t i = 0; i < sels_.size(); ++i) {
+    rel[i] = o.rel_error[mask_of[i]];
+    empty[i] = o.empty_rows[mask_of[i]];
+  }
+}
+
+void LayerRun::evaluate() {
+  const int H = oracle_.mass.heads;
+  const size_t S = sels_.size();
+  std::optional<Timing::Scope> scope(std::in_place, tm_, "metrics");
+  std::vector<std::vector<HeadDensity>> dens(S);
+  std::vector<std::vector<double>> mass(S), block(S);
+  const std::vector<int32_t> rank_pos = mass_rank_positions(oracle_.mass);
+  for (size_t i = 0; i < S; ++i) {
+    dens[i] = density_per_head(sels_[i].mask);
+    mass[i] = mass_recall_per_head(sels_[i].mask, oracle_.mass);
+    block[i] = block_recall_per_head(sels_[i].mask, oracle_.mass, rank_pos);
+  }
+
+  // Output errors: from the pass (explicit masks), else from a prefix table; a mask neither
+  // covers (none expected) gets a second, direct pass.
+  std::vector<std::vector<double>> rel(S);
+  std::vector<int64_t> empty(S, 0);
+  const bool err = errors_ && S > 0;
+  if (err && cuda()) {
+    Timing::Scope e(tm_, "output_error:cuda");
+    gpu_output_errors(rel, empty);
+  } else if (err) {
+    Timing::Scope e(tm_, "output_error");
+    std::vector<size_t> left;
+    for (size_t i = 0; i < S; ++i) {
+      const int x = i < explicit_of_.size() ? explicit_of_[i] : -1;
+      if (x >= 0) {
+        rel[i] = pass_.errors.rel_error[static_cast<size_t>(x)];
+        empty[i] = pass_.errors.empty_rows[static_cast<size_t>(x)];
+        continue;
+      }
+      bool done = false;
+      for (const PrefixErrors& t : pass_.prefix)
+        if (!done) done = prefix_mask_errors(t, pass_.full_sq, sels_[i].mask, rel[i], empty[i]);
+      if (!done) left.push_back(i);
+    }
+    if (!left.empty()) {
+      std::vector<const BlockMask*> masks;
+      for (size_t i : left) masks.push_back(&sels_[i].mask);
+      const OutputErrors o = output_errors(q_, k_, *data_.v, oracle_, masks);
+      for (size_t x = 0; x < left.size(); ++x) {
+        rel[left[x]] = o.rel_error[x];
+        empty[left[x]] = o.empty_rows[x];
+      }
+      tm_.second_pass_masks += static_cast<int64_t>(left.size());
+    }
+  }
+
+  // Budget accuracy needs the oracle budget, known only now.
+  std::vector<std::vector<BudgetAccuracy>> acc;
+  for (const PendingBudget& p : pending_)
+    acc.push_back(budget_accuracy(p.budgets->per_head_k, p.budgets->per_row_k, oracle_.mass, obudget_[p.gamma_index]));
+
+  for (size_t i = 0; i < S; ++i) {
+    const SelDesc& d = sels_[i].desc;
+    const std::string id = d.id();
+    auto [it, fresh] = A_.sel.try_emplace(id);
+    SelAgg& agg = it->second;
+    if (fresh) {
+      agg.desc = d;
+      A_.sel_order.push_back(id);
+    }
+    agg.stores.insert(store_.label);
+    ++agg.layers;
+    std::vector<double> ev(static_cast<size_t>(H), kNaN), dv;
+    for (int h = 0; h < H; ++h) {
+      const HeadDensity& hd = dens[i][static_cast<size_t>(h)];
+      const double e = err ? rel[i][static_cast<size_t>(h)] : kNaN;
+      ev[static_cast<size_t>(h)] = e;
+      dv.push_back(hd.density);
+      T_.selections->add({store_.label, layer_, id, d.method, d.groups, d.budget, d.rule,
+                          num(d.gamma), num(d.target), h, hd.selected, num(hd.density),
+                          num(hd.element_density), num(hd.sparsity()),
+                          num(mass[i][static_cast<size_t>(h)]), num(block[i][static_cast<size_t>(h)]), num(e)});
+      agg.density.push_back(hd.density);
+      agg.element_density.push_back(hd.element_density);
+      agg.mass.push_back(mass[i][static_cast<size_t>(h)]);
+      agg.block.push_back(block[i][static_cast<size_t>(h)]);
+      agg.error.push_back(e);
+    }
+    const Summary ms = summarize(mass[i]), es = summarize(ev);
+    const double dmean = mean_of(dv);
+    agg.layer_density.push_back(dmean);
+    T_.selection_summary->add(
+        {store_.label, layer_, id, d.method, d.groups, d.budget, d.rule, num(d.gamma), num(d.target),
+         num(dmean), num(sels_[i].mask.element_density()), num(1.0 - dmean), num(ms.mean),
+         num(ms.p5), num(ms.min), num(mean_of(block[i])), num(es.mean), num(es.max),
+         err ? json(empty[i]) : json(nullptr)});
+    if (std::isfinite(d.target) && std::abs((1.0 - dmean) - d.target) > 0.01)
+      A_.missed[store_.label].push_back({id, d.target, 1.0 - dmean});
+  }
+
+  for (size_t pi = 0; pi < pending_.size(); ++pi) {
+    const PendingBudget& p = pending_[pi];
+    const size_t i = p.sel;
+    auto& agg = A_.budget[{p.kind, p.gamma}];
+    if (std::find(A_.budget_order.begin(), A_.budget_order.end(), std::make_pair(p.kind, p.gamma)) ==
+        A_.budget_order.end())
+      A_.budget_order.emplace_back(p.kind, p.gamma);
+    for (const BudgetAccuracy& a : acc[pi]) {
+      const size_t h = static_cast<size_t>(a.head);
+      const double mr = mass[i][h], dn = dens[i][h].density;
+      T_.budget_accuracy->add({store_.label, layer_, p.kind, num(p.gamma), a.head, num(a.k_est),
+                               num(a.k_effective), num(a.oracle_mean), num(a.oracle_last_row),
+                               num(a.rel_error), num(a.abs_rel_error), num(a.mass_reached),
+                               num(a.rows_below_gamma), num(mr), num(dn)});
+      for (BudgetAgg* b : {&agg, &A_.budget_heads[{store_.label, p.kind, p.gamma, a.head}]}) {
+        b->k_est.push_back(a.k_est);
+        b->k_eff.push_back(a.k_effective);
+        b->oracle.push_back(a.oracle_mean);
+        b->rel.push_back(a.rel_error);
+        b->abs_rel.push_back(a.abs_rel_error);
+        b->reached.push_back(a.mass_reached);
+        b->below.push_back(a.rows_below_gamma);
+        b->mass.push_back(mr);
+        b->density.push_back(dn);
+      }
+    }
+  }
+}
+
+
+void LayerRun::run() {
+  q_ = data_.q.view();
+  k_ = data_.k.view();
+  H_ = data_.q.heads();
+  errors_ = topics_.error && store_.error_ok && data_.v.has_value();
+  // The same phases on both devices, so the rows come in the same order; on the GPU the exact
+  // quantities come first and nothing waits for a pass.
+  if (cuda()) gpu_pass();
+  phase_ = Phase::before;
+  if (topics_.recall) recall_selections();
+  if (topics_.budget) budget_selections();
+  if (!cuda()) pass();
+  phase_ = Phase::after;
+  if (topics_.similarity) {
+    Timing::Scope scope(tm_, "similarity");
+    similarity();
+  }
+  if (topics_.recall) recall_selections();
+  if (topics_.budget) budget_selections();
+  evaluate();
+}
+
+}  // namespace
+
+void run_layer(const AnalyzeConfig& cfg, const Topics& topics, StoreCtx& store, LayerData&& data, Tables& tables,
+               Aggregates& agg, Timing& timing, std::set<std::string>& notes) {
+  LayerRun(cfg, topics, store, std::move(data), tables, agg, timing, notes).run();
+}
+
+}  // namespace proxyattn::analysis::detail

@@ -1,0 +1,125 @@
+// What `proxyattn-analyze --device cuda` takes from the GPU beyond the kernels' own tests, vs the
+// CPU spec on fresh random inputs (odd N, GQA 1/3/4, head dims 64/128/256, blocks 64/128):
+//   - the output error (CudaLayer::output_errors: full output once, each mask's block-sparse
+//     output, a float64 reduction per head on the device) vs analysis::output_errors, masks of
+//     several densities, one with empty rows and the full causal mask (error 0);
+//   - the oracle's block max with GQA (CudaLayer::maxpool_block_scores) vs LayerOracle::block_max.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "gpu_test_util.hpp"
+#include "proxyattn/analysis/layer_oracle.hpp"
+#include "proxyattn/block_mask.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
+
+namespace proxyattn {
+namespace {
+
+struct Case {
+  int hq, hkv, d, block;
+  int64_t n;
+};
+
+std::vector<Case> cases() {
+  if (test::small_mode()) return {{3, 1, 64, 64, 200}, {2, 2, 128, 128, 300}};
+  return {{2, 2, 64, 64, 131}, {3, 1, 64, 128, 389}, {8, 2, 128, 128, 1031}, {6, 2, 128, 64, 700}, {3, 3, 256, 128, 333}};
+}
+
+// Random rows; the diagonal kept unless `empty_some` (then every 3rd row of head 0 is empty).
+BlockMask random_mask(int heads, int64_t n, int block, double density, bool empty_some) {
+  const int nb = num_blocks_for(n, block);
+  std::bernoulli_distribution keep(density);
+  std::vector<std::vector<int32_t>> rows(size_t(heads) * nb);
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      auto& r = rows[size_t(h) * nb + i];
+      if (empty_some && h == 0 && i % 3 == 1) continue;
+      for (int j = 0; j < i; ++j)
+        if (keep(test::rng())) r.push_back(j);
+      r.push_back(i);
+    }
+  return BlockMask::from_rows(heads, n, block, rows);
+}
+
+class OutputError : public ::testing::TestWithParam<Case> {};
+
+INSTANTIATE_TEST_SUITE_P(Shapes, OutputError, ::testing::ValuesIn(cases()), [](const auto& info) {
+  const Case c = info.param;
+  return "Hq" + std::to_string(c.hq) + "_Hkv" + std::to_string(c.hkv) + "_d" + std::to_string(c.d) + "_B" +
+         std::to_string(c.block) + "_N" + std::to_string(c.n);
+});
+
+TEST_P(OutputError, MatchesCpuSpec) {
+  PROXYATTN_REQUIRE_GPU();
+  const Case c = GetParam();
+  // fp16-exact inputs: the GPU reads exactly what the CPU reads.
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, DType::f16, 1.5f),
+                k = test::random_rounded(c.hkv, c.n, c.d, DType::f16), v = test::random_rounded(c.hkv, c.n, c.d, DType::f16);
+  std::vector<BlockMask> masks;
+  for (double density : {0.1, 0.4, 0.8}) masks.push_back(random_mask(c.hq, c.n, c.block, density, false));
+  masks.push_back(random_mask(c.hq, c.n, c.block, 0.3, true));
+  masks.push_back(random_mask(c.hq, c.n, c.block, 1.0, false));  // every causal block: error 0
+  std::vector<const BlockMask*> ptrs;
+  for (const BlockMask& m : masks) ptrs.push_back(&m);
+
+  const analysis::LayerOracle oracle = analysis::layer_oracle(q, k, c.block);
+  const analysis::OutputErrors ref = analysis::output_errors(q, k, v, oracle, ptrs);
+  const CudaLayer layer(q, k, v, DType::f16);
+  const MaskErrors got = layer.output_errors(ptrs);
+
+  ASSERT_EQ(got.rel_error.size(), masks.size());
+  // fp16 probabilities before P.V move each output by ~1e-3 relative; the error is a difference
+  // of two such outputs.
+  const double atol = 3e-3, rtol = 2e-2;
+  double max_err = 0;
+  int over = 0;
+  for (size_t x = 0; x < masks.size(); ++x) {
+    EXPECT_EQ(got.empty_rows[x], ref.empty_rows[x]) << "mask " << x;
+    for (int h = 0; h < c.hq; ++h) {
+      const double a = got.rel_error[x][size_t(h)], b = ref.rel_error[x][size_t(h)];
+      ASSERT_TRUE(std::isfinite(a)) << "mask " << x << " head " << h;
+      const double e = std::abs(a - b);
+      max_err = std::max(max_err, e);
+      if (e > atol + rtol * std::abs(b)) ++over;
+    }
+  }
+  for (int h = 0; h < c.hq; ++h) EXPECT_LT(got.rel_error.back()[size_t(h)], 2e-3) << "full mask, head " << h;
+  std::printf("output error GPU vs CPU: max |diff| %.3g, %d of %zu over tolerance\n", max_err, over,
+              masks.size() * size_t(c.hq));
+  EXPECT_EQ(over, 0);
+}
+
+TEST_P(OutputError, BlockMaxMatchesCpuPass) {
+  PROXYATTN_REQUIRE_GPU();
+  const Case c = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, DType::f16, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, DType::f16);
+  const analysis::LayerOracle oracle = analysis::layer_oracle(q, k, c.block);
+  const CudaLayer layer(q, k, ConstView{}, DType::f16);
+  const std::vector<float> got = layer.maxpool_block_scores(c.block, 1);
+  ASSERT_EQ(got.size(), oracle.block_max.size());
+  double max_rel = 0;
+  int over = 0;
+  for (size_t x = 0; x < got.size(); ++x) {
+    const double a = got[x], b = oracle.block_max[x], e = std::abs(a - b);
+    max_rel = std::max(max_rel, e / std::max(1e-30, std::abs(b)));
+    if (e > 1e-6 + 1e-4 * std::abs(b)) ++over;
+  }
+  std::printf("block max GPU vs CPU pass: max rel %.3g, %d of %zu over tolerance\n", max_rel, over, got.size());
+  EXPECT_EQ(over, 0);
+}
+
+TEST(OutputErrorArgs, RejectsAMaskOfAnotherShape) {
+  PROXYATTN_REQUIRE_GPU();
+  const Tensor3 q = test::random_rounded(2, 200, 64, DType::f16), k = test::random_rounded(2, 200, 64, DType::f16),
+                v = test::random_rounded(2, 200, 64, DType::f16);
+  const CudaLayer layer(q, k, v, DType::f16);
+  const BlockMask other = random_mask(3, 200, 64, 0.5, false);
+  EXPECT_THROW(layer.output_errors({&other}), Error);
+  const CudaLayer no_v(q, k, ConstView{}, DType::f16);
+  const BlockMask ok = random_mask(2, 200, 64, 0.5, false);
+  EXPECT_THROW(no_v.output_errors({&ok}), Error);
+}
+
+}  // namespace
+}  // namespace proxyattn
