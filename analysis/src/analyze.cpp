@@ -283,6 +283,10 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
                  "Tables match --device cpu within 1e-3; a mask can differ only at a near tie of the CPU's own "
                  "decision (scores within float rounding at a cut)");
   }
+  for (const std::string& name : cfg.methods) {
+    const MethodInfo& m = find_method(name);
+    if (m.config_note) notes.insert(m.config_note(cfg.estimator));
+  }
   json& c = report["config"];
   c["command"] = cfg.command;
   c["layers"] = cfg.layers.empty() ? json("all") : json(cfg.layers);

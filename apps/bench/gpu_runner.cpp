@@ -628,8 +628,8 @@ class GpuRunner : public Runner {
       p.in = in;
       p.block = sw_.block;
       p.last_q = ec.vslash.last_q;
-      p.vertical = ec.vslash.vertical;
-      p.slash = ec.vslash.slash;
+      p.vertical = vslash_vertical(ec.vslash, n_);
+      p.slash = vslash_slash(ec.vslash, n_);
       p.sink_columns = ec.vslash.sink_columns;
       p.local_diagonals = ec.vslash.local_diagonals;
       p.out = scores_.as<float>();

@@ -526,8 +526,8 @@ BlockScores CudaLayer::vslash_scores(const EstimatorConfig& config) const {
   p.in = m.peer_input();
   p.block = config.block;
   p.last_q = v.last_q;
-  p.vertical = v.vertical;
-  p.slash = v.slash;
+  p.vertical = vslash_vertical(v, m.s.seq_len);
+  p.slash = vslash_slash(v, m.s.seq_len);
   p.sink_columns = v.sink_columns;
   p.local_diagonals = v.local_diagonals;
   p.out = out.as<float>();

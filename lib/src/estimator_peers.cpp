@@ -278,7 +278,7 @@ BlockScores estimate_vslash(ConstView q, ConstView k, const EstimatorConfig& c) 
     for (int64_t t = 0; t < std::min<int64_t>(vc.local_diagonals, N); ++t) sr[t] = kInf;
     std::vector<double> col_mass(nb, 0.0);
     std::vector<uint8_t> col_kept(nb, 0);
-    for (int32_t t : top_indices(vr, std::min<int64_t>(vc.vertical, N))) {
+    for (int32_t t : top_indices(vr, vslash_vertical(vc, N))) {
       col_mass[t / B] += lr.vertical[t];
       col_kept[t / B] = 1;
     }
@@ -286,7 +286,7 @@ BlockScores estimate_vslash(ConstView q, ConstView k, const EstimatorConfig& c) 
     std::vector<double> pm(N + 1, 0.0);
     std::vector<int64_t> pc(N + 1, 0);
     std::vector<uint8_t> kept(N, 0);
-    for (int32_t o : top_indices(sr, std::min<int64_t>(vc.slash, N))) kept[o] = 1;
+    for (int32_t o : top_indices(sr, vslash_slash(vc, N))) kept[o] = 1;
     for (int64_t o = 0; o < N; ++o) {
       pm[o + 1] = pm[o] + (kept[o] ? lr.slash[o] : 0.0);
       pc[o + 1] = pc[o] + kept[o];
@@ -309,3 +309,17 @@ BlockScores estimate_vslash(ConstView q, ConstView k, const EstimatorConfig& c) 
 }
 
 }  // namespace proxyattn::detail
+
+namespace proxyattn {
+
+namespace {
+int64_t resolve_count(int64_t tokens, double fraction, int64_t n) {
+  const int64_t k = fraction > 0 ? static_cast<int64_t>(std::ceil(fraction * static_cast<double>(n))) : tokens;
+  return std::clamp<int64_t>(k, 0, n);
+}
+}  // namespace
+
+int64_t vslash_vertical(const VSlashConfig& c, int64_t n) { return resolve_count(c.vertical, c.vertical_fraction, n); }
+int64_t vslash_slash(const VSlashConfig& c, int64_t n) { return resolve_count(c.slash, c.slash_fraction, n); }
+
+}  // namespace proxyattn

@@ -487,3 +487,34 @@ TEST(Estimators, BadInput) {
 
 }  // namespace
 }  // namespace proxyattn
+
+namespace proxyattn {
+namespace {
+
+// The length-relative vertical-slash setting resolves to token counts: a fraction f keeps
+// ceil(f N) columns / diagonals, exactly what the token count ceil(f N) keeps.
+TEST(EstimatorVSlash, FractionsResolveToTokenCounts) {
+  const int64_t n = 777;
+  const Tensor3 q = test::random_tensor(3, n, 64, 1.5f), k = test::random_tensor(1, n, 64);
+  EstimatorConfig rel;
+  rel.block = 64;
+  rel.vslash.vertical_fraction = 0.05;
+  rel.vslash.slash_fraction = 0.2;
+  EXPECT_EQ(vslash_vertical(rel.vslash, n), 39);
+  EXPECT_EQ(vslash_slash(rel.vslash, n), 156);
+  EstimatorConfig abs = rel;
+  abs.vslash.vertical_fraction = abs.vslash.slash_fraction = 0;
+  abs.vslash.vertical = 39;
+  abs.vslash.slash = 156;
+  const BlockScores a = make_estimator("vslash")->estimate(q, k, rel), b = make_estimator("vslash")->estimate(q, k, abs);
+  EXPECT_EQ(a.score, b.score);
+  ASSERT_TRUE(a.native && b.native);
+  EXPECT_TRUE(*a.native == *b.native);
+  EstimatorConfig bad = rel;
+  bad.vslash.slash_fraction = 1.5;
+  EXPECT_THROW(make_estimator("vslash")->estimate(q, k, bad), Error);
+  EXPECT_EQ(vslash_vertical(abs.vslash, 20), 20);  // clamped to N
+}
+
+}  // namespace
+}  // namespace proxyattn

@@ -69,7 +69,17 @@ struct VSlashConfig {
   int64_t slash = 6096;          // kept diagonals (top by diagonal sum, clamped to N)
   int sink_columns = 30;         // columns 0..sink_columns-1 always kept (count in `vertical`)
   int local_diagonals = 100;     // offsets 0..local_diagonals-1 always kept (count in `slash`)
+  // Length-relative counts: when > 0, vertical = ceil(vertical_fraction * N) and slash =
+  // ceil(slash_fraction * N) replace the token counts above. MInference's published operating
+  // point (1000 / 6096 tokens, tuned at 128K) keeps almost every block at 8K-16K; a fraction keeps
+  // the same share of the context at every length.
+  double vertical_fraction = 0;
+  double slash_fraction = 0;
 };
+// The kept column and diagonal counts for a sequence of n tokens (fractions resolved, clamped
+// to [0, n]).
+int64_t vslash_vertical(const VSlashConfig& c, int64_t n);
+int64_t vslash_slash(const VSlashConfig& c, int64_t n);
 
 struct EstimatorConfig {
   int block = 128;  // B: positive power of two (64 and 128 are the tested sizes)

@@ -100,6 +100,8 @@ struct MethodInfo {
   // and its threshold for config c; null when none. Throws Error for a config the kernel does
   // not cover (pooled.global).
   DeviceNative (*device_native)(const EstimatorConfig& c) = nullptr;
+  // One line for the report's notes about the settings in force (null: nothing to say).
+  std::string (*config_note)(const EstimatorConfig& c) = nullptr;
   // Work of one estimate relative to one causal attention of the layer (QK^T and PV over the
   // causal half): the MPI balancers and the benchmark's case costs.
   double (*cost)(const AttentionShape& s, const EstimatorConfig& c) = nullptr;

@@ -16,6 +16,10 @@ void validate(const EstimatorConfig& c, int) {
   require(v.slash >= 0, "vslash.slash = " + std::to_string(v.slash) + " must be >= 0");
   require(v.sink_columns >= 0, "vslash.sink_columns = " + std::to_string(v.sink_columns) + " must be >= 0");
   require(v.local_diagonals >= 0, "vslash.local_diagonals = " + std::to_string(v.local_diagonals) + " must be >= 0");
+  require(v.vertical_fraction >= 0 && v.vertical_fraction <= 1,
+          "vslash.vertical_fraction = " + num_str(v.vertical_fraction) + " must be in [0, 1] (0: use vslash.vertical)");
+  require(v.slash_fraction >= 0 && v.slash_fraction <= 1,
+          "vslash.slash_fraction = " + num_str(v.slash_fraction) + " must be in [0, 1] (0: use vslash.slash)");
 }
 
 double cost(const AttentionShape& s, const EstimatorConfig& c) {
@@ -37,7 +41,13 @@ MethodInfo make() {
       field_option("vslash", "sink_columns", "vslash-sink-columns", "vertical-slash forced first columns",
                    [](EstimatorConfig& c) -> int& { return c.vslash.sink_columns; }),
       field_option("vslash", "local_diagonals", "vslash-local-diagonals", "vertical-slash forced local diagonals",
-                   [](EstimatorConfig& c) -> int& { return c.vslash.local_diagonals; })};
+                   [](EstimatorConfig& c) -> int& { return c.vslash.local_diagonals; }),
+      field_option("vslash", "vertical_fraction", "vslash-vertical-fraction",
+                   "vertical-slash kept columns as a fraction of N (0: the token count --vslash-vertical)",
+                   [](EstimatorConfig& c) -> double& { return c.vslash.vertical_fraction; }),
+      field_option("vslash", "slash_fraction", "vslash-slash-fraction",
+                   "vertical-slash kept diagonals as a fraction of N (0: the token count --vslash-slash)",
+                   [](EstimatorConfig& c) -> double& { return c.vslash.slash_fraction; })};
   m.validate = validate;
   m.estimate_cpu = detail::estimate_vslash;
   m.estimate_gpu = [](const CudaLayer& layer, const EstimatorConfig& c) { return layer.vslash_scores(c); };
@@ -46,6 +56,19 @@ MethodInfo make() {
   m.gpu_in_analysis = false;
   m.gpu_note = "vslash on the CPU (last 64 queries only; the GPU's fp16 column sums reorder near-equal columns)";
   m.cost = cost;
+  m.config_note = [](const EstimatorConfig& c) -> std::string {
+    const VSlashConfig& v = c.vslash;
+    if (v.vertical_fraction > 0 || v.slash_fraction > 0)
+      return "vslash: length-relative operating point: " +
+             (v.vertical_fraction > 0 ? "vertical = ceil(" + num_str(v.vertical_fraction) + " N)"
+                                      : "vertical = " + std::to_string(v.vertical) + " tokens") +
+             ", " +
+             (v.slash_fraction > 0 ? "slash = ceil(" + num_str(v.slash_fraction) + " N)"
+                                   : "slash = " + std::to_string(v.slash) + " tokens");
+    return "vslash: MInference's published operating point, " + std::to_string(v.vertical) + " vertical / " +
+           std::to_string(v.slash) + " slash tokens (tuned at 128K; it keeps almost every block at 8K-16K: "
+           "--vslash-vertical-fraction / --vslash-slash-fraction keep a share of N instead)";
+  };
   return m;
 }
 
