@@ -119,14 +119,31 @@ std::vector<int> int_list(const std::string& s, const std::string& flag) {
   return out;
 }
 
-// Fail before the heavy work when --out cannot be written.
-void prepare_out_dir(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec || !fs::is_directory(dir))
-    throw Error("--out " + dir + ": cannot create the directory" + (ec ? " (" + ec.message() + ")" : ""));
-  require_writable_parent((fs::path(dir) / "report.json").string());
+// A list flag given with an empty value ('--methods ""') is an error, not the default.
+void require_nonempty_values(const CLI::App& sub, const Args& a) {
+  const std::pair<const char*, const std::string*> lists[] = {
+      {"--layers", &a.layers}, {"--methods", &a.methods}, {"--sparsity", &a.sparsity},
+      {"--gamma", &a.gamma},   {"--groups", &a.groups},   {"--topk", &a.topk}};
+  for (const auto& [flag, value] : lists) {
+    std::string v = *value;
+    while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.pop_back();
+    if (sub.count(flag) > 0 && v.empty()) throw Error(std::string(flag) + ": empty value");
+  }
+  if (sub.count("--out") > 0 && a.out.empty()) throw Error("--out: empty path");
+}
+
+// Upper bounds of the numeric flags (beyond them the work or memory is absurd, or a size
+// computed from them would overflow).
+void require_sane_numbers(const analysis::AnalyzeConfig& c) {
+  if (c.block > 4096) throw Error("--block: " + std::to_string(c.block) + " too large (at most 4096)");
+  if (c.threads > 4096) throw Error("--threads: " + std::to_string(c.threads) + " too large (at most 4096)");
+  if (c.sim_rows > (1 << 24)) throw Error("--sim-rows: " + std::to_string(c.sim_rows) + " too large");
+  if (c.estimator.proxy.query_stride < 1 || c.estimator.proxy.query_stride > 4096)
+    throw Error("--query-stride: " + std::to_string(c.estimator.proxy.query_stride) + " outside [1, 4096]");
+  if (c.estimator.xattn.stride < 1 || c.estimator.xattn.stride > 4096)
+    throw Error("--xattn-stride: " + std::to_string(c.estimator.xattn.stride) + " outside [1, 4096]");
+  if (c.budget.k_min < 0 || c.budget.k_min > (1 << 24))
+    throw Error("--k-min: " + std::to_string(c.budget.k_min) + " outside [0, 16777216]");
 }
 
 }  // namespace
@@ -158,8 +175,13 @@ int main(int argc, char** argv) {
   }
   return cli::run_main(app, argc, argv, [&] {
     auto& c = a.cfg;
+    const CLI::App* parsed = nullptr;
     for (CLI::App* s : subs)
-      if (s->parsed()) c.command = s->get_name();
+      if (s->parsed()) {
+        c.command = s->get_name();
+        parsed = s;
+      }
+    if (parsed) require_nonempty_values(*parsed, a);
     c.argv.assign(argv, argv + argc);
     if (!a.layers.empty()) c.layers = cli::parse_int_list(a.layers, 1 << 20, "--layers");
     if (!a.methods.empty()) c.methods = split_list(a.methods, "--methods");
@@ -170,8 +192,11 @@ int main(int argc, char** argv) {
     c.estimator.proxy.pool = parse_proxy_pool(a.proxy_pool);
     c.budget.mode = parse_budget_mode(a.budget_mode);
     if (c.threads < 0) throw Error("--threads: must be >= 0");
+    require_sane_numbers(c);
     analysis::validate_config(c);
-    prepare_out_dir(a.out);
+    // Checks only: the report folder is created when the report is committed, so a failed run
+    // leaves nothing behind.
+    if (dist.is_root()) analysis::check_report_dir(a.out);
     if (c.threads > 0) {
       omp_set_num_threads(c.threads);
       set_cpu_threads(c.threads);
