@@ -106,7 +106,7 @@ class Driver:
                 return "FAIL:raw exception text", detail
             if out is not None and os.path.lexists(out):
                 return "FAIL:partial output", detail
-            if case.expect == "accept":
+            if case.expect_for(tool) == "accept":
                 return "FAIL:valid store rejected", detail
             return "rejected", detail
         # Success: complete output, and only where acceptance is allowed.
@@ -129,7 +129,7 @@ class Driver:
                 json.loads(p.stdout)
             except Exception as e:  # noqa: BLE001
                 return "FAIL:incomplete output", detail + f"; {e}"
-        if case.expect == "reject":
+        if case.expect_for(tool) == "reject":
             return "FAIL:silent acceptance", detail
         return "accepted", detail
 
