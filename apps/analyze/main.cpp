@@ -136,6 +136,8 @@ void require_nonempty_values(const CLI::App& sub, const Args& a) {
 // computed from them would overflow).
 void require_sane_numbers(const analysis::AnalyzeConfig& c) {
   if (c.block > 4096) throw Error("--block: " + std::to_string(c.block) + " too large (at most 4096)");
+  if (c.block > 0 && c.block < 16)
+    throw Error("--block: " + std::to_string(c.block) + " too small (at least 16: the per-head block matrices grow as (N/B)^2)");
   if (c.threads > 4096) throw Error("--threads: " + std::to_string(c.threads) + " too large (at most 4096)");
   if (c.sim_rows > (1 << 24)) throw Error("--sim-rows: " + std::to_string(c.sim_rows) + " too large");
   if (c.estimator.proxy.query_stride < 1 || c.estimator.proxy.query_stride > 4096)
@@ -193,6 +195,13 @@ int main(int argc, char** argv) {
     c.budget.mode = parse_budget_mode(a.budget_mode);
     if (c.threads < 0) throw Error("--threads: must be >= 0");
     require_sane_numbers(c);
+    for (const std::string& path : c.stores) {  // a path that cannot even be looked at: one clean line
+      std::error_code ec;
+      const auto st = std::filesystem::status(path, ec);
+      if (ec && st.type() != std::filesystem::file_type::not_found)
+        throw Error(path + ": cannot access (" + ec.message() + ")");
+      if (st.type() == std::filesystem::file_type::directory) throw Error(path + ": is a directory, not a store");
+    }
     analysis::validate_config(c);
     // Checks only: the report folder is created when the report is committed, so a failed run
     // leaves nothing behind.

@@ -314,3 +314,19 @@ def test_capture_layers_empty_and_directories(tmp_path):
         f.visititems(lambda n, o: flags.append(o.fletcher32) if isinstance(o, h5py.Dataset) else None)
         assert flags and all(flags)
     assert run(DUMP, "info", out, "-q").returncode == 0
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="no proxyattn-bench")
+def test_bench_outputs_refuse_links_and_create_nothing_on_failure(tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    target = tmp_path / "precious.json"
+    target.write_text("keep")
+    (out / "bench.json").symlink_to(target)
+    line = error_line(run(BENCH, "--device", "cpu", "--lengths", "256", "--methods", "full", "--reps", "1",
+                          "--warmup", "0", "--quiet", "--out", out), "bench")
+    assert "bench.json" in line and "symbolic link" in line, line
+    assert target.read_text() == "keep" and (out / "bench.json").is_symlink()
+    # A run that fails before timing creates no --out.
+    error_line(run(BENCH, "--device", "cpu", "--lengths", "256", "--methods", "nope", "--quiet", "--out", tmp_path / "c"), "bench")
+    assert not (tmp_path / "c").exists()
