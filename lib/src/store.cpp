@@ -12,7 +12,11 @@
 //   object and the innermost HDF5 message.
 #include "proxyattn/store.hpp"
 
+#include <fcntl.h>
 #include <hdf5.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -774,10 +778,67 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
   return out;
 }
 
+namespace {
+// libhdf5 1.10 trusts some metadata it cannot checksum (the global heap holding variable-length
+// strings, in any file format; every structure in the pre-1.8 format h5py writes by default)
+// and can crash (memcpy past a buffer, a wild pointer) on a corrupt byte there, before any
+// error reaches us. So the whole open (attributes, layer scan, chunk index walk) first runs in
+// a forked probe process: if libhdf5 crashes there, the store is refused with one line instead
+// of the tool dying. The probe is skipped under MPI launchers (fork beside an MPI transport is
+// not portable) and with PROXYATTN_NO_OPEN_PROBE=1.
+bool open_probe_enabled() {
+  for (const char* v : {"PROXYATTN_NO_OPEN_PROBE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (const char* e = std::getenv(v); e && *e && !(std::string(v) == "PROXYATTN_NO_OPEN_PROBE" && std::string(e) == "0"))
+      return false;
+  return true;
+}
+
+constexpr int kProbeOk = 0, kProbeError = 3;
+
+// Called with the HDF5 lock held, so no other thread of ours is inside libhdf5 at fork().
+template <class Open>
+void probe_open(const std::string& path, Open&& open) {
+  const pid_t pid = ::fork();
+  if (pid < 0) return;  // cannot fork: open without the probe
+  if (pid == 0) {
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);  // never the parent's cleanup
+    const int devnull = ::open("/dev/null", O_WRONLY);
+    if (devnull >= 0) ::dup2(devnull, 2);  // a sanitizer's report of the crash is the parent's to give
+    int code = kProbeOk;
+    try {
+      open();
+    } catch (...) {
+      code = kProbeError;  // the parent will find the same error itself
+    }
+    ::_exit(code);
+  }
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(st) && (WEXITSTATUS(st) == kProbeOk || WEXITSTATUS(st) == kProbeError)) return;
+  const std::string how = WIFSIGNALED(st) ? "signal " + std::to_string(WTERMSIG(st)) + " (" + strsignal(WTERMSIG(st)) + ")"
+                                          : "exit code " + std::to_string(WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+  throw Error(path + ": corrupt HDF5 metadata: libhdf5 " + std::string(H5_VERS_INFO).substr(22) +
+              " crashed reading it (" + how + " in the open probe); the store cannot be read safely");
+}
+}  // namespace
+
 StoreReader::StoreReader(const std::string& path, ReadOptions opts) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
   impl_->opts = opts;
   H5Lock lock;
+  if (open_probe_enabled()) {
+    std::error_code ec;
+    if (fs::is_regular_file(path, ec))
+      probe_open(path, [&] {
+        Impl probe;
+        probe.path = path;
+        probe.opts = opts;
+        probe.open_file();
+        probe.read_meta();
+        probe.scan_layers();
+      });
+  }
   impl_->open_file();
   impl_->read_meta();
   impl_->scan_layers();

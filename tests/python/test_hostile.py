@@ -330,3 +330,23 @@ def test_bench_outputs_refuse_links_and_create_nothing_on_failure(tmp_path):
     # A run that fails before timing creates no --out.
     error_line(run(BENCH, "--device", "cpu", "--lengths", "256", "--methods", "nope", "--quiet", "--out", tmp_path / "c"), "bench")
     assert not (tmp_path / "c").exists()
+
+
+def test_libhdf5_crash_on_corrupt_global_heap_is_one_line(tmp_path):
+    # The global heap (variable-length strings) has no checksum in any 1.10 file format, and
+    # libhdf5 1.10 trusts an object's size there: a huge size is a memcpy far past the buffer.
+    # The open probe turns that crash into one line.
+    p = tmp_path / "heap.h5"
+    HS.write_store(p)
+    b = bytearray(p.read_bytes())
+    at = b.find(b"hostile_stores.py\x00")
+    assert at > 0 and b.rfind(b"GCOL", 0, at) >= 0
+    assert int.from_bytes(b[at - 8:at], "little") == len("hostile_stores.py")
+    b[at - 8:at] = (1 << 28).to_bytes(8, "little")
+    p.write_bytes(bytes(b))
+    for args in (["info", p, "-q"], ["export", p, "--layer", 0, "--head", 0, "-o", tmp_path / "o.npy"]):
+        line = error_line(run(DUMP, *args), "dump")
+        assert "corrupt HDF5 metadata" in line and "crashed" in line, line
+    line = error_line(run(ANALYZE, "similarity", p, "--out", tmp_path / "r", "--quiet"), "analyze")
+    assert "corrupt HDF5 metadata" in line, line
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["heap.h5"]
