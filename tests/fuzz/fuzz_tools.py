@@ -60,7 +60,8 @@ class Driver:
         self.asan = asan
         self.env = dict(os.environ, PROXYATTN_MEMORY_LIMIT="2G", OMP_NUM_THREADS="2",
                         ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:allocator_may_return_null=1",
-                        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+                        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+                        LSAN_OPTIONS=f"suppressions={Path(__file__).resolve().parent / 'lsan.supp'}:print_suppressions=0")
         self.n = 0
 
     def _limits(self):
@@ -131,7 +132,9 @@ class Driver:
                 return "FAIL:incomplete output", detail + f"; {e}"
         if case.expect_for(tool) == "reject":
             return "FAIL:silent acceptance", detail
-        return "accepted", detail
+        # "any": damage this tool does not read, or that no checksum covers (unused bytes,
+        # string values in the global heap, the pre-1.8 format).
+        return "accepted" if case.expect_for(tool) == "accept" else "accepted (damage unread/undetectable)", detail
 
 
 def main() -> int:
