@@ -200,7 +200,7 @@ int main(int argc, char** argv) {
       const auto st = std::filesystem::status(path, ec);
       if (ec && st.type() != std::filesystem::file_type::not_found)
         throw Error(path + ": cannot access (" + ec.message() + ")");
-      if (st.type() == std::filesystem::file_type::directory) throw Error(path + ": is a directory, not a store");
+      if (st.type() == std::filesystem::file_type::directory) throw Error(path + ": not a regular file (is a directory)");
     }
     analysis::validate_config(c);
     // Checks only: the report folder is created when the report is committed, so a failed run

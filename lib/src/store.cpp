@@ -532,7 +532,7 @@ struct StoreReader::Impl {
 void StoreReader::Impl::open_file() {
   std::error_code ec;
   if (!fs::exists(path, ec)) throw Error(path + ": no such file");
-  if (fs::is_directory(path, ec)) throw Error(path + ": is a directory, not a store");
+  if (fs::is_directory(path, ec)) throw Error(path + ": not a regular file (is a directory)");
   if (!fs::is_regular_file(path, ec)) throw Error(path + ": not a regular file");
   if (fs::file_size(path, ec) == 0) throw Error(path + ": empty file, not an HDF5 store");
   const htri_t is = H5Fis_hdf5(path.c_str());
