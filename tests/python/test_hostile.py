@@ -350,3 +350,9 @@ def test_libhdf5_crash_on_corrupt_global_heap_is_one_line(tmp_path):
     line = error_line(run(ANALYZE, "similarity", p, "--out", tmp_path / "r", "--quiet"), "analyze")
     assert "corrupt HDF5 metadata" in line, line
     assert sorted(x.name for x in tmp_path.iterdir()) == ["heap.h5"]
+
+
+def test_synth_layers_zero_is_an_error(tmp_path):
+    line = error_line(run(DUMP, "synth", tmp_path / "s.h5", "--model", SMOLLM, "--len", 100, "--layers", 0, "--quiet"), "dump")
+    assert "--layers" in line and ">= 1" in line, line
+    assert sorted(x.name for x in tmp_path.iterdir()) == []
