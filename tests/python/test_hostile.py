@@ -356,3 +356,10 @@ def test_synth_layers_zero_is_an_error(tmp_path):
     line = error_line(run(DUMP, "synth", tmp_path / "s.h5", "--model", SMOLLM, "--len", 100, "--layers", 0, "--quiet"), "dump")
     assert "--layers" in line and ">= 1" in line, line
     assert sorted(x.name for x in tmp_path.iterdir()) == []
+
+
+def test_analyze_checks_a_layers_memory_before_the_work(store, tmp_path):
+    line = error_line(run(ANALYZE, "similarity", store, "--out", tmp_path / "r", "--quiet",
+                          env={"PROXYATTN_MEMORY_LIMIT": "1M"}), "analyze")
+    assert "seq_len 300 with --block 128" in line and "block matrices" in line and "needs" in line, line
+    assert not (tmp_path / "r").exists()
