@@ -487,9 +487,11 @@ std::string render_markdown(const json& report) {
 }
 
 namespace {
-// Entries an earlier report folder may hold: its own files (and our staging leftovers are not
-// in it). Anything else (figures/, notes of the user) makes --out refused, never deleted.
+// Entries an earlier report folder may hold: its own files and the figures/ that
+// scripts/plot_figures.py draws from it (stale once the report is replaced, so replaced with
+// it). Anything else (notes of the user, other folders) makes --out refused, never deleted.
 bool report_entry(const std::string& name, bool regular) {
+  if (name == "figures") return true;
   if (!regular) return false;
   if (name == "report.json" || name == "report.md") return true;
   return name.size() > 4 && name.compare(name.size() - 4, 4, ".csv") == 0 &&

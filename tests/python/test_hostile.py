@@ -252,10 +252,15 @@ def test_analyze_replaces_a_report_as_a_whole(store, tmp_path):
     # Only the second run's files: nothing of the first one mixed in.
     assert "similarity_pairs.csv" in second and not (set(first) - {"report.json", "report.md"}) & set(second)
     no_temporaries(tmp_path)
+    # figures/ (plot_figures.py's) goes with the report it was drawn from; anything else is refused.
     (out / "figures").mkdir()
+    (out / "figures" / "fig.png").write_bytes(b"png")
+    assert run(ANALYZE, "similarity", store, "--out", out, "--quiet").returncode == 0
+    assert not (out / "figures").exists()
+    (out / "notes").mkdir()
     line = error_line(run(ANALYZE, "similarity", store, "--out", out, "--quiet"), "analyze")
-    assert "figures" in line and "not part of a report" in line, line
-    assert (out / "figures").is_dir()
+    assert "notes" in line and "not part of a report" in line, line
+    assert (out / "notes").is_dir()
 
 
 def test_concurrent_analyze_runs_never_mix(store, tmp_path):

@@ -50,7 +50,7 @@ std::string render_markdown(const nlohmann::json& report);
 // sibling "<dir>.tmp-<pid>" and put in place by one rename, or one atomic exchange with an
 // earlier report in dir (which is then deleted). Readers see the old report or the new one,
 // never a mix; nothing is created when it fails. dir may exist only as a folder holding a
-// report's files (report.json, report.md, *.csv); anything else is an Error, never deleted.
+// report's files (report.json, report.md, *.csv, figures/); anything else is an Error, never deleted.
 // Missing parents are created. Throws Error naming the path. Returns the paths written.
 std::vector<std::string> write_report(const nlohmann::json& report, const std::string& dir);
 // The checks of write_report (dir can be written and replaced), creating nothing; run before
