@@ -1,4 +1,8 @@
 // Rows -> JSON / CSV / Markdown, and the derived columns (TFLOP/s, speedup, % of full).
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include "report.hpp"
 
 #include <cmath>
@@ -221,9 +225,18 @@ void write_reports(const std::string& dir, const std::vector<Row>& rows, const j
   csv.stream() << rows_to_csv(rows);
   md.stream() << rows_to_markdown(rows, context);
   js.stream() << j.dump(2) << "\n";
-  csv.commit();
-  md.commit();
-  js.commit();
+  // Two runs on one --out: their three renames never interleave (a lock on the folder).
+  const int lock = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (lock >= 0) ::flock(lock, LOCK_EX);
+  try {
+    csv.commit();
+    md.commit();
+    js.commit();
+  } catch (...) {
+    if (lock >= 0) ::close(lock);
+    throw;
+  }
+  if (lock >= 0) ::close(lock);
 }
 
 }  // namespace proxyattn::bench
