@@ -125,7 +125,7 @@ class GGUFModel:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise CaptureError(f"--gguf {self.path}: no such file")
+            raise CaptureError(f"--gguf {self.path}: " + ("is a directory" if self.path.is_dir() else "no such file"))
         gguf = _gguf()
         try:
             self.reader = gguf.GGUFReader(str(self.path), "r")
@@ -707,6 +707,8 @@ class StoreWriter:
         self.path = Path(path)
         if self.path.is_dir():
             raise CaptureError(f"--out {self.path}: is a directory")
+        if os.path.lexists(self.path) and not (self.path.is_file() and not self.path.is_symlink()):
+            raise CaptureError(f"--out {self.path}: exists and is not a regular file (refusing to replace it)")
         if not self.path.parent.exists():
             raise CaptureError(f"--out {self.path}: folder {self.path.parent} does not exist")
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -714,7 +716,7 @@ class StoreWriter:
         self.chunk = chunk_tokens
         self.gzip = gzip
         try:
-            self.f = h5py.File(self.tmp, "w")
+            self.f = h5py.File(self.tmp, "w", libver=("v110", "v110"))  # HDF5 1.10's newest format: metadata checksums
         except OSError as e:
             raise CaptureError(f"--out {self.path}: cannot create ({e})") from None
         for k, v in attrs.items():
@@ -724,7 +726,7 @@ class StoreWriter:
     def _ds(self, grp, name: str, a: np.ndarray) -> None:
         H, N, d = a.shape
         kw = dict(compression="gzip", compression_opts=4, shuffle=True) if self.gzip else {}
-        grp.create_dataset(name, data=a.astype(self.dtype), chunks=(1, min(self.chunk, N), d), **kw)
+        grp.create_dataset(name, data=a.astype(self.dtype), chunks=(1, min(self.chunk, N), d), fletcher32=True, **kw)
 
     def write_layer(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> None:
         g = self.layers.create_group(f"{layer:02d}")
@@ -734,7 +736,7 @@ class StoreWriter:
             self._ds(g, "v", v)
 
     def write_tokens(self, ids: Sequence[int]) -> None:
-        self.f.create_dataset("tokens", data=np.asarray(ids, dtype=np.int32))
+        self.f.create_dataset("tokens", data=np.asarray(ids, dtype=np.int32), fletcher32=True)
 
     def write_needle(self, position: int, text: str, extra: dict) -> None:
         g = self.f.create_group("needle")
@@ -840,7 +842,7 @@ def run(a: argparse.Namespace) -> int:
         print(tok.decode(new))
         return 0
 
-    layers = parse_layers(a.layers, c.n_layers) if a.layers else list(range(c.n_layers))
+    layers = parse_layers(a.layers, c.n_layers) if a.layers is not None else list(range(c.n_layers))
     prompt = _build_prompt(a, tok, c.n_ctx)
     describe()
     meta = dict(model=a.model_name or model.path.stem, source=str(a.gguf), num_layers=c.n_layers,
@@ -946,12 +948,14 @@ def _check_args(a: argparse.Namespace) -> None:
             raise CaptureError(f"--depth {a.depth}: must be within 0..1")
         for f in a.haystack or []:
             if not f.is_file():
-                raise CaptureError(f"--haystack {f}: no such file")
+                raise CaptureError(f"--haystack {f}: " + ("is a directory" if f.is_dir() else "no such file"))
     else:
         _read_prompt(a.prompt_file, "--prompt-file")
 
 
 def _read_prompt(path: Path, flag: str) -> str:
+    if path.is_dir():
+        raise CaptureError(f"{flag} {path}: is a directory")
     if not path.is_file():
         raise CaptureError(f"{flag} {path}: no such file")
     try:
@@ -1011,7 +1015,7 @@ def run_hf(a: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise CaptureError(f"--hf {a.hf}: cannot load the model ({str(e).splitlines()[0]})") from None
     n_layers, n_head, n_kv, hd, theta, n_ctx = ct.hf_shape(hfcfg)
-    layers = parse_layers(a.layers, n_layers) if a.layers else list(range(n_layers))
+    layers = parse_layers(a.layers, n_layers) if a.layers is not None else list(range(n_layers))
     prompt = _build_prompt(a, tok, n_ctx or 1 << 62)
     _log(a.quiet, f"{a.hf}: {n_layers} layers, {n_head} q heads, {n_kv} kv heads, head dim {hd}, "
                   f"rope theta {theta:g} on {device} ({time.perf_counter() - t0:.1f} s to open)")

@@ -489,35 +489,37 @@ std::string render_markdown(const json& report) {
   return o.str();
 }
 
-std::vector<std::string> write_report(const json& report, const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec || !fs::is_directory(dir))
-    throw Error("--out " + dir + ": cannot create the directory" + (ec ? " (" + ec.message() + ")" : ""));
-  const fs::path base(dir);
-  require_writable_parent((base / "report.json").string());
+namespace {
+// Entries an earlier report folder may hold: its own files and the figures/ that
+// scripts/plot_figures.py draws from it (stale once the report is replaced, so replaced with
+// it). Anything else (notes of the user, other folders) makes --out refused, never deleted.
+bool report_entry(const std::string& name, bool regular) {
+  if (name == "figures") return true;
+  if (!regular) return false;
+  if (name == "report.json" || name == "report.md") return true;
+  return name.size() > 4 && name.compare(name.size() - 4, 4, ".csv") == 0 &&
+         name.find('/') == std::string::npos;
+}
+}  // namespace
 
-  // All files to temporaries first; renamed together at the end.
+void check_report_dir(const std::string& dir) { require_output_dir_target(dir, "--out", report_entry); }
+
+std::vector<std::string> write_report(const json& report, const std::string& dir) {
+  // Rendered first (a failure here creates nothing), then written into a fresh staging folder
+  // that replaces dir in one step (AtomicDir): a reader never sees two runs' files mixed.
   std::vector<std::pair<std::string, std::string>> files;
   if (report.contains("tables"))
-    for (const auto& [name, table] : report["tables"].items())
-      files.emplace_back((base / (name + ".csv")).string(), render_csv(table));
-  files.emplace_back((base / "report.md").string(), render_markdown(report));
-  files.emplace_back((base / "report.json").string(), dump_report(report));
+    for (const auto& [name, table] : report["tables"].items()) {
+      if (name.empty() || name.find_first_of("/\\") != std::string::npos || name[0] == '.')
+        throw Error("report table name '" + name + "' is not a plain file name");
+      files.emplace_back(name + ".csv", render_csv(table));
+    }
+  files.emplace_back("report.md", render_markdown(report));
+  files.emplace_back("report.json", dump_report(report));
 
-  std::vector<std::unique_ptr<AtomicFile>> open;
-  for (const auto& [path, text] : files) {
-    open.push_back(std::make_unique<AtomicFile>(path));
-    open.back()->stream() << text;
-    if (!open.back()->stream()) throw Error(path + ": write failed");
-  }
-  std::vector<std::string> written;
-  for (auto& f : open) {
-    f->commit();
-    written.push_back(f->path());
-  }
-  return written;
+  AtomicDir out(dir, "--out", report_entry);
+  for (const auto& [name, text] : files) out.write(name, text);
+  return out.commit();
 }
 
 }  // namespace proxyattn::analysis

@@ -20,8 +20,10 @@
 #include "proxyattn/analysis/analyze.hpp"
 #include "proxyattn/analysis/report.hpp"
 #include "proxyattn/attention.hpp"
+#include "proxyattn/checked.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
+#include "proxyattn/store.hpp"
 
 namespace {
 
@@ -119,14 +121,55 @@ std::vector<int> int_list(const std::string& s, const std::string& flag) {
   return out;
 }
 
-// Fail before the heavy work when --out cannot be written.
-void prepare_out_dir(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec || !fs::is_directory(dir))
-    throw Error("--out " + dir + ": cannot create the directory" + (ec ? " (" + ec.message() + ")" : ""));
-  require_writable_parent((fs::path(dir) / "report.json").string());
+// A list flag given with an empty value ('--methods ""') is an error, not the default.
+void require_nonempty_values(const CLI::App& sub, const Args& a) {
+  const std::pair<const char*, const std::string*> lists[] = {
+      {"--layers", &a.layers}, {"--methods", &a.methods}, {"--sparsity", &a.sparsity},
+      {"--gamma", &a.gamma},   {"--groups", &a.groups},   {"--topk", &a.topk}};
+  for (const auto& [flag, value] : lists) {
+    std::string v = *value;
+    while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.pop_back();
+    if (sub.count(flag) > 0 && v.empty()) throw Error(std::string(flag) + ": empty value");
+  }
+  if (sub.count("--out") > 0 && a.out.empty()) throw Error("--out: empty path");
+}
+
+// Upper bounds of the numeric flags (beyond them the work or memory is absurd, or a size
+// computed from them would overflow).
+void require_sane_numbers(const analysis::AnalyzeConfig& c) {
+  if (c.block > 4096) throw Error("--block: " + std::to_string(c.block) + " too large (at most 4096)");
+  if (c.block > 0 && c.block < 16)
+    throw Error("--block: " + std::to_string(c.block) + " too small (at least 16: the per-head block matrices grow as (N/B)^2)");
+  if (c.threads > 4096) throw Error("--threads: " + std::to_string(c.threads) + " too large (at most 4096)");
+  if (c.sim_rows > (1 << 24)) throw Error("--sim-rows: " + std::to_string(c.sim_rows) + " too large");
+  if (c.estimator.proxy.query_stride < 1 || c.estimator.proxy.query_stride > 4096)
+    throw Error("--query-stride: " + std::to_string(c.estimator.proxy.query_stride) + " outside [1, 4096]");
+  if (c.estimator.xattn.stride < 1 || c.estimator.xattn.stride > 4096)
+    throw Error("--xattn-stride: " + std::to_string(c.estimator.xattn.stride) + " outside [1, 4096]");
+  if (c.budget.k_min < 0 || c.budget.k_min > (1 << 24))
+    throw Error("--k-min: " + std::to_string(c.budget.k_min) + " outside [0, 16777216]");
+}
+
+// The per-layer work holds, per query head, (N/B)^2 block matrices (the oracle's mass and block
+// max, one score matrix per method) beside the layer's tensors. A store whose seq_len makes one
+// layer's share exceed the memory available is refused before any work (a lower bound: more
+// layers may run at once). A store that cannot be opened is left to analyze() to report.
+void require_layer_memory(const analysis::AnalyzeConfig& c) {
+  for (const std::string& path : c.stores) {
+    std::optional<StoreReader> r;
+    try {
+      r.emplace(path, ReadOptions{.allow_nonfinite = true});
+    } catch (const Error&) {
+      continue;
+    }
+    const StoreMeta& m = r->meta();
+    const std::string what = path + ": seq_len " + std::to_string(m.seq_len) + " with --block " + std::to_string(c.block);
+    const int64_t nb = (m.seq_len + c.block - 1) / c.block;
+    const int64_t matrices = 3 + static_cast<int64_t>(c.methods.size());
+    const int64_t blocks = checked_product({matrices, m.num_q_heads, nb, nb, 4}, what);
+    const int64_t tensors = checked_product({int64_t{m.num_q_heads} + 2 * m.num_kv_heads, m.seq_len, m.head_dim, 4}, what);
+    require_fits(checked_add(blocks, tensors, what), what + ": one layer's block matrices and tensors");
+  }
 }
 
 }  // namespace
@@ -158,8 +201,13 @@ int main(int argc, char** argv) {
   }
   return cli::run_main(app, argc, argv, [&] {
     auto& c = a.cfg;
+    const CLI::App* parsed = nullptr;
     for (CLI::App* s : subs)
-      if (s->parsed()) c.command = s->get_name();
+      if (s->parsed()) {
+        c.command = s->get_name();
+        parsed = s;
+      }
+    if (parsed) require_nonempty_values(*parsed, a);
     c.argv.assign(argv, argv + argc);
     if (!a.layers.empty()) c.layers = cli::parse_int_list(a.layers, 1 << 20, "--layers");
     if (!a.methods.empty()) c.methods = split_list(a.methods, "--methods");
@@ -170,8 +218,19 @@ int main(int argc, char** argv) {
     c.estimator.proxy.pool = parse_proxy_pool(a.proxy_pool);
     c.budget.mode = parse_budget_mode(a.budget_mode);
     if (c.threads < 0) throw Error("--threads: must be >= 0");
+    require_sane_numbers(c);
+    for (const std::string& path : c.stores) {  // a path that cannot even be looked at: one clean line
+      std::error_code ec;
+      const auto st = std::filesystem::status(path, ec);
+      if (ec && st.type() != std::filesystem::file_type::not_found)
+        throw Error(path + ": cannot access (" + ec.message() + ")");
+      if (st.type() == std::filesystem::file_type::directory) throw Error(path + ": not a regular file (is a directory)");
+    }
     analysis::validate_config(c);
-    prepare_out_dir(a.out);
+    // Checks only: the report folder is created when the report is committed, so a failed run
+    // leaves nothing behind.
+    if (dist.is_root()) analysis::check_report_dir(a.out);
+    require_layer_memory(c);
     if (c.threads > 0) {
       omp_set_num_threads(c.threads);
       set_cpu_threads(c.threads);

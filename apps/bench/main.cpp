@@ -286,13 +286,30 @@ int run(int argc, char** argv, const Distributed& dist) {
     if (!model.empty()) o.model = model;
     if (!inputs.empty()) o.inputs = inputs;
     if (!mask_file.empty()) o.mask_file = mask_file;
-    if (block) o.block = block;
-    if (reps) o.repetitions = reps;
-    if (warmup >= 0) o.warmup = warmup;
-    if (k_min) o.k_min = k_min;
-    if (seed >= 0) o.seed = static_cast<uint64_t>(seed);
-    if (cpu_max_len) o.cpu_max_len = cpu_max_len;
-    if (mem_frac != 0) o.gpu_mem_fraction = mem_frac;
+    // A flag that is given is checked and used; 0 or -1 are never "the default".
+    auto given = [&](const char* flag) { return app.count(flag) > 0; };
+    auto in_range = [](const char* flag, int64_t v, int64_t lo, int64_t hi) {
+      if (v < lo || v > hi) throw Error(fmt::format("{}: {} outside [{}, {}]", flag, v, lo, hi));
+    };
+    if (given("--block")) in_range("--block", block, 1, 4096);
+    if (given("--reps")) in_range("--reps", reps, 1, 1000000);
+    if (given("--warmup")) in_range("--warmup", warmup, 0, 1000000);
+    if (given("--k-min")) in_range("--k-min", k_min, 1, 1 << 24);
+    if (given("--seed")) in_range("--seed", seed, 0, INT64_MAX);
+    if (given("--cpu-max-len")) in_range("--cpu-max-len", cpu_max_len, 1, int64_t{1} << 24);
+    if (given("--cpu-threads")) in_range("--cpu-threads", cpu_threads_opt, 0, 4096);
+    if (given("--check-len")) in_range("--check-len", check_len, 1, int64_t{1} << 24);
+    if (given("--gpu-mem-fraction") && !(mem_frac > 0 && mem_frac <= 1))
+      throw Error(fmt::format("--gpu-mem-fraction: {} outside (0, 1]", mem_frac));
+    for (const char* f : {"--out", "--export-masks", "--export-check", "--sweep", "--model", "--mask-file", "--device", "--inputs"})
+      if (given(f) && app.get_option(f)->as<std::string>().empty()) throw Error(std::string(f) + ": empty value");
+    if (given("--block")) o.block = block;
+    if (given("--reps")) o.repetitions = reps;
+    if (given("--warmup")) o.warmup = warmup;
+    if (given("--k-min")) o.k_min = k_min;
+    if (given("--seed")) o.seed = static_cast<uint64_t>(seed);
+    if (given("--cpu-max-len")) o.cpu_max_len = cpu_max_len;
+    if (given("--gpu-mem-fraction")) o.gpu_mem_fraction = mem_frac;
     if (!(check_density > 0 && check_density <= 1))
       throw Error(fmt::format("--check-density {} is outside (0, 1]", check_density));
     if (check_len < 1) throw Error("--check-len must be >= 1");
@@ -307,10 +324,10 @@ int run(int argc, char** argv, const Distributed& dist) {
     cases = expand_cases(sw, file_density);
     if (cases.empty()) throw Error("the sweep expands to no cases");
     if (!out_dir.empty() && root) {
-      // Created only once the sweep is known to be valid; checked before hours of timing.
-      std::error_code ec;
-      std::filesystem::create_directories(out_dir, ec);
-      require_writable_parent((std::filesystem::path(out_dir) / "bench.json").string());
+      // Checked before hours of timing; created only when the report is written.
+      require_output_dir_target(out_dir, "--out", [](const std::string&, bool) { return true; });
+      for (const char* f : {"bench.json", "bench.csv", "bench.md"})
+        require_output_file_target((std::filesystem::path(out_dir) / f).string());
     }
     dev = sw.device;
     if (dev == "auto") dev = gpu_available() ? "cuda" : "cpu";

@@ -1,7 +1,10 @@
 // Random density masks, the .pxm mask file format and the export manifest.
 #include "masks.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -11,6 +14,7 @@
 
 #include <fmt/format.h>
 
+#include "proxyattn/checked.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
 
@@ -72,8 +76,13 @@ BlockMask random_density_mask(int heads, int64_t seq_len, int block, double dens
 
   std::vector<int32_t> indptr(static_cast<size_t>(heads) * nb + 1, 0);
   std::vector<int32_t> indices(static_cast<size_t>(heads) * target);
+  // Per-thread scratch may fail to allocate: the first exception is kept and rethrown after the
+  // region (none may leave an OpenMP region).
+  require_fits(checked_mul(checked_add(pool * 5, 0, "random mask"), omp_get_max_threads(), "random mask"),
+               fmt::format("random mask: {} x {} blocks, scratch", heads, nb));
+  std::exception_ptr first_error;
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int h = 0; h < heads; ++h) {
+  for (int h = 0; h < heads; ++h) try {
     // Partial Fisher-Yates over the off-diagonal pool: the first `pick` entries are the chosen.
     std::vector<uint8_t> chosen(static_cast<size_t>(pool), pick == pool ? 1 : 0);
     if (pick > 0 && pick < pool) {
@@ -97,7 +106,11 @@ BlockMask random_density_mask(int heads, int64_t seq_len, int block, double dens
         if (chosen[base + j]) out[w++] = j;
       out[w++] = i;
     }
+  } catch (...) {
+#pragma omp critical(proxyattn_mask_error)
+    if (!first_error) first_error = std::current_exception();
   }
+  if (first_error) std::rethrow_exception(first_error);
   // Heads hold exactly `target` blocks each, so the head offsets are h * target.
   for (int h = 0; h < heads; ++h)
     for (int i = 0; i < nb; ++i) indptr[static_cast<size_t>(h) * nb + i] += static_cast<int32_t>(int64_t{h} * target);

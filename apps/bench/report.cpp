@@ -1,4 +1,8 @@
 // Rows -> JSON / CSV / Markdown, and the derived columns (TFLOP/s, speedup, % of full).
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include "report.hpp"
 
 #include <cmath>
@@ -215,9 +219,24 @@ void write_reports(const std::string& dir, const std::vector<Row>& rows, const j
   json j = {{"schema_version", 1}, {"tool", "proxyattn-bench"}, {"context", context}, {"config", config},
             {"columns", row_columns()}, {"rows", json::array()}};
   for (const Row& r : rows) j["rows"].push_back(row_to_json(r));
-  write_file_atomic((fs::path(dir) / "bench.json").string(), j.dump(2) + "\n");
-  write_file_atomic((fs::path(dir) / "bench.csv").string(), rows_to_csv(rows));
-  write_file_atomic((fs::path(dir) / "bench.md").string(), rows_to_markdown(rows, context));
+  // All three staged first, then renamed; bench.json (the one readers trust) last.
+  AtomicFile csv((fs::path(dir) / "bench.csv").string()), md((fs::path(dir) / "bench.md").string()),
+      js((fs::path(dir) / "bench.json").string());
+  csv.stream() << rows_to_csv(rows);
+  md.stream() << rows_to_markdown(rows, context);
+  js.stream() << j.dump(2) << "\n";
+  // Two runs on one --out: their three renames never interleave (a lock on the folder).
+  const int lock = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (lock >= 0) ::flock(lock, LOCK_EX);
+  try {
+    csv.commit();
+    md.commit();
+    js.commit();
+  } catch (...) {
+    if (lock >= 0) ::close(lock);
+    throw;
+  }
+  if (lock >= 0) ::close(lock);
 }
 
 }  // namespace proxyattn::bench

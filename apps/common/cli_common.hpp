@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <limits>
 #include <new>
 #include <optional>
@@ -98,7 +99,12 @@ int guarded(std::string_view prog, F&& fn) {
     print_error(prog, e.what());
     return kExitUsage;
   } catch (const std::bad_alloc&) {
-    print_error(prog, "out of memory");
+    // Sizes are checked before allocating (checked.hpp); this is the last line of defence.
+    print_error(prog, "out of memory (an allocation failed after the memory check; try PROXYATTN_MEMORY_LIMIT)");
+  } catch (const std::filesystem::filesystem_error& e) {
+    // "<path>: <reason>", not the library's "filesystem error: ..." text.
+    const std::string path = !e.path1().empty() ? e.path1().string() : std::string("file system");
+    print_error(prog, path + ": " + e.code().message());
   } catch (const std::exception& e) {
     print_error(prog, e.what());
   } catch (...) {

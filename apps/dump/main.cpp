@@ -3,8 +3,10 @@
 // lib/.
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -17,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_common.hpp"
+#include "proxyattn/checked.hpp"
 #include "proxyattn/id_ranges.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
@@ -204,6 +207,8 @@ std::string npy_header(int64_t rows, int64_t cols) {
 
 int cmd_export(const ExportArgs& a) {
   const std::string format = a.format.empty() ? infer_format(a.out) : a.format;
+  require_writable_parent(a.out);
+  require_output_file_target(a.out);
   StoreReader r(a.file, ReadOptions{.allow_nonfinite = a.allow_nonfinite});
   const StoreMeta& m = r.meta();
   const Tensor which = parse_tensor(a.qk);
@@ -250,11 +255,23 @@ struct SynthArgs {
   std::string out, model, dtype = "f16";
   int64_t len = 0;
   int layers = 0;
-  uint64_t seed = 0;
+  std::string seed = "0";
   bool gzip = false, quiet = false, no_v = false;
 };
 
+// A seed is a decimal integer in [0, 2^64).
+uint64_t parse_seed(const std::string& s) {
+  if (s.empty() || s.size() > 20 || !std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    throw cli::usage_error("--seed", "'" + s + "' is not an integer in [0, 2^64)");
+  errno = 0;
+  const unsigned long long v = std::strtoull(s.c_str(), nullptr, 10);
+  if (errno == ERANGE) throw cli::usage_error("--seed", "'" + s + "' is not an integer in [0, 2^64)");
+  return static_cast<uint64_t>(v);
+}
+
 int cmd_synth(const SynthArgs& a) {
+  const uint64_t seed = parse_seed(a.seed);
+  if (a.out.empty()) throw cli::usage_error("OUT", "empty path");
   const ModelConfig cfg = load_model_config(a.model);
   if (a.len < 1 || a.len > max_synth_len)
     throw cli::usage_error("--len", std::to_string(a.len) + " outside [1, " + std::to_string(max_synth_len) + "]");
@@ -262,10 +279,18 @@ int cmd_synth(const SynthArgs& a) {
     throw cli::usage_error("--layers", std::to_string(a.layers) + " outside [0, " + std::to_string(cfg.num_layers) +
                                            "] (" + cfg.name + " has " + std::to_string(cfg.num_layers) + " layers)");
   require_writable_parent(a.out);
+  require_output_file_target(a.out);
+  {
+    // One layer of q, k, v in memory (float32) plus the writer's per-head scratch.
+    const std::string what = "synth " + a.out;
+    const int64_t heads = int64_t{cfg.num_q_heads} + 2 * int64_t{cfg.num_kv_heads};
+    const int64_t layer = checked_product({heads, a.len, cfg.head_dim, 4}, what);
+    require_fits(checked_add(layer, checked_product({a.len, cfg.head_dim, 4}, what), what), what);
+  }
   SynthOptions so;
   so.seq_len = a.len;
   so.num_layers = a.layers;
-  so.seed = a.seed;
+  so.seed = seed;
   so.with_v = !a.no_v;
   const SynthGenerator gen(cfg, so);
   WriteOptions wo;
@@ -326,6 +351,8 @@ int main(int argc, char** argv) {
   return cli::run_main(app, argc, argv, [&]() -> int {
     if (*info) return cmd_info(ia);
     if (*exp) return cmd_export(ea);
+    if (syn->count("--layers") > 0 && sa.layers < 1)
+      throw cli::usage_error("--layers", std::to_string(sa.layers) + " must be >= 1 (leave it out for all layers)");
     return cmd_synth(sa);
   });
 }

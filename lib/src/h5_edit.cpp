@@ -115,7 +115,14 @@ void write_f32(const std::string& file, const std::string& dataset, const std::v
   const hid_t sp = H5Screate_simple(static_cast<int>(hd.size()), hd.data(), nullptr);
   const hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
   H5Pset_create_intermediate_group(lcpl, 1);
-  const hid_t ds = H5Dcreate2(f.id, dataset.c_str(), H5T_IEEE_F32LE, sp, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+  // Like the stores we write: chunked (one chunk) with Fletcher-32, where the shape allows it.
+  const hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+  if (!hd.empty() && n > 0 && n * sizeof(float) < (uint64_t{1} << 30)) {
+    H5Pset_chunk(dcpl, static_cast<int>(hd.size()), hd.data());
+    H5Pset_fletcher32(dcpl);
+  }
+  const hid_t ds = H5Dcreate2(f.id, dataset.c_str(), H5T_IEEE_F32LE, sp, lcpl, dcpl, H5P_DEFAULT);
+  H5Pclose(dcpl);
   const herr_t st = ds >= 0 ? H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()) : -1;
   if (ds >= 0) H5Dclose(ds);
   H5Pclose(lcpl);

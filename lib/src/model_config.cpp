@@ -146,6 +146,15 @@ void validate_model_config(const ModelConfig& c, const std::string& what) {
   positive("num_kv_heads", c.num_kv_heads);
   positive("head_dim", c.head_dim);
   positive("max_context", c.max_context);
+  // Bounds far above any real model: past them a size computed from the config is absurd.
+  auto at_most = [&](const char* f, int64_t v, int64_t hi) {
+    if (v > hi) throw Error(what + ": field '" + std::string(f) + "' too large: " + std::to_string(v) +
+                            " (at most " + std::to_string(hi) + ")");
+  };
+  at_most("num_layers", c.num_layers, 4096);
+  at_most("num_q_heads", c.num_q_heads, 4096);
+  at_most("num_kv_heads", c.num_kv_heads, 4096);
+  at_most("head_dim", c.head_dim, 4096);
   if (c.num_q_heads % c.num_kv_heads != 0)
     throw Error(what + ": field 'num_q_heads' (" + std::to_string(c.num_q_heads) +
                 ") is not a multiple of 'num_kv_heads' (" + std::to_string(c.num_kv_heads) + ")");

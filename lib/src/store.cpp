@@ -12,7 +12,11 @@
 //   object and the innermost HDF5 message.
 #include "proxyattn/store.hpp"
 
+#include <fcntl.h>
 #include <hdf5.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -23,6 +27,7 @@
 #include <mutex>
 #include <utility>
 
+#include "proxyattn/checked.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
 #include "proxyattn/version.hpp"
@@ -190,13 +195,43 @@ FloatKind classify_float(hid_t t, const std::string& what) {
 // ---------------------------------------------------------------------------------------------
 // Attributes
 
+// Attributes larger than this are refused before reading (ours are a few hundred bytes).
+constexpr hsize_t kMaxAttrBytes = hsize_t{1} << 20;
+constexpr hsize_t kMaxAttrCount = 4096;
+
 struct AttrReader {
   hid_t obj;
   std::string ctx;  // "<file>" or "<file>: /needle"
+  // Names and stored sizes of the object's attributes, listed once (index()) before any is
+  // read: a corrupt attribute table fails here with an error instead of deep in a read.
+  std::map<std::string, hsize_t> names{};
+  bool indexed = false;
 
   std::string where(const char* name) const { return ctx + ": attribute " + name; }
 
+  static herr_t index_cb(hid_t, const char* name, const H5A_info_t* info, void* data) {
+    auto* self = static_cast<AttrReader*>(data);
+    if (!name || !info || self->names.size() >= kMaxAttrCount) return -1;
+    self->names[name] = info->data_size;
+    return 0;
+  }
+
+  void index() {
+    H5O_info_t oi;
+    check_status(H5Oget_info2(obj, &oi, H5O_INFO_NUM_ATTRS), ctx + ": cannot read the object header");
+    if (oi.num_attrs > kMaxAttrCount)
+      throw Error(ctx + ": " + std::to_string(oi.num_attrs) + " attributes (corrupt object header?)");
+    hsize_t idx = 0;
+    if (H5Aiterate2(obj, H5_INDEX_NAME, H5_ITER_INC, &idx, index_cb, this) < 0)
+      throw Error(ctx + ": cannot list attributes (corrupt object header?)" + h5_detail());
+    if (names.size() != oi.num_attrs)
+      throw Error(ctx + ": attribute count " + std::to_string(oi.num_attrs) + " disagrees with the " +
+                  std::to_string(names.size()) + " listed (corrupt object header?)");
+    indexed = true;
+  }
+
   bool exists(const char* name) const {
+    if (indexed) return names.count(name) > 0;
     const htri_t e = H5Aexists(obj, name);
     if (e < 0) throw Error(where(name) + ": cannot query" + h5_detail());
     return e > 0;
@@ -205,6 +240,8 @@ struct AttrReader {
   // Opens a one-value attribute; returns it with its file type.
   std::pair<Handle, Handle> open(const char* name) const {
     if (!exists(name)) throw Error(where(name) + ": missing");
+    if (indexed && names.at(name) > kMaxAttrBytes)
+      throw Error(where(name) + ": " + std::to_string(names.at(name)) + " bytes stored, expected one small value");
     Handle a(check_id(H5Aopen(obj, name, H5P_DEFAULT), where(name) + ": cannot open"), H5Aclose);
     Handle sp = h5space(check_id(H5Aget_space(a), where(name) + ": cannot read dataspace"));
     const hssize_t n = H5Sget_simple_extent_npoints(sp);
@@ -282,6 +319,8 @@ struct AttrReader {
       return s;
     }
     const size_t size = H5Tget_size(t);
+    if (size == 0 || size > kMaxAttrBytes)
+      throw Error(where(name) + ": fixed-length string of " + std::to_string(size) + " bytes");
     Handle mem = h5type(H5Tcopy(H5T_C_S1));
     H5Tset_size(mem, size);
     H5Tset_cset(mem, cset);
@@ -334,6 +373,82 @@ bool link_exists(hid_t loc, const std::string& name) {
   const htri_t e = H5Lexists(loc, name.c_str(), H5P_DEFAULT);
   H5Eclear2(H5E_DEFAULT);
   return e > 0;
+}
+
+// The link `name` in loc must be a hard link to an object of `type` (group or dataset): soft
+// and external links (which may point outside the file) are refused before anything is opened.
+void require_hard_link(hid_t loc, const std::string& name, H5O_type_t type, const std::string& what) {
+  H5L_info_t li;
+  if (H5Lget_info(loc, name.c_str(), &li, H5P_DEFAULT) < 0) throw Error(what + ": cannot read the link" + h5_detail());
+  if (li.type == H5L_TYPE_EXTERNAL)
+    throw Error(what + ": is an external link (to another file); stores must be self-contained");
+  if (li.type != H5L_TYPE_HARD) throw Error(what + ": is a soft or user-defined link; expected the object itself");
+  H5O_info_t oi;
+  if (H5Oget_info_by_name2(loc, name.c_str(), &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0)
+    throw Error(what + ": cannot read the object header" + h5_detail());
+  if (oi.type != type)
+    throw Error(what + ": is not a " + std::string(type == H5O_TYPE_GROUP ? "group" : "dataset"));
+}
+
+// Storage of a dataset: only data inside this file (contiguous, chunked or compact; no external
+// raw-data files, no virtual datasets), only the filters h5py reads without plugins (shuffle,
+// gzip, Fletcher-32), every byte of the extent actually stored (no silent fill values), and
+// Fletcher-32 checksums verified on read where present. `elem` is the element size in bytes.
+void check_storage(hid_t ds, const std::vector<hsize_t>& dims, size_t elem, const std::string& what) {
+  Handle dcpl = h5plist(check_id(H5Dget_create_plist(ds), what + ": cannot read the creation properties"));
+  const H5D_layout_t layout = H5Pget_layout(dcpl);
+  if (layout == H5D_VIRTUAL)
+    throw Error(what + ": is a virtual dataset (data mapped from other datasets/files); not supported");
+  if (layout != H5D_CONTIGUOUS && layout != H5D_CHUNKED && layout != H5D_COMPACT)
+    throw Error(what + ": unsupported storage layout" + h5_detail());
+  const int next = H5Pget_external_count(dcpl);
+  if (next != 0)
+    throw Error(what + ": uses external storage (raw data in " +
+                (next > 0 ? std::to_string(next) + " other file(s)" : std::string("other files")) +
+                "); stores must be self-contained");
+  int64_t total = static_cast<int64_t>(elem);
+  for (hsize_t d : dims) {
+    if (d > static_cast<hsize_t>(INT64_MAX)) throw Error(what + ": extent too large");
+    total = checked_mul(total, static_cast<int64_t>(d), what);
+  }
+  const int nf = H5Pget_nfilters(dcpl);
+  if (nf < 0) throw Error(what + ": cannot read the filter pipeline" + h5_detail());
+  for (int i = 0; i < nf; ++i) {
+    unsigned flags = 0, fc = 0;
+    size_t ne = 0;
+    unsigned vals[8] = {};
+    char fname[64] = {};
+    const H5Z_filter_t id = H5Pget_filter2(dcpl, static_cast<unsigned>(i), &flags, &ne, vals, sizeof fname, fname, &fc);
+    if (id != H5Z_FILTER_DEFLATE && id != H5Z_FILTER_SHUFFLE && id != H5Z_FILTER_FLETCHER32)
+      throw Error(what + ": filter " + std::to_string(id) + (fname[0] ? std::string(" (") + fname + ")" : "") +
+                  " not supported (only shuffle, gzip and Fletcher-32)");
+  }
+  if (layout == H5D_CHUNKED) {
+    std::vector<hsize_t> chunk(dims.size());
+    const int cr = H5Pget_chunk(dcpl, static_cast<int>(chunk.size()), chunk.data());
+    if (cr != static_cast<int>(dims.size())) throw Error(what + ": chunk rank differs from the dataset rank");
+    int64_t cbytes = static_cast<int64_t>(elem), nchunks = 1;
+    for (size_t i = 0; i < dims.size(); ++i) {
+      if (chunk[i] == 0 || chunk[i] > (hsize_t{1} << 32)) throw Error(what + ": invalid chunk shape");
+      cbytes = checked_mul(cbytes, static_cast<int64_t>(chunk[i]), what + ": chunk");
+      nchunks = checked_mul(nchunks, static_cast<int64_t>((dims[i] + chunk[i] - 1) / chunk[i]), what + ": chunks");
+    }
+    if (cbytes > (int64_t{1} << 30)) throw Error(what + ": chunks of " + format_bytes(cbytes) + " (limit 1 GiB)");
+    if (total > 0) {
+      hsize_t have = 0;
+      Handle space = h5space(check_id(H5Dget_space(ds), what + ": cannot read dataspace"));
+      check_status(H5Dget_num_chunks(ds, space, &have), what + ": cannot count chunks");
+      if (static_cast<int64_t>(have) != nchunks)
+        throw Error(what + ": " + std::to_string(have) + " of " + std::to_string(nchunks) +
+                    " chunks stored (incomplete or truncated dataset)");
+    }
+  } else if (layout == H5D_CONTIGUOUS && total > 0) {
+    haddr_t addr = H5Dget_offset(ds);
+    const hsize_t have = H5Dget_storage_size(ds);
+    if (addr == HADDR_UNDEF || static_cast<int64_t>(have) != total)
+      throw Error(what + ": " + std::to_string(have) + " of " + std::to_string(total) +
+                  " data bytes stored (incomplete or truncated dataset)");
+  }
 }
 
 std::vector<hsize_t> dims_of(hid_t ds, const std::string& what) {
@@ -417,6 +532,7 @@ struct StoreReader::Impl {
 void StoreReader::Impl::open_file() {
   std::error_code ec;
   if (!fs::exists(path, ec)) throw Error(path + ": no such file");
+  if (fs::is_directory(path, ec)) throw Error(path + ": not a regular file (is a directory)");
   if (!fs::is_regular_file(path, ec)) throw Error(path + ": not a regular file");
   if (fs::file_size(path, ec) == 0) throw Error(path + ": empty file, not an HDF5 store");
   const htri_t is = H5Fis_hdf5(path.c_str());
@@ -431,6 +547,7 @@ void StoreReader::Impl::open_file() {
 
 void StoreReader::Impl::read_meta() {
   AttrReader ar{file, path};
+  ar.index();
   auto positive_int = [&](const char* name) {
     const int64_t v = ar.integer(name);
     if (v <= 0 || v > (int64_t{1} << 30))
@@ -468,10 +585,12 @@ void StoreReader::Impl::read_meta() {
 
   if (link_exists(file, "needle")) {
     const std::string np = "/needle";
+    require_hard_link(file, "needle", H5O_TYPE_GROUP, ctx(np));
     const hid_t g = H5Gopen2(file, np.c_str(), H5P_DEFAULT);
     if (g < 0) throw Error(ctx(np) + ": not a group" + h5_detail());
     Handle gh(g, H5Gclose);
     AttrReader nr{gh, ctx(np)};
+    nr.index();
     Needle n;
     n.position = nr.integer("position");
     if (n.position < 0 || n.position >= meta.seq_len)
@@ -491,6 +610,7 @@ DatasetInfo StoreReader::Impl::check_dataset(hid_t group, const std::string& gpa
     if (required) throw Error(what + ": missing dataset");
     return di;
   }
+  require_hard_link(group, name, H5O_TYPE_DATASET, what);
   const hid_t d = H5Dopen2(group, name.c_str(), H5P_DEFAULT);
   if (d < 0) throw Error(what + ": not a dataset" + h5_detail());
   Handle ds(d, H5Dclose);
@@ -519,12 +639,14 @@ DatasetInfo StoreReader::Impl::check_dataset(hid_t group, const std::string& gpa
   if (di.kind.dtype != meta.dtype)
     throw Error(what + ": stored as " + std::string(dtype_name(di.kind.dtype)) +
                 " but attribute dtype says " + std::string(dtype_name(meta.dtype)));
+  check_storage(ds, dims, dtype_size(di.kind.dtype), what);
   di.present = true;
   return di;
 }
 
 void StoreReader::Impl::scan_layers() {
   if (!link_exists(file, "layers")) throw Error(ctx("/layers") + ": missing group");
+  require_hard_link(file, "layers", H5O_TYPE_GROUP, ctx("/layers"));
   const hid_t g = H5Gopen2(file, "layers", H5P_DEFAULT);
   if (g < 0) throw Error(ctx("/layers") + ": not a group" + h5_detail());
   Handle lg(g, H5Gclose);
@@ -546,6 +668,7 @@ void StoreReader::Impl::scan_layers() {
                   std::to_string(meta.num_layers));
     if (info.count(id))
       throw Error(ctx(gpath) + ": duplicate layer " + std::to_string(id) + " (also " + info[id].group + ")");
+    require_hard_link(lg, name, H5O_TYPE_GROUP, ctx(gpath));
     const hid_t lh = H5Gopen2(lg, name.c_str(), H5P_DEFAULT);
     if (lh < 0) throw Error(ctx(gpath) + ": not a group" + h5_detail());
     Handle lgh(lh, H5Gclose);
@@ -561,6 +684,7 @@ void StoreReader::Impl::scan_layers() {
 
   if (link_exists(file, "tokens")) {
     const std::string what = ctx("/tokens");
+    require_hard_link(file, "tokens", H5O_TYPE_DATASET, what);
     const hid_t d = H5Dopen2(file, "tokens", H5P_DEFAULT);
     if (d < 0) throw Error(what + ": not a dataset" + h5_detail());
     Handle ds(d, H5Dclose);
@@ -573,6 +697,9 @@ void StoreReader::Impl::scan_layers() {
     Handle ty = h5type(check_id(H5Dget_type(ds), what + ": cannot read type"));
     if (H5Tget_class(ty) != H5T_INTEGER)
       throw Error(what + ": expected integer token ids, found " + class_name(H5Tget_class(ty)));
+    const size_t tsize = H5Tget_size(ty);
+    if (tsize == 0 || tsize > 8) throw Error(what + ": integer of " + std::to_string(tsize) + " bytes");
+    check_storage(ds, dims, tsize, what);
     has_tokens = true;
   }
 }
@@ -616,7 +743,7 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
       Handle ftype = h5type(check_id(H5Dget_type(ds), what + ": cannot read type"));
       const hsize_t count[3] = {1, n, static_cast<hsize_t>(d)};
       Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
-      std::vector<uint16_t> raw(static_cast<size_t>(n) * d);
+      std::vector<uint16_t> raw(static_cast<size_t>(checked_product({static_cast<int64_t>(n), d}, what)));
       const bool half = di.kind.dtype == DType::f16, swap = di.kind.big_endian;
       for (int64_t h = h0; h < h1; ++h) {
         const hsize_t start[3] = {static_cast<hsize_t>(h), static_cast<hsize_t>(t0), 0};
@@ -651,10 +778,67 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
   return out;
 }
 
+namespace {
+// libhdf5 1.10 trusts some metadata it cannot checksum (the global heap holding variable-length
+// strings, in any file format; every structure in the pre-1.8 format h5py writes by default)
+// and can crash (memcpy past a buffer, a wild pointer) on a corrupt byte there, before any
+// error reaches us. So the whole open (attributes, layer scan, chunk index walk) first runs in
+// a forked probe process: if libhdf5 crashes there, the store is refused with one line instead
+// of the tool dying. The probe is skipped under MPI launchers (fork beside an MPI transport is
+// not portable) and with PROXYATTN_NO_OPEN_PROBE=1.
+bool open_probe_enabled() {
+  for (const char* v : {"PROXYATTN_NO_OPEN_PROBE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (const char* e = std::getenv(v); e && *e && !(std::string(v) == "PROXYATTN_NO_OPEN_PROBE" && std::string(e) == "0"))
+      return false;
+  return true;
+}
+
+constexpr int kProbeOk = 0, kProbeError = 3;
+
+// Called with the HDF5 lock held, so no other thread of ours is inside libhdf5 at fork().
+template <class Open>
+void probe_open(const std::string& path, Open&& open) {
+  const pid_t pid = ::fork();
+  if (pid < 0) return;  // cannot fork: open without the probe
+  if (pid == 0) {
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);  // never the parent's cleanup
+    const int devnull = ::open("/dev/null", O_WRONLY);
+    if (devnull >= 0) ::dup2(devnull, 2);  // a sanitizer's report of the crash is the parent's to give
+    int code = kProbeOk;
+    try {
+      open();
+    } catch (...) {
+      code = kProbeError;  // the parent will find the same error itself
+    }
+    ::_exit(code);
+  }
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(st) && (WEXITSTATUS(st) == kProbeOk || WEXITSTATUS(st) == kProbeError)) return;
+  const std::string how = WIFSIGNALED(st) ? "signal " + std::to_string(WTERMSIG(st)) + " (" + strsignal(WTERMSIG(st)) + ")"
+                                          : "exit code " + std::to_string(WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+  throw Error(path + ": corrupt HDF5 metadata: libhdf5 " + std::string(H5_VERS_INFO).substr(22) +
+              " crashed reading it (" + how + " in the open probe); the store cannot be read safely");
+}
+}  // namespace
+
 StoreReader::StoreReader(const std::string& path, ReadOptions opts) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
   impl_->opts = opts;
   H5Lock lock;
+  if (open_probe_enabled()) {
+    std::error_code ec;
+    if (fs::is_regular_file(path, ec))
+      probe_open(path, [&] {
+        Impl probe;
+        probe.path = path;
+        probe.opts = opts;
+        probe.open_file();
+        probe.read_meta();
+        probe.scan_layers();
+      });
+  }
   impl_->open_file();
   impl_->read_meta();
   impl_->scan_layers();
@@ -693,6 +877,12 @@ Tensor3 StoreReader::read(int layer, Tensor which, int64_t h0, int64_t h1, int64
 
 LayerData StoreReader::read_layer(int layer, bool with_v) const {
   const auto& m = impl_->meta;
+  {
+    const std::string what = impl_->ctx(impl_->layer(layer).group);
+    const int64_t per_head = checked_product({m.seq_len, m.head_dim, int64_t{sizeof(float)}}, what);
+    const int64_t heads = m.num_q_heads + int64_t{m.num_kv_heads} * (with_v && has_v(layer) ? 2 : 1);
+    require_fits(checked_mul(per_head, heads, what), what + ": reading the layer");
+  }
   LayerData out;
   out.layer = layer;
   out.q = read(layer, Tensor::q, 0, m.num_q_heads, 0, m.seq_len);
@@ -704,6 +894,7 @@ LayerData StoreReader::read_layer(int layer, bool with_v) const {
 std::vector<int32_t> StoreReader::tokens() const {
   const std::string what = impl_->ctx("/tokens");
   if (!impl_->has_tokens) throw Error(what + ": missing dataset");
+  require_fits(checked_mul(impl_->meta.seq_len, 4, what), what);
   std::vector<int32_t> out(static_cast<size_t>(impl_->meta.seq_len));
   H5Lock lock;
   const hid_t d = H5Dopen2(impl_->file, "tokens", H5P_DEFAULT);
@@ -762,13 +953,18 @@ StoreWriter::StoreWriter(const std::string& path, const StoreMeta& meta, WriteOp
   I.opts = opts;
   validate_write_meta(I.meta, opts, path);
   require_writable_parent(path);
+  require_output_file_target(path);
   I.tmp = temp_path_for(path);
   I.written.assign(static_cast<size_t>(meta.num_layers), false);
 
   H5Lock lock;
   if (opts.gzip && H5Zfilter_avail(H5Z_FILTER_DEFLATE) <= 0)
     throw Error(path + ": gzip requested but this HDF5 has no deflate filter");
-  const hid_t f = H5Fcreate(I.tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  // The newest file format (metadata checksums on every object header, B-tree and heap).
+  Handle fapl = h5plist(H5Pcreate(H5P_FILE_ACCESS));
+  check_status(H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST), path + ": cannot set the file format");
+  register_temp_path(I.tmp);
+  const hid_t f = H5Fcreate(I.tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
   if (f < 0) throw Error(path + ": cannot create " + I.tmp + h5_detail());
   I.file = Handle(f, H5Fclose);
   const StoreMeta& m = I.meta;
@@ -806,6 +1002,7 @@ StoreWriter::~StoreWriter() {
     std::error_code ec;
     fs::remove(impl_->tmp, ec);
   }
+  if (!impl_->tmp.empty()) unregister_temp_path(impl_->tmp);
 }
 
 void StoreWriter::Impl::write_dataset(hid_t group, const std::string& gpath, Tensor t, ConstView x) {
@@ -822,6 +1019,7 @@ void StoreWriter::Impl::write_dataset(hid_t group, const std::string& gpath, Ten
     check_status(H5Pset_shuffle(dcpl), what + ": cannot set shuffle");
     check_status(H5Pset_deflate(dcpl, 4), what + ": cannot set gzip");
   }
+  check_status(H5Pset_fletcher32(dcpl), what + ": cannot set Fletcher-32");
   const bool half = opts.dtype == DType::f16;
   Handle ftype = half ? make_half_type() : h5type(H5Tcopy(H5T_IEEE_F32LE));
   Handle ds(check_id(H5Dcreate2(group, name.c_str(), ftype, fspace, H5P_DEFAULT, dcpl, H5P_DEFAULT),
@@ -893,7 +1091,11 @@ void StoreWriter::write_tokens(const std::vector<int32_t>& tokens) {
   if (link_exists(I.file, "tokens")) throw Error(what + ": written twice");
   const hsize_t n = tokens.size();
   Handle sp = h5space(H5Screate_simple(1, &n, nullptr));
-  Handle ds(check_id(H5Dcreate2(I.file, "tokens", H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+  Handle dcpl = h5plist(H5Pcreate(H5P_DATASET_CREATE));
+  const hsize_t chunk = std::min<hsize_t>(n, 65536);
+  check_status(H5Pset_chunk(dcpl, 1, &chunk), what + ": cannot set chunking");
+  check_status(H5Pset_fletcher32(dcpl), what + ": cannot set Fletcher-32");
+  Handle ds(check_id(H5Dcreate2(I.file, "tokens", H5T_STD_I32LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT),
                      what + ": cannot create dataset"),
             H5Dclose);
   check_status(H5Dwrite(ds, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, tokens.data()),

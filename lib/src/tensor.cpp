@@ -2,12 +2,19 @@
 
 #include <cmath>
 
+#include "proxyattn/checked.hpp"
+
 namespace proxyattn {
 
 Tensor3::Tensor3(int64_t heads, int64_t tokens, int64_t dim, float fill)
     : heads_(heads), tokens_(tokens), dim_(dim) {
   if (heads < 0 || tokens < 0 || dim < 0) throw Error("negative tensor shape");
-  data_.assign(static_cast<size_t>(heads * tokens * dim), fill);
+  const std::string what = "tensor [" + std::to_string(heads) + ", " + std::to_string(tokens) + ", " +
+                           std::to_string(dim) + "]";
+  const int64_t n = checked_product({heads, tokens, dim, int64_t{sizeof(float)}}, what) / int64_t{sizeof(float)};
+  // Small tensors skip the (file-reading) memory check.
+  if (n > (int64_t{16} << 20)) require_fits(n * int64_t{sizeof(float)}, what);
+  data_.assign(static_cast<size_t>(n), fill);
 }
 
 Tensor3 to_tensor(ConstView v) {

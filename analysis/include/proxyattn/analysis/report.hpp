@@ -46,10 +46,15 @@ std::string render_csv(const nlohmann::json& table);
 // report.cpp). Only the sections whose tables exist are rendered.
 std::string render_markdown(const nlohmann::json& report);
 
-// Creates dir (and parents), then writes report.json, one <table>.csv per table and report.md.
-// Every file is first written to a temporary sibling; all are renamed only after all were
-// written, so a failure leaves no partial set of new files. Throws Error naming the path.
-// Returns the paths written.
+// Writes report.json, one <table>.csv per table and report.md as one folder: staged in a fresh
+// sibling "<dir>.tmp-<pid>" and put in place by one rename, or one atomic exchange with an
+// earlier report in dir (which is then deleted). Readers see the old report or the new one,
+// never a mix; nothing is created when it fails. dir may exist only as a folder holding a
+// report's files (report.json, report.md, *.csv, figures/); anything else is an Error, never deleted.
+// Missing parents are created. Throws Error naming the path. Returns the paths written.
 std::vector<std::string> write_report(const nlohmann::json& report, const std::string& dir);
+// The checks of write_report (dir can be written and replaced), creating nothing; run before
+// the work so a bad --out fails in a second.
+void check_report_dir(const std::string& dir);
 
 }  // namespace proxyattn::analysis
