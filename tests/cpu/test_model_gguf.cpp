@@ -106,7 +106,7 @@ TEST(ModelGguf, CorruptFieldsAreErrors) {
   }
   {
     GgufBytes g;
-    g.header(0, 1).put<uint64_t>(~uint64_t{0}).put<uint32_t>(0);
+    g.header(0, 1).put<uint64_t>(~uint64_t{0}).put<uint64_t>(0).put<uint64_t>(0);
     cases.push_back({"key length", g, "truncated"});
   }
   {
