@@ -2,6 +2,8 @@
 //
 //   proxyattn-eval ppl --gguf M.gguf --tokens ids.txt [--last K] [--threads T]
 //   proxyattn-eval generate --gguf M.gguf --tokens ids.txt [--max-new 30] [--stop 2,49152]
+//   proxyattn-eval compare --gguf M.gguf --store qk.h5 [--rtol 2e-3]
+//       (Q/K/V of every stored layer vs the runtime's, on the store's /tokens)
 //
 // Token files hold integers separated by white space or commas (scripts/model_tokens.py writes
 // them with the model's tokenizer). This is the first cut of issue #15's tool: full attention
@@ -19,6 +21,7 @@
 #include "cli_common.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/model/model.hpp"
+#include "proxyattn/store.hpp"
 
 namespace {
 
@@ -109,7 +112,58 @@ int main(int argc, char** argv) {
   gen->add_option("--max-new", max_new, "New tokens at most")->capture_default_str();
   gen->add_option("--stop", stop, "Token ids that end the continuation")->delimiter(',');
 
+  Common cc;
+  std::string store_path;
+  double rtol = 2e-3;
+  auto* cmp = app.add_subcommand("compare", "Q/K/V of every layer of a capture_qk.py store vs the runtime's, on the store's tokens");
+  cmp->add_option("--gguf", cc.gguf, "Model file (Llama family GGUF)")->required();
+  cmp->add_option("--store", store_path, "Q/K store written by scripts/capture_qk.py from the same model")->required();
+  cmp->add_option("--rtol", rtol, "Limit on max|x - ref| / max|ref| per layer and tensor")->capture_default_str();
+  cmp->add_option("--threads", cc.threads, "CPU threads (0 = all)")->capture_default_str();
+  cmp->add_flag("-q,--quiet", cc.quiet, "No progress on stderr");
+
   return cli::run_main(app, argc, argv, [&]() -> int {
+    if (*cmp) {
+      StoreReader st(store_path);
+      if (!st.has_tokens()) throw Error("--store " + store_path + ": no /tokens dataset");
+      const auto toks = st.tokens();
+      auto m = open(cc);
+      const auto& k = m->config();
+      const auto& meta = st.meta();
+      if (meta.num_q_heads != k.n_head || meta.num_kv_heads != k.n_head_kv || meta.head_dim != k.head_dim ||
+          meta.num_layers != k.n_layers)
+        throw Error("--store " + store_path + ": shapes (layers, heads, head dim) differ from the model's");
+      const auto& layers = st.layers();
+      model::ForwardOptions o;
+      o.stop_after_layer = layers.back();
+      o.allow_overlength = true;
+      double worst = 0;
+      auto rel = [](ConstView x, const Tensor3& ref) {
+        double m = 0, e = 0;
+        for (int64_t h = 0; h < ref.heads(); ++h)
+          for (int64_t t = 0; t < ref.tokens(); ++t)
+            for (int64_t c = 0; c < ref.dim(); ++c) {
+              m = std::max(m, static_cast<double>(std::abs(ref(h, t, c))));
+              e = std::max(e, static_cast<double>(std::abs(x(h, t, c) - ref(h, t, c))));
+            }
+        return m > 0 ? e / m : e;
+      };
+      std::printf("layer  rel_err_q  rel_err_k  rel_err_v\n");
+      o.on_layer = [&](int l, ConstView q, ConstView kk, ConstView v) {
+        if (!std::binary_search(layers.begin(), layers.end(), l)) return;
+        const LayerData d = st.read_layer(l, st.has_v(l));
+        const double eq = rel(q, d.q), ek = rel(kk, d.k), ev = d.v ? rel(v, *d.v) : 0.0;
+        worst = std::max({worst, eq, ek, ev});
+        std::printf("%5d  %9.2e  %9.2e  %9.2e\n", l, eq, ek, ev);
+        std::fflush(stdout);
+      };
+      const auto t0 = std::chrono::steady_clock::now();
+      m->forward(toks, o);
+      std::printf("worst relative error %.2e over %zu layers of %zu tokens (limit %.1e), forward %.2f s\n", worst,
+                  layers.size(), toks.size(), rtol, seconds_since(t0));
+      if (worst > rtol) throw Error("--store " + store_path + ": worst relative error " + std::to_string(worst) + " over the limit");
+      return 0;
+    }
     if (*ppl) {
       if (last < 0) throw cli::usage_error("--last", "must be >= 0");
       const auto toks = read_tokens(pc.tokens);
@@ -127,6 +181,9 @@ int main(int argc, char** argv) {
       std::printf("perplexity %.3f over %zu predicted tokens of %lld (forward %.2f s, %.0f tokens/s)\n",
                   std::exp(s / static_cast<double>(r.nll.size())), r.nll.size(), static_cast<long long>(n), dt,
                   static_cast<double>(n) / dt);
+      if (!pc.quiet)
+        std::fprintf(stderr, "proxyattn-eval: embed %.2f s, qkv+rope %.2f s, attention %.2f s, out+mlp %.2f s, logits %.2f s\n",
+                     r.timing.embed, r.timing.qkv, r.timing.attention, r.timing.mlp, r.timing.logits);
       return 0;
     }
     if (max_new < 1) throw cli::usage_error("--max-new", "must be at least 1");

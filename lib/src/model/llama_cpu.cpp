@@ -6,6 +6,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -26,6 +27,19 @@ using Vec = Eigen::VectorXf;
 constexpr int64_t kTokenChunk = 1024;  // rows per projection/MLP chunk
 constexpr int64_t kLogitChunk = 256;   // rows per logits chunk (NLL)
 constexpr int64_t kDecodeChunk = 256;  // query rows per score buffer when attending to a cache
+
+// Adds the seconds since the last lap (or construction) to a counter.
+class Lap {
+ public:
+  void to(double& acc) {
+    const auto now = std::chrono::steady_clock::now();
+    acc += std::chrono::duration<double>(now - t_).count();
+    t_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point t_ = std::chrono::steady_clock::now();
+};
 
 struct Layer {
   Vec attn_norm, ffn_norm;
@@ -235,6 +249,9 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
   if (opt.stop_after_layer >= 0 && cache) throw Error("forward: stop_after_layer cannot be used with a KV cache");
   const int last = opt.stop_after_layer >= 0 ? opt.stop_after_layer : c.n_layers - 1;
   if (cache) cache->grow(offset + N, c.n_layers);
+  ForwardResult res;
+  res.vocab = V;
+  Lap lap;
 
   // Embeddings.
   MatRM x(N, E);
@@ -249,6 +266,7 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
       sinv[i * half + j] = static_cast<float>(std::sin(static_cast<double>(ang)));
     }
 
+  lap.to(res.timing.embed);
   FullAttention full;
   AttentionPolicy* policy = opt.attention ? opt.attention : &full;
   Tensor3 q(Hq, N, D), k(Hkv, N, D), v(Hkv, N, D);
@@ -280,8 +298,10 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
           std::memcpy(v.row(hh, c0 + r), src + (Hq + Hkv + hh) * D, sizeof(float) * D);
       }
     }
+    lap.to(res.timing.qkv);
     if (opt.on_layer) opt.on_layer(li, q.view(), k.view(), v.view());
     if (li == opt.stop_after_layer) break;
+    lap = Lap();
 
     Tensor3 o;
     if (cache) {
@@ -300,6 +320,7 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
     if (o.heads() != Hq || o.tokens() != N || o.dim() != D)
       throw Error("layer " + std::to_string(li) + ": attention '" + policy->name() + "' returned shape [" +
                   std::to_string(o.heads()) + ", " + std::to_string(o.tokens()) + ", " + std::to_string(o.dim()) + "]");
+    lap.to(res.timing.attention);
 
     for (int64_t c0 = 0; c0 < N; c0 += kTokenChunk) {
       const int64_t n = std::min(kTokenChunk, N - c0);
@@ -320,11 +341,9 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
       }
       x.middleRows(c0, n).noalias() += act * L.wd.transpose();
     }
+    lap.to(res.timing.mlp);
   }
   if (cache) cache->n = offset + N;
-
-  ForwardResult res;
-  res.vocab = V;
   if (opt.stop_after_layer >= 0) return res;
   const MatRM& lm = c.tied_embeddings ? embd_ : out_;
   if (!opt.logits_at.empty()) {
@@ -352,6 +371,7 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
       }
     }
   }
+  lap.to(res.timing.logits);
   return res;
 }
 

@@ -112,8 +112,15 @@ struct ForwardOptions {
   bool allow_overlength = false;
 };
 
+// Wall seconds of the parts of one forward call.
+struct ForwardTiming {
+  double embed = 0, qkv = 0, attention = 0, mlp = 0, logits = 0;  // mlp includes the output projection
+  double total() const { return embed + qkv + attention + mlp + logits; }
+};
+
 struct ForwardResult {
   int64_t vocab = 0;
+  ForwardTiming timing;
   std::vector<float> logits;  // [logits_at.size(), vocab], row-major
   std::vector<double> nll;    // [n - 1 - nll_begin]
   std::span<const float> logits_row(size_t i) const {
