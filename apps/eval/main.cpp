@@ -193,7 +193,7 @@ int main(int argc, char** argv) {
     if (!gc.allow_overlength && static_cast<int64_t>(toks.size()) + max_new > m->config().n_ctx)
       throw Error("--tokens " + gc.tokens + ": " + std::to_string(toks.size()) + " tokens + " + std::to_string(max_new) +
                   " new exceed the context length " + std::to_string(m->config().n_ctx));
-    const auto out = m->generate(toks, max_new, stop);
+    const auto out = m->generate(toks, max_new, stop, nullptr, gc.allow_overlength);
     const double dt = seconds_since(t0);
     std::string line;
     for (int32_t t : out) line += (line.empty() ? "" : " ") + std::to_string(t);

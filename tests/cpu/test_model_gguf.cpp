@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -204,6 +206,33 @@ TEST(ModelGguf, RandomCorruptionNeverCrashes) {
     const int flips = 1 + static_cast<int>(g() % 4);
     for (int k = 0; k < flips; ++k) b[g() % b.size()] = static_cast<uint8_t>(g());
     const std::string path = write_temp(b, "fuzz.gguf");
+    try {
+      File f(path);
+      for (const auto& t : f.tensors())
+        if (gguf::type_traits(static_cast<uint32_t>(t.type))->dequantizable && t.elements < (1 << 20))
+          (void)f.dequantize(t);
+      ++opened;
+    } catch (const Error&) {
+    }
+  }
+  EXPECT_GT(opened, 0);
+}
+
+// Same over the metadata (every value type, arrays, nested arrays) and tensor table of the
+// fixture file.
+TEST(ModelGguf, RandomCorruptionOfMetadataNeverCrashes) {
+  PROXYATTN_REQUIRE_MODEL_FIXTURES();
+  std::ifstream in(model_fixture("quant.gguf"), std::ios::binary);
+  const std::vector<uint8_t> full((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const uint64_t header = File(model_fixture("quant.gguf")).data_offset();
+  ASSERT_GT(header, 64u);
+  std::mt19937_64 g(rng()());
+  int opened = 0;
+  for (int it = 0; it < 300; ++it) {
+    auto b = full;
+    const int flips = 1 + static_cast<int>(g() % 3);
+    for (int k = 0; k < flips; ++k) b[g() % header] = static_cast<uint8_t>(g());
+    const std::string path = write_temp(b, "fuzz_meta.gguf");
     try {
       File f(path);
       for (const auto& t : f.tensors())

@@ -22,6 +22,10 @@ namespace {
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" little-endian
 constexpr int kMaxDims = 4;              // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 8;
+// Metadata values kept in memory, all arrays together (a tokenizer of 262K tokens with scores,
+// types and merges is about 1M): a hostile file cannot make us allocate much more than the
+// file's size would suggest.
+constexpr uint64_t kMaxMetadataValues = uint64_t{1} << 23;
 
 const TypeTraits kTraits[] = {
     /*0*/ {"F32", 1, 4, true},     /*1*/ {"F16", 1, 2, true},     /*2*/ {"Q4_0", 32, 18, true},
@@ -94,7 +98,9 @@ uint64_t min_value_bytes(ValueType t) {
 
 bool valid_value_type(uint32_t t) { return t <= static_cast<uint32_t>(ValueType::f64); }
 
-Value read_value(Cursor& c, ValueType t, const std::string& field, int depth) {
+Value read_value(Cursor& c, ValueType t, const std::string& field, int depth, uint64_t& budget) {
+  if (budget == 0) c.fail(field, "metadata holds more than " + std::to_string(kMaxMetadataValues) + " values");
+  --budget;
   Value v;
   v.type = t;
   auto set_signed = [&](int64_t x) { v.i = x; v.u = static_cast<uint64_t>(x); };
@@ -126,8 +132,9 @@ Value read_value(Cursor& c, ValueType t, const std::string& field, int depth) {
       if (n > c.left() / min_value_bytes(v.elem_type))
         c.fail(field, "array of " + std::to_string(n) + " elements does not fit in the " +
                           std::to_string(c.left()) + " bytes left in the file");
+      if (n > budget) c.fail(field, "metadata holds more than " + std::to_string(kMaxMetadataValues) + " values");
       v.array.reserve(n);
-      for (uint64_t k = 0; k < n; ++k) v.array.push_back(read_value(c, v.elem_type, field, depth + 1));
+      for (uint64_t k = 0; k < n; ++k) v.array.push_back(read_value(c, v.elem_type, field, depth + 1, budget));
       break;
     }
   }
@@ -400,13 +407,14 @@ void File::parse() {
   if (n_tensors > c.left() / 24) c.fail("header (tensor count)", std::to_string(n_tensors) + " tensors cannot fit in the file");
 
   kv_.reserve(n_kv);
+  uint64_t budget = kMaxMetadataValues;
   for (uint64_t k = 0; k < n_kv; ++k) {
     const std::string field = "metadata entry " + std::to_string(k);
     std::string key = c.read_string(field + " (key)");
     const std::string kf = "metadata '" + key + "'";
     const uint32_t t = c.read<uint32_t>(kf + " (type)");
     if (!valid_value_type(t)) c.fail(kf, "value type " + std::to_string(t) + " is not a GGUF value type");
-    Value v = read_value(c, static_cast<ValueType>(t), kf, 0);
+    Value v = read_value(c, static_cast<ValueType>(t), kf, 0, budget);
     if (!kv_index_.emplace(key, kv_.size()).second) c.fail(kf, "key appears twice");
     kv_.emplace_back(std::move(key), std::move(v));
   }

@@ -153,13 +153,14 @@ double Model::perplexity(std::span<const int32_t> tokens, AttentionPolicy* atten
 }
 
 std::vector<int32_t> Model::generate(std::span<const int32_t> prompt, int max_new, std::span<const int32_t> stop,
-                                     AttentionPolicy* attention) {
+                                     AttentionPolicy* attention, bool allow_overlength) {
   if (prompt.empty()) throw Error("generate: the prompt is empty");
   std::vector<int32_t> out;
   if (max_new <= 0) return out;
   auto cache = new_cache();
   ForwardOptions opt;
   opt.attention = attention;
+  opt.allow_overlength = allow_overlength;
   opt.logits_at = {static_cast<int64_t>(prompt.size()) - 1};
   ForwardResult r = forward(prompt, opt, cache.get());
   for (int step = 0; step < max_new; ++step) {
@@ -169,6 +170,7 @@ std::vector<int32_t> Model::generate(std::span<const int32_t> prompt, int max_ne
     out.push_back(t);
     if (step + 1 == max_new) break;
     ForwardOptions o2;
+    o2.allow_overlength = allow_overlength;
     o2.logits_at = {0};
     const int32_t one[1] = {t};
     r = forward(std::span<const int32_t>(one, 1), o2, cache.get());

@@ -5,7 +5,8 @@
 // The file is memory-mapped read-only. Every count, length, size and offset read from it is
 // checked when the file is opened (overflow-safe arithmetic; every string, array, tensor info
 // and tensor's data inside the file), so no later access can leave the mapping. A bad file is
-// one Error: "gguf <path>: <field>: <what>".
+// one Error: "gguf <path>: <field>: <what>". Metadata is bounded too: arrays nest at most 8
+// deep and the file holds at most 2^23 metadata values in all.
 //
 // Dequantisation (bit-exact with the `gguf` Python package and ggml's reference code):
 // F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K. Other known types can be

@@ -146,7 +146,8 @@ class Model {
   // Greedy decoding with a KV cache: the prompt's prefill uses `attention`, each new token
   // attends densely. Stops at max_new tokens or at a token in stop (not returned).
   std::vector<int32_t> generate(std::span<const int32_t> prompt, int max_new,
-                                std::span<const int32_t> stop = {}, AttentionPolicy* attention = nullptr);
+                                std::span<const int32_t> stop = {}, AttentionPolicy* attention = nullptr,
+                                bool allow_overlength = false);
 };
 
 struct LoadOptions {
