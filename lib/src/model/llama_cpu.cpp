@@ -196,7 +196,9 @@ void CpuLlama::attend_cached(ConstView q, ConstView k, ConstView v, int64_t offs
   const int64_t Hq = q.heads, N = q.tokens, d = q.dim, r = Hq / k.heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   using RowsMap = Eigen::Map<const MatRM, 0, Eigen::OuterStride<>>;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+  // A decoding step is little work: threads would mostly wait for each other.
+  const bool parallel = Hq * N * (offset + N) * d >= (int64_t{1} << 22);
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (parallel)
   for (int64_t h = 0; h < Hq; ++h)
     for (int64_t c0 = 0; c0 < N; c0 += kDecodeChunk) {
       const int64_t n = std::min(kDecodeChunk, N - c0), keys = offset + c0 + n, hk = h / r;
