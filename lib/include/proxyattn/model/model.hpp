@@ -152,7 +152,7 @@ class Model {
 
 struct LoadOptions {
   Backend backend = Backend::cpu;
-  int threads = 0;  // CPU threads (0 = OpenMP default)
+  int threads = 0;  // CPU threads (0 = OpenMP default); > 0 sets OpenMP's and Eigen's process-wide count
 };
 // Opens and validates the GGUF file, dequantises its weights to float32 (CPU back end).
 std::unique_ptr<Model> load_model(const std::string& gguf_path, const LoadOptions& opt = {});
