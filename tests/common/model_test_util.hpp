@@ -65,10 +65,23 @@ struct GgufBytes {
   }
 };
 
+// A per-process temporary folder, removed at exit.
+struct TempDir {
+  std::filesystem::path path =
+      std::filesystem::temp_directory_path() / ("proxyattn_model_test_" + std::to_string(::getpid()));
+  TempDir() { std::filesystem::create_directories(path); }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+inline const std::filesystem::path& temp_dir() {
+  static const TempDir d;
+  return d.path;
+}
+
 inline std::string write_temp(const std::vector<uint8_t>& bytes, const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("proxyattn_model_test_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const auto p = dir / name;
+  const auto p = temp_dir() / name;
   std::ofstream f(p, std::ios::binary | std::ios::trunc);
   f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   return p.string();
