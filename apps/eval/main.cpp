@@ -1,0 +1,204 @@
+// proxyattn-eval: the whole model (GGUF, C++ runtime) on token ids prepared in Python.
+//
+//   proxyattn-eval ppl --gguf M.gguf --tokens ids.txt [--last K] [--threads T]
+//   proxyattn-eval generate --gguf M.gguf --tokens ids.txt [--max-new 30] [--stop 2,49152]
+//   proxyattn-eval compare --gguf M.gguf --store qk.h5 [--rtol 2e-3]
+//       (Q/K/V of every stored layer vs the runtime's, on the store's /tokens)
+//
+// Token files hold integers separated by white space or commas (scripts/model_tokens.py writes
+// them with the model's tokenizer). This is the first cut of issue #15's tool: full attention
+// only; methods × sparsities and the report come with the method registry.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cli_common.hpp"
+#include "proxyattn/error.hpp"
+#include "proxyattn/model/model.hpp"
+#include "proxyattn/store.hpp"
+
+namespace {
+
+using namespace proxyattn;
+
+std::vector<int32_t> read_tokens(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error("--tokens " + path + ": cannot open");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string s = ss.str();
+  std::vector<int32_t> out;
+  size_t i = 0;
+  while (i < s.size()) {
+    const char ch = s[i];
+    if (ch == ' ' || ch == '\n' || ch == '\r' || ch == '\t' || ch == ',') {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    if (s[j] == '-') ++j;
+    int64_t v = 0;
+    const size_t digits = j;
+    while (j < s.size() && s[j] >= '0' && s[j] <= '9') {
+      v = v * 10 + (s[j] - '0');
+      if (v > INT32_MAX) throw Error("--tokens " + path + ": value at byte " + std::to_string(i) + " is out of range");
+      ++j;
+    }
+    if (j == digits || (j < s.size() && !(s[j] == ' ' || s[j] == '\n' || s[j] == '\r' || s[j] == '\t' || s[j] == ',')))
+      throw Error("--tokens " + path + ": not an integer at byte " + std::to_string(i) + " (expected token ids)");
+    out.push_back(static_cast<int32_t>(s[i] == '-' ? -v : v));
+    i = j;
+  }
+  if (out.empty()) throw Error("--tokens " + path + ": no token ids");
+  return out;
+}
+
+struct Common {
+  std::string gguf, tokens;
+  int threads = 0;
+  bool allow_overlength = false;
+  bool quiet = false;
+};
+
+void add_common(CLI::App* s, Common& c) {
+  s->add_option("--gguf", c.gguf, "Model file (Llama family GGUF)")->required();
+  s->add_option("--tokens", c.tokens, "Token ids (text: integers separated by white space or commas)")->required();
+  s->add_option("--threads", c.threads, "CPU threads (0 = all)")->capture_default_str();
+  s->add_flag("--allow-overlength", c.allow_overlength, "Allow more tokens than the model's context length");
+  s->add_flag("-q,--quiet", c.quiet, "No progress on stderr");
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::unique_ptr<model::Model> open(const Common& c) {
+  const auto t0 = std::chrono::steady_clock::now();
+  model::LoadOptions lo;
+  lo.threads = c.threads;
+  auto m = model::load_model(c.gguf, lo);
+  const auto& k = m->config();
+  if (!c.quiet)
+    std::fprintf(stderr, "proxyattn-eval: %s: %d layers, %d q heads, %d kv heads, head dim %d, vocab %lld, context %lld (%.1f s to load)\n",
+                 c.gguf.c_str(), k.n_layers, k.n_head, k.n_head_kv, k.head_dim, static_cast<long long>(k.vocab_size),
+                 static_cast<long long>(k.n_ctx), seconds_since(t0));
+  return m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Run a GGUF model with the C++ runtime on prepared token ids", "proxyattn-eval"};
+  cli::add_version_flag(app);
+  app.require_subcommand(1);
+
+  Common pc;
+  int64_t last = 0;
+  auto* ppl = app.add_subcommand("ppl", "Perplexity of the tokens (each given its prefix) in one prefill");
+  add_common(ppl, pc);
+  ppl->add_option("--last", last, "Score only the last K predicted tokens (0 = all)")->capture_default_str();
+
+  Common gc;
+  int max_new = 30;
+  std::vector<int32_t> stop;
+  auto* gen = app.add_subcommand("generate", "Greedy continuation of the tokens (KV cache); prints the new ids");
+  add_common(gen, gc);
+  gen->add_option("--max-new", max_new, "New tokens at most")->capture_default_str();
+  gen->add_option("--stop", stop, "Token ids that end the continuation")->delimiter(',');
+
+  Common cc;
+  std::string store_path;
+  double rtol = 2e-3;
+  auto* cmp = app.add_subcommand("compare", "Q/K/V of every layer of a capture_qk.py store vs the runtime's, on the store's tokens");
+  cmp->add_option("--gguf", cc.gguf, "Model file (Llama family GGUF)")->required();
+  cmp->add_option("--store", store_path, "Q/K store written by scripts/capture_qk.py from the same model")->required();
+  cmp->add_option("--rtol", rtol, "Limit on max|x - ref| / max|ref| per layer and tensor")->capture_default_str();
+  cmp->add_option("--threads", cc.threads, "CPU threads (0 = all)")->capture_default_str();
+  cmp->add_flag("-q,--quiet", cc.quiet, "No progress on stderr");
+
+  return cli::run_main(app, argc, argv, [&]() -> int {
+    if (*cmp) {
+      StoreReader st(store_path);
+      if (!st.has_tokens()) throw Error("--store " + store_path + ": no /tokens dataset");
+      const auto toks = st.tokens();
+      auto m = open(cc);
+      const auto& k = m->config();
+      const auto& meta = st.meta();
+      if (meta.num_q_heads != k.n_head || meta.num_kv_heads != k.n_head_kv || meta.head_dim != k.head_dim ||
+          meta.num_layers != k.n_layers)
+        throw Error("--store " + store_path + ": shapes (layers, heads, head dim) differ from the model's");
+      const auto& layers = st.layers();
+      model::ForwardOptions o;
+      o.stop_after_layer = layers.back();
+      o.allow_overlength = true;
+      double worst = 0;
+      auto rel = [](ConstView x, const Tensor3& ref) {
+        double m = 0, e = 0;
+        for (int64_t h = 0; h < ref.heads(); ++h)
+          for (int64_t t = 0; t < ref.tokens(); ++t)
+            for (int64_t c = 0; c < ref.dim(); ++c) {
+              m = std::max(m, static_cast<double>(std::abs(ref(h, t, c))));
+              e = std::max(e, static_cast<double>(std::abs(x(h, t, c) - ref(h, t, c))));
+            }
+        return m > 0 ? e / m : e;
+      };
+      std::printf("layer  rel_err_q  rel_err_k  rel_err_v\n");
+      o.on_layer = [&](int l, ConstView q, ConstView kk, ConstView v) {
+        if (!std::binary_search(layers.begin(), layers.end(), l)) return;
+        const LayerData d = st.read_layer(l, st.has_v(l));
+        const double eq = rel(q, d.q), ek = rel(kk, d.k), ev = d.v ? rel(v, *d.v) : 0.0;
+        worst = std::max({worst, eq, ek, ev});
+        std::printf("%5d  %9.2e  %9.2e  %9.2e\n", l, eq, ek, ev);
+        std::fflush(stdout);
+      };
+      const auto t0 = std::chrono::steady_clock::now();
+      m->forward(toks, o);
+      std::printf("worst relative error %.2e over %zu layers of %zu tokens (limit %.1e), forward %.2f s\n", worst,
+                  layers.size(), toks.size(), rtol, seconds_since(t0));
+      if (worst > rtol) throw Error("--store " + store_path + ": worst relative error " + std::to_string(worst) + " over the limit");
+      return 0;
+    }
+    if (*ppl) {
+      if (last < 0) throw cli::usage_error("--last", "must be >= 0");
+      const auto toks = read_tokens(pc.tokens);
+      if (toks.size() < 2) throw Error("--tokens " + pc.tokens + ": perplexity needs at least 2 tokens");
+      auto m = open(pc);
+      model::ForwardOptions o;
+      const int64_t n = static_cast<int64_t>(toks.size());
+      o.nll_begin = last > 0 ? std::max<int64_t>(0, n - 1 - last) : 0;
+      o.allow_overlength = pc.allow_overlength;
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto r = m->forward(toks, o);
+      const double dt = seconds_since(t0);
+      double s = 0;
+      for (double x : r.nll) s += x;
+      std::printf("perplexity %.3f over %zu predicted tokens of %lld (forward %.2f s, %.0f tokens/s)\n",
+                  std::exp(s / static_cast<double>(r.nll.size())), r.nll.size(), static_cast<long long>(n), dt,
+                  static_cast<double>(n) / dt);
+      if (!pc.quiet)
+        std::fprintf(stderr, "proxyattn-eval: embed %.2f s, qkv+rope %.2f s, attention %.2f s, out+mlp %.2f s, logits %.2f s\n",
+                     r.timing.embed, r.timing.qkv, r.timing.attention, r.timing.mlp, r.timing.logits);
+      return 0;
+    }
+    if (max_new < 1) throw cli::usage_error("--max-new", "must be at least 1");
+    const auto toks = read_tokens(gc.tokens);
+    auto m = open(gc);
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!gc.allow_overlength && static_cast<int64_t>(toks.size()) + max_new > m->config().n_ctx)
+      throw Error("--tokens " + gc.tokens + ": " + std::to_string(toks.size()) + " tokens + " + std::to_string(max_new) +
+                  " new exceed the context length " + std::to_string(m->config().n_ctx));
+    const auto out = m->generate(toks, max_new, stop, nullptr, gc.allow_overlength);
+    const double dt = seconds_since(t0);
+    std::string line;
+    for (int32_t t : out) line += (line.empty() ? "" : " ") + std::to_string(t);
+    std::printf("%s\n", line.c_str());
+    if (!gc.quiet) std::fprintf(stderr, "proxyattn-eval: %zu new tokens in %.2f s\n", out.size(), dt);
+    return 0;
+  });
+}

@@ -1,0 +1,160 @@
+#pragma once
+// The model runtime: prefill (and greedy decoding) of a Llama-family GGUF model, with every
+// layer's attention pluggable. scripts/capture_qk.py (numpy) is the spec of the forward pass:
+// embeddings, RMSNorm, RoPE in Hugging Face's rotate_half layout (GGUF's Q/K rows are
+// un-permuted at load), GQA causal attention, SwiGLU MLP, final RMSNorm, logits (tied to the
+// embedding when the file has no output.weight).
+//
+// One interface, several back ends (Backend): the CPU one (Eigen + OpenMP) exists; a GPU one
+// (cuBLAS + our kernels) plugs in behind the same Model interface later.
+//
+// Token ids come from the Python tokenizer; the runtime never tokenises.
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "proxyattn/block_mask.hpp"
+#include "proxyattn/tensor.hpp"
+
+namespace proxyattn::gguf {
+class File;
+}
+
+namespace proxyattn::model {
+
+enum class Backend { cpu, cuda };
+std::string_view backend_name(Backend b);   // "cpu", "cuda"
+Backend parse_backend(std::string_view s);  // throws Error on an unknown name
+
+// Shapes and constants of a Llama-family model, read from GGUF metadata and validated against
+// the tensor table (the same checks as capture_qk.py: architecture llama, no MoE, equal even
+// head dims, Hq % Hkv == 0, no projection biases, supported RoPE scaling, tensor shapes).
+struct ModelConfig {
+  std::string arch, name;
+  int n_layers = 0, n_embd = 0, n_ff = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
+  int64_t n_ctx = 0, vocab_size = 0;
+  double rope_theta = 10000.0, rms_eps = 1e-5, rope_linear_factor = 1.0;
+  bool tied_embeddings = false;  // lm_head = token_embd (no output.weight)
+  bool rope_freq_factors = false;  // rope_freqs.weight present (llama3-style)
+  int group() const { return n_head / n_head_kv; }
+};
+ModelConfig read_llama_config(const gguf::File& f);
+
+// Attention of one layer in a prefill from position 0: q [Hq, N, d], k and v [Hkv, N, d]
+// (post-RoPE). Returns O [Hq, N, d]. Called once per layer, in layer order.
+class AttentionPolicy {
+ public:
+  virtual ~AttentionPolicy() = default;
+  virtual Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) = 0;
+  // Short description for reports ("full", "block-sparse", ...).
+  virtual std::string name() const = 0;
+};
+
+// Full causal attention (full_attention_cpu). The default.
+class FullAttention final : public AttentionPolicy {
+ public:
+  Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) override;
+  std::string name() const override { return "full"; }
+};
+
+// Block-sparse attention driven by a per-layer BlockMask (sparse_attention_cpu). mask_for is
+// asked for each layer not in dense_layers; returning std::nullopt runs that layer dense.
+// The block density each layer used is recorded (1.0 for dense layers).
+class BlockMaskAttention final : public AttentionPolicy {
+ public:
+  using MaskFn = std::function<std::optional<BlockMask>(int layer, ConstView q, ConstView k)>;
+  explicit BlockMaskAttention(MaskFn mask_for, std::vector<int> dense_layers = {});
+  Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) override;
+  std::string name() const override { return "block-sparse"; }
+  // (layer, block density, element density) of each call, in call order.
+  struct LayerDensity {
+    int layer;
+    double block_density, element_density;
+  };
+  const std::vector<LayerDensity>& densities() const { return densities_; }
+  void clear() { densities_.clear(); }
+
+ private:
+  MaskFn mask_for_;
+  std::vector<int> dense_;
+  std::vector<LayerDensity> densities_;
+};
+
+// Called per layer with that layer's post-RoPE q [Hq, n, d], k and v [Hkv, n, d] of the tokens
+// of this forward call (the layout of the Q/K store).
+using LayerHook = std::function<void(int layer, ConstView q, ConstView k, ConstView v)>;
+
+// Keys and values of the tokens seen so far (for decoding). Opaque: each back end has its own.
+class KVCache {
+ public:
+  virtual ~KVCache() = default;
+  virtual int64_t length() const = 0;  // tokens cached
+};
+
+struct ForwardOptions {
+  // Positions (indices into this call's tokens) whose logits are returned, in this order.
+  std::vector<int64_t> logits_at;
+  // When >= 0: negative log-likelihood (natural log, float64) of tokens[i + 1] given the prefix,
+  // for i in [nll_begin, n - 1). Computed in row chunks; the [n, vocab] logits never exist.
+  int64_t nll_begin = -1;
+  // Attention of each layer when the cache is empty (a prefill from position 0); nullptr =
+  // full causal. Tokens appended to a non-empty cache (decoding) attend densely to it.
+  AttentionPolicy* attention = nullptr;
+  LayerHook on_layer;
+  // Stop after this layer (capture only: no logits, no NLL); -1 = run every layer.
+  int stop_after_layer = -1;
+  // Allow more tokens (cache included) than the model's context length.
+  bool allow_overlength = false;
+};
+
+// Wall seconds of the parts of one forward call.
+struct ForwardTiming {
+  double embed = 0, qkv = 0, attention = 0, mlp = 0, logits = 0;  // mlp includes the output projection
+  double total() const { return embed + qkv + attention + mlp + logits; }
+};
+
+struct ForwardResult {
+  int64_t vocab = 0;
+  ForwardTiming timing;
+  std::vector<float> logits;  // [logits_at.size(), vocab], row-major
+  std::vector<double> nll;    // [n - 1 - nll_begin]
+  std::span<const float> logits_row(size_t i) const {
+    return {logits.data() + i * static_cast<size_t>(vocab), static_cast<size_t>(vocab)};
+  }
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual Backend backend() const = 0;
+  // Runs the model over `tokens`. Without a cache (or with an empty one) this is a prefill
+  // from position 0; with a non-empty cache the tokens continue the cached ones, which they
+  // attend to, and are appended to it. Throws Error on token ids outside [0, vocab) or a
+  // length over the context (unless allow_overlength).
+  virtual ForwardResult forward(std::span<const int32_t> tokens, const ForwardOptions& opt,
+                                KVCache* cache = nullptr) = 0;
+  virtual std::unique_ptr<KVCache> new_cache() const = 0;
+
+  // exp(mean NLL) of tokens[1..n) given their prefixes (one prefill).
+  double perplexity(std::span<const int32_t> tokens, AttentionPolicy* attention = nullptr);
+  // Greedy decoding with a KV cache: the prompt's prefill uses `attention`, each new token
+  // attends densely. Stops at max_new tokens or at a token in stop (not returned).
+  std::vector<int32_t> generate(std::span<const int32_t> prompt, int max_new,
+                                std::span<const int32_t> stop = {}, AttentionPolicy* attention = nullptr,
+                                bool allow_overlength = false);
+};
+
+struct LoadOptions {
+  Backend backend = Backend::cpu;
+  int threads = 0;  // CPU threads (0 = OpenMP default); > 0 sets OpenMP's and Eigen's process-wide count
+};
+// Opens and validates the GGUF file, dequantises its weights to float32 (CPU back end).
+std::unique_ptr<Model> load_model(const std::string& gguf_path, const LoadOptions& opt = {});
+
+}  // namespace proxyattn::model

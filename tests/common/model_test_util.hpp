@@ -1,0 +1,90 @@
+#pragma once
+// Helpers of the model runtime tests: a minimal GGUF writer (to build valid and corrupt files
+// byte by byte) and the location of the Python-written fixtures (tests/python/model_fixtures.py,
+// run by ctest's model_fixtures setup test).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+namespace proxyattn::test {
+
+inline std::filesystem::path model_fixture_dir() {
+  if (const char* e = std::getenv("PROXYATTN_MODEL_FIXTURES")) return e;
+#ifdef PROXYATTN_MODEL_FIXTURES
+  return PROXYATTN_MODEL_FIXTURES;
+#else
+  return {};
+#endif
+}
+inline std::string model_fixture(const std::string& name) { return (model_fixture_dir() / name).string(); }
+inline bool have_model_fixtures() { return std::filesystem::exists(model_fixture_dir() / "tiny_ref.gguf"); }
+#define PROXYATTN_REQUIRE_MODEL_FIXTURES()                                                            \
+  if (!::proxyattn::test::have_model_fixtures())                                                      \
+  GTEST_SKIP() << "model fixtures missing (" << ::proxyattn::test::model_fixture_dir()               \
+               << "): run tests/python/model_fixtures.py DIR and set PROXYATTN_MODEL_FIXTURES=DIR"
+
+// Little-endian GGUF bytes, written field by field.
+struct GgufBytes {
+  std::vector<uint8_t> b;
+  template <class T>
+  GgufBytes& put(T v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    b.insert(b.end(), p, p + sizeof(T));
+    return *this;
+  }
+  GgufBytes& str(const std::string& s) {
+    put<uint64_t>(s.size());
+    b.insert(b.end(), s.begin(), s.end());
+    return *this;
+  }
+  GgufBytes& header(uint64_t n_tensors, uint64_t n_kv, uint32_t version = 3) {
+    return put<uint32_t>(0x46554747).put<uint32_t>(version).put<uint64_t>(n_tensors).put<uint64_t>(n_kv);
+  }
+  GgufBytes& kv_u32(const std::string& k, uint32_t v) { return str(k).put<uint32_t>(4).put<uint32_t>(v); }
+  GgufBytes& kv_str(const std::string& k, const std::string& v) { return str(k).put<uint32_t>(8).str(v); }
+  GgufBytes& tensor_info(const std::string& name, std::vector<uint64_t> shape, uint32_t type, uint64_t offset) {
+    str(name).put<uint32_t>(static_cast<uint32_t>(shape.size()));
+    for (uint64_t d : shape) put<uint64_t>(d);
+    return put<uint32_t>(type).put<uint64_t>(offset);
+  }
+  GgufBytes& align(size_t a = 32) {
+    while (b.size() % a) b.push_back(0);
+    return *this;
+  }
+  GgufBytes& floats(const std::vector<float>& v) {
+    for (float x : v) put<float>(x);
+    return *this;
+  }
+};
+
+// A per-process temporary folder, removed at exit.
+struct TempDir {
+  std::filesystem::path path =
+      std::filesystem::temp_directory_path() / ("proxyattn_model_test_" + std::to_string(::getpid()));
+  TempDir() { std::filesystem::create_directories(path); }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+inline const std::filesystem::path& temp_dir() {
+  static const TempDir d;
+  return d.path;
+}
+
+inline std::string write_temp(const std::vector<uint8_t>& bytes, const std::string& name) {
+  const auto p = temp_dir() / name;
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  return p.string();
+}
+
+}  // namespace proxyattn::test
