@@ -968,14 +968,21 @@ def generate(model: GGUFModel, ids: Sequence[int], max_new: int, stop_ids: set[i
     """Greedy decoding with a key/value cache."""
     model.keep_weights()
     cache: dict = {}
+    return continue_greedy(model, forward(model, ids, logits="last", cache=cache), cache,
+                           max_new, stop_ids)
+
+
+def continue_greedy(model: GGUFModel, logits: np.ndarray, cache: dict, max_new: int,
+                    stop_ids: set[int]) -> list[int]:
+    """Greedy tokens after a prefill that gave `logits` (last position) and filled `cache`."""
     new: list[int] = []
-    step = list(ids)
-    for _ in range(max_new):
-        t = int(np.argmax(forward(model, step, logits="last", cache=cache)))
+    for n in range(max_new):
+        t = int(np.argmax(logits))
         if t in stop_ids:
             break
         new.append(t)
-        step = [t]
+        if n + 1 < max_new:
+            logits = forward(model, [t], logits="last", cache=cache)
     return new
 
 
@@ -1126,8 +1133,15 @@ class StoreWriter:
         kw = dict(compression="gzip", compression_opts=4, shuffle=True) if self.gzip else {}
         grp.create_dataset(name, data=a.astype(self.dtype), chunks=(1, min(self.chunk, N), d), **kw)
 
-    def write_layer(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> None:
+    def write_layer(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray | None,
+                    window: int = 0) -> None:
+        """window 0: attribute attention = "global"; W > 0: attention = "sliding", window = W."""
         g = self.layers.create_group(f"{layer:02d}")
+        if window > 0:
+            g.attrs["attention"] = "sliding"
+            g.attrs["window"] = np.int64(window)
+        else:
+            g.attrs["attention"] = "global"
         self._ds(g, "q", q)
         self._ds(g, "k", k)
         if v is not None:
@@ -1185,6 +1199,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--haystack", type=Path, nargs="+", help="haystack text files (data/haystack/*.txt)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's ChatML template")
     ap.add_argument("--max-new", type=int, default=30, help="--generate: new tokens (30)")
+    ap.add_argument("--answer", type=int, default=0, metavar="N",
+                    help="--niah: also let the model answer the needle question (N greedy tokens "
+                         "after the same prefill; printed and kept in the store's /needle attributes)")
     ap.add_argument("--out", type=Path, help="store to write (.h5)")
     ap.add_argument("--layers", help="layers to capture, e.g. 0,1,5-7 (default: all)")
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")
@@ -1245,16 +1262,40 @@ def run(a: argparse.Namespace) -> int:
     describe()
     meta = dict(model=a.model_name or model.path.stem, source=str(a.gguf), num_layers=c.n_layers,
                 num_q_heads=c.n_head, num_kv_heads=c.n_head_kv, head_dim=c.head_dim,
-                rope_theta=c.rope_theta)
-    last = layers[-1]
+                rope_theta=c.rope_theta,
+                layer_windows=[c.window(i) for i in range(c.n_layers)])
+    last = c.n_layers - 1 if a.answer else layers[-1]
+    answer: dict = {}
 
     def capture(on_layer):
         def progress(i, dt):
             _log(q, f"layer {i + 1}/{last + 1} done in {dt:.1f} s"
                     + (" (captured)" if i in layers else ""))
-        forward(model, prompt.ids, layers, on_layer, chunk=a.attn_chunk, progress=progress)
+        if not a.answer:
+            forward(model, prompt.ids, layers, on_layer, chunk=a.attn_chunk, progress=progress)
+            return
+        # the same prefill gives the store and the model's answer to the needle question
+        model.keep_weights()  # the decoding steps re-read every weight
+        cache: dict = {}
+        z = forward(model, prompt.ids, layers, on_layer, logits="last", chunk=a.attn_chunk,
+                    progress=progress, cache=cache)
+        t1 = time.perf_counter()
+        text = tok.decode(continue_greedy(model, z, cache, a.answer, tok.stop_ids))
+        del cache
+        answer.update(text=text, correct=str(prompt.extra.get("value", "")) in text,
+                      seconds=time.perf_counter() - t1)
 
-    _write_store(a, prompt, meta, layers, capture)
+    def finish(w):
+        if answer:
+            g = w.f["needle"]
+            g.attrs["answer"] = answer["text"]
+            g.attrs["answer_correct"] = np.bool_(answer["correct"])
+
+    _write_store(a, prompt, meta, layers, capture, finish)
+    if answer:
+        print(f"needle {prompt.extra.get('key')} = {prompt.extra.get('value')}; model answers "
+              f"{answer['text'].strip()!r} ({'correct' if answer['correct'] else 'wrong'}; "
+              f"{a.answer} new tokens in {answer['seconds']:.1f} s)")
     _log(q, f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -1273,7 +1314,7 @@ def _build_prompt(a: argparse.Namespace, tok, n_ctx: int) -> Prompt:
 
 
 def _write_store(a: argparse.Namespace, prompt: Prompt, meta: dict, layers: list[int],
-                 capture: Callable[[LayerHook], None]) -> None:
+                 capture: Callable[[LayerHook], None], finish: Callable | None = None) -> None:
     """Writes the store atomically; capture(on_layer) must call on_layer for every layer."""
     N = len(prompt.ids)
     attrs = {
@@ -1301,13 +1342,17 @@ def _write_store(a: argparse.Namespace, prompt: Prompt, meta: dict, layers: list
             w.write_needle(prompt.needle_position, prompt.needle_text or "", prompt.extra)
         written = []
 
+        windows = meta.get("layer_windows") or [0] * int(meta["num_layers"])
+
         def on_layer(i, qq, kk, vv):
-            w.write_layer(i, qq, kk, None if a.no_v else vv)
+            w.write_layer(i, qq, kk, None if a.no_v else vv, window=int(windows[i]))
             written.append(i)
 
         capture(on_layer)
         if sorted(written) != list(layers):
             raise CaptureError(f"internal: captured layers {written}, expected {layers}")
+        if finish is not None:
+            finish(w)
         w.commit()
     except BaseException:
         w.abort()
@@ -1339,6 +1384,12 @@ def _check_args(a: argparse.Namespace) -> None:
         raise CaptureError(f"--chunk-tokens {a.chunk_tokens}: must be positive")
     if a.attn_chunk < 1:
         raise CaptureError(f"--attn-chunk {a.attn_chunk}: must be positive")
+    if a.answer < 0:
+        raise CaptureError(f"--answer {a.answer}: must be 0 (off) or a number of tokens")
+    if a.answer and not a.niah:
+        raise CaptureError("--answer needs --niah")
+    if a.answer and a.hf is not None:
+        raise CaptureError("--answer needs --gguf")
     if a.niah:
         if a.length < 1:
             raise CaptureError(f"--length {a.length}: must be positive")
@@ -1417,6 +1468,9 @@ def run_hf(a: argparse.Namespace) -> int:
                   f"rope theta {theta:g} on {device} ({time.perf_counter() - t0:.1f} s to open)")
     meta = dict(model=a.model_name or a.hf.resolve().name, source=str(a.hf), num_layers=n_layers,
                 num_q_heads=n_head, num_kv_heads=n_kv, head_dim=hd, rope_theta=theta)
+    types, sw = getattr(hfcfg, "layer_types", None), getattr(hfcfg, "sliding_window", None)
+    if types and sw and len(types) == n_layers:  # e.g. Gemma-3: sliding_attention / full_attention
+        meta["layer_windows"] = [int(sw) if t == "sliding_attention" else 0 for t in types]
 
     def capture(on_layer):
         got, _ = ct.torch_capture(torch_, model, prompt.ids, layers)
