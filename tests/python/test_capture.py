@@ -380,8 +380,8 @@ def test_failure_mid_capture_leaves_no_store(tiny, tmp_path, monkeypatch):
     real = C.StoreWriter.write_layer
     calls = []
 
-    def failing(self, layer, *a):
-        real(self, layer, *a)  # layer 0 lands in the temporary file ...
+    def failing(self, layer, *a, **kw):
+        real(self, layer, *a, **kw)  # layer 0 lands in the temporary file ...
         calls.append(layer)
         if layer == 1:
             raise C.CaptureError("simulated failure after layer 1")

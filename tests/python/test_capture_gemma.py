@@ -489,3 +489,29 @@ def test_real_gemma_perplexity_far_below_chance(real_gemma):
     ppl = C.perplexity(m, ids)
     print(f"Gemma-3-270M perplexity on 160 tokens of data/ppl_passage.txt: {ppl:.2f}")
     assert ppl < 100, ppl
+
+
+def test_fast_header_reader_equals_gguf_reader(tiny, tmp_path):
+    """GGUFHeader (struct + frombuffer) gives what gguf.GGUFReader gives: every field's contents
+    (types included) and every tensor's name, shape, type and data (dtype, layout, bytes)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_capture import write_tiny_gguf
+    llama = tmp_path / "llama.gguf"
+    write_tiny_gguf(llama)
+    for path in (tiny[0], llama):
+        h = C.GGUFHeader(Path(path))
+        r = gguf.GGUFReader(str(path))
+        assert list(h.fields) == [k for k in r.fields if not k.startswith("GGUF.")]
+        for k in h.fields:
+            a, b = h.fields[k].contents(), r.fields[k].contents()
+            assert a == b and type(a) is type(b), k
+        assert len(h.tensors) == len(r.tensors)
+        for x, y in zip(h.tensors, r.tensors):
+            assert (x.name, list(x.shape), x.tensor_type) == (y.name, list(y.shape), y.tensor_type)
+            assert x.data.shape == y.data.shape and x.data.dtype == y.data.dtype, x.name
+            assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
+    # a file that is not GGUF is still one clear error (through gguf's reader)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 40)
+    with pytest.raises(C.CaptureError, match="not a readable GGUF file"):
+        C.GGUFModel(bad)
