@@ -59,12 +59,14 @@ TEST(StoreAttention, RoundTripOfGlobalAndSlidingLayers) {
   const LayerAttention sliding{AttentionKind::sliding, 512};
   const LayerAttention global{};
   write_store(path, {0, 1, 5}, {{0, sliding}, {1, {AttentionKind::sliding, 7}}, {5, global}});
-  StoreReader r(path);
-  EXPECT_EQ(r.attention(0), sliding);
-  EXPECT_EQ(r.attention(1), (LayerAttention{AttentionKind::sliding, 7}));
-  EXPECT_EQ(r.attention(5), global);
-  EXPECT_EQ(attention_kind_name(r.attention(0).kind), "sliding");
-  EXPECT_EQ(attention_kind_name(r.attention(5).kind), "global");
+  {
+    StoreReader r(path);
+    EXPECT_EQ(r.attention(0), sliding);
+    EXPECT_EQ(r.attention(1), (LayerAttention{AttentionKind::sliding, 7}));
+    EXPECT_EQ(r.attention(5), global);
+    EXPECT_EQ(attention_kind_name(r.attention(0).kind), "sliding");
+    EXPECT_EQ(attention_kind_name(r.attention(5).kind), "global");
+  }  // closed before the file is edited
   // A window past seq_len is legal (the layer then sees every earlier token).
   h5edit::set_attr_int(path, "/layers/01", "window", 100000);
   EXPECT_EQ(StoreReader(path).attention(1).window, 100000);
