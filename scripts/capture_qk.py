@@ -883,6 +883,11 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, chunk: int = 5
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
     out = np.empty((N, Hq, d), dtype=np.float32)
     tri = np.triu(np.full((chunk, chunk), -np.inf, dtype=np.float32), 1)
+    # one score buffer for every chunk: no fresh (page-faulting) allocation of up to
+    # [rep*chunk, M] floats per chunk
+    c_max = min(chunk, N)
+    keys_max = min(q_offset + N, c_max + window - 1) if window > 0 else q_offset + N
+    scratch = np.empty(rep * c_max * keys_max, dtype=np.float32)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         c = e - s
@@ -893,7 +898,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, chunk: int = 5
             bias = np.where((pos >= 0) & (pos < window), np.float32(0), np.float32(-np.inf))
         for g in range(Hkv):
             qg = (q[g * rep:(g + 1) * rep, s:e] * scale).reshape(rep * c, d)
-            S = qg @ k[g, k0:ke].T                                  # [rep*c, ke-k0]
+            S = scratch[:rep * c * (ke - k0)].reshape(rep * c, ke - k0)
+            np.matmul(qg, k[g, k0:ke].T, out=S)                     # [rep*c, ke-k0]
             if window > 0:
                 S.reshape(rep, c, ke - k0)[:] += bias
             else:
