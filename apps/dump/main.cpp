@@ -93,6 +93,15 @@ int cmd_info(const InfoArgs& a) {
   else j["needle"] = nullptr;
   j["tokens"] = r.has_tokens() ? json(m.seq_len) : json(nullptr);
   j["layers_stored"] = r.layers();
+  // Layers grouped by their attention: "global" or "sliding window W".
+  std::vector<std::pair<std::string, std::vector<int>>> by_attention;
+  for (int l : r.layers()) {
+    const LayerAttention& att = r.attention(l);
+    const std::string key = att.sliding() ? fmt::format("sliding window {}", att.window) : "global";
+    auto it = std::find_if(by_attention.begin(), by_attention.end(), [&](const auto& p) { return p.first == key; });
+    if (it == by_attention.end()) by_attention.push_back({key, {l}});
+    else it->second.push_back(l);
+  }
 
   if (!a.json) {
     fmt::print("file           {}\n", a.file);
@@ -107,6 +116,10 @@ int cmd_info(const InfoArgs& a) {
     fmt::print("rope           theta {}, {}\n", m.rope_theta, m.rope_applied ? "applied (post-RoPE Q/K)" : "not applied");
     fmt::print("dtype          {}\n", dtype_name(m.dtype));
     fmt::print("prompt_sha256  {}\n", m.prompt_sha256.empty() ? "(none)" : m.prompt_sha256);
+    std::string att_text;
+    for (const auto& [key, ls] : by_attention)
+      att_text += (att_text.empty() ? "" : "; ") + key + ": " + format_id_ranges(ls);
+    fmt::print("attention      {}\n", att_text);
     if (m.needle) fmt::print("needle         position {}: {}\n", m.needle->position, m.needle->text);
     fmt::print("tokens         {}\n", r.has_tokens() ? std::to_string(m.seq_len) + " ids" : std::string("(none)"));
     fmt::print("\n{:<6} {:<3} {:<18} {:<8} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}\n", "layer", "t", "shape",
@@ -120,6 +133,9 @@ int cmd_info(const InfoArgs& a) {
     const LayerData ld = r.read_layer(l, true);
     json lj;
     lj["layer"] = l;
+    const LayerAttention& att = r.attention(l);
+    lj["attention"] = std::string(attention_kind_name(att.kind));
+    lj["window"] = att.sliding() ? json(att.window) : json(nullptr);
     json tensors;
     auto one = [&](Tensor t, const Tensor3& x) {
       const std::vector<ValueStats> heads = value_stats_per_head(x);

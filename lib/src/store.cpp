@@ -489,7 +489,9 @@ struct DatasetInfo {
 struct LayerInfo {
   std::string group;  // full path, e.g. "/layers/03"
   DatasetInfo ds[3];  // q, k, v
+  LayerAttention attention;
 };
+LayerAttention read_layer_attention(hid_t group, const std::string& ctx);  // defined at the end
 }  // namespace
 
 struct StoreReader::Impl {
@@ -677,6 +679,7 @@ void StoreReader::Impl::scan_layers() {
     li.ds[0] = check_dataset(lgh, gpath, Tensor::q, true);
     li.ds[1] = check_dataset(lgh, gpath, Tensor::k, true);
     li.ds[2] = check_dataset(lgh, gpath, Tensor::v, false);
+    li.attention = read_layer_attention(lgh, ctx(gpath));
     info.emplace(id, std::move(li));
   }
   if (info.empty()) throw Error(ctx("/layers") + ": no layers stored");
@@ -1116,6 +1119,66 @@ void StoreWriter::commit() {
   fs::rename(I.tmp, I.path, ec);
   if (ec) throw Error(I.path + ": cannot rename temporary file " + I.tmp + ": " + ec.message());
   I.committed = true;
+}
+
+// =============================================================================================
+// Per-layer attention attributes (/layers/NN: attention = "global" | "sliding", window = W)
+
+std::string_view attention_kind_name(AttentionKind k) {
+  return k == AttentionKind::sliding ? "sliding" : "global";
+}
+
+namespace {
+LayerAttention read_layer_attention(hid_t group, const std::string& ctx) {
+  AttrReader ar{group, ctx};
+  LayerAttention att;
+  const bool has_window = ar.exists("window");
+  if (!ar.exists("attention")) {
+    if (has_window)
+      throw Error(ar.where("window") + ": present without attribute attention (\"sliding\" expected)");
+    return att;  // stores from before the attribute: full causal
+  }
+  const std::string kind = ar.string("attention");
+  if (kind == "global") {
+    if (has_window) {
+      const int64_t w = ar.integer("window");
+      if (w != 0)
+        throw Error(ar.where("window") + ": " + std::to_string(w) +
+                    " on a global layer (only attention = \"sliding\" has a window)");
+    }
+    return att;
+  }
+  if (kind != "sliding")
+    throw Error(ar.where("attention") + ": expected \"global\" or \"sliding\", found \"" + kind + "\"");
+  if (!has_window) throw Error(ar.where("window") + ": missing (attention = \"sliding\" needs a window)");
+  const int64_t w = ar.integer("window");
+  if (w < 1) throw Error(ar.where("window") + ": must be a positive number of tokens, found " + std::to_string(w));
+  att.kind = AttentionKind::sliding;
+  att.window = w;
+  return att;
+}
+}  // namespace
+
+const LayerAttention& StoreReader::attention(int layer) const { return impl_->layer(layer).attention; }
+
+void StoreWriter::set_attention(int layer, const LayerAttention& att) {
+  auto& I = *impl_;
+  if (I.committed) throw Error(I.path + ": set_attention after commit");
+  if (layer < 0 || layer >= I.meta.num_layers || !I.written[static_cast<size_t>(layer)])
+    throw Error(I.path + ": set_attention: layer " + std::to_string(layer) + " has not been written");
+  const std::string gpath = "/layers/" + layer_group_name(layer, I.meta.num_layers);
+  if (att.sliding() && att.window < 1)
+    throw Error(I.ctx(gpath) + ": sliding attention needs a window >= 1, got " + std::to_string(att.window));
+  if (!att.sliding() && att.window != 0)
+    throw Error(I.ctx(gpath) + ": a global layer has no window, got " + std::to_string(att.window));
+  H5Lock lock;
+  Handle g(check_id(H5Gopen2(I.file, gpath.c_str(), H5P_DEFAULT), I.ctx(gpath) + ": cannot open group"),
+           H5Gclose);
+  for (const char* name : {"attention", "window"})
+    if (H5Aexists(g, name) > 0)
+      check_status(H5Adelete(g, name), I.ctx(gpath) + ": cannot replace attribute " + name);
+  write_attr_str(g, "attention", std::string(attention_kind_name(att.kind)), I.ctx(gpath));
+  if (att.sliding()) write_attr_int(g, "window", att.window, I.ctx(gpath));
 }
 
 }  // namespace proxyattn

@@ -83,8 +83,8 @@ def test_dequantize_q4_0_and_q8_0_hand_made_blocks_and_row_order():
 
 
 def test_dequantize_refuses_other_types():
-    with pytest.raises(C.CaptureError, match="Q5_0 is not supported"):
-        C.dequantize(np.zeros((1, 22), np.uint8), Q.Q5_0, (32, 1))
+    with pytest.raises(C.CaptureError, match="IQ4_NL is not supported"):
+        C.dequantize(np.zeros((1, 18), np.uint8), Q.IQ4_NL, (32, 1))
 
 
 # ----- a tiny random Llama GGUF and a float64 reference forward ---------------------------------
@@ -149,6 +149,11 @@ def write_tiny_gguf(path, arch="llama", qtypes=TINY_QTYPES, seed=3):
         if qtype == Q.F16:
             w.add_tensor(name, a.astype(np.float16))
             return a.astype(np.float16).astype(np.float64)
+        if qtype == Q.IQ4_NL:  # gguf cannot quantise it: random blocks (only ever refused)
+            bsz, tsz = gguf.GGML_QUANT_SIZES[qtype]
+            raw = rng.integers(0, 256, (a.shape[0], a.shape[1] // bsz * tsz), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=qtype)
+            return None
         raw = gguf.quants.quantize(a, qtype)
         w.add_tensor(name, raw, raw_dtype=qtype)
         return gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(a.shape)
@@ -349,11 +354,11 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_quantisation(tmp_path):
-    path = tmp_path / "q5.gguf"
-    write_tiny_gguf(path, qtypes=dict(TINY_QTYPES, ffn_up=Q.Q5_0))
+    path = tmp_path / "iq4.gguf"
+    write_tiny_gguf(path, qtypes=dict(TINY_QTYPES, ffn_up=Q.IQ4_NL))
     out = tmp_path / "o.h5"
     p = run_capture("--gguf", path, "--niah", "--length", 40, "--out", out, check=False)
-    assert_clean_failure(p, out, "q5.gguf", "blk.0.ffn_up.weight", "Q5_0", "not supported")
+    assert_clean_failure(p, out, "iq4.gguf", "blk.0.ffn_up.weight", "IQ4_NL", "not supported")
 
 
 def test_bad_layers_flag(tiny, tmp_path):
@@ -375,8 +380,8 @@ def test_failure_mid_capture_leaves_no_store(tiny, tmp_path, monkeypatch):
     real = C.StoreWriter.write_layer
     calls = []
 
-    def failing(self, layer, *a):
-        real(self, layer, *a)  # layer 0 lands in the temporary file ...
+    def failing(self, layer, *a, **kw):
+        real(self, layer, *a, **kw)  # layer 0 lands in the temporary file ...
         calls.append(layer)
         if layer == 1:
             raise C.CaptureError("simulated failure after layer 1")

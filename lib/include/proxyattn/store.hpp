@@ -4,6 +4,8 @@
 //                 seq_len, rope_theta, rope_applied, dtype, prompt_sha256, creator
 //   /layers/NN/q  [Hq, N, d]   /layers/NN/k, /layers/NN/v  [Hkv, N, d]   (float16 or float32)
 //   /tokens       int32 [N]    /needle (group, optional) attributes position, text
+//   /layers/NN    attributes attention = "global" (the default when absent) or "sliding" with
+//                 window = W (Gemma-3 local layers: query i sees keys j with i - W < j <= i)
 // Layers are read one at a time (memory O(one layer)). Every read validates shapes and
 // attributes against each other and throws Error naming the file, dataset and mismatch.
 #include <cstdint>
@@ -45,6 +47,16 @@ struct LayerData {
   std::optional<Tensor3> v;
 };
 
+// What a layer's attention is (attributes `attention`, `window` on /layers/NN).
+enum class AttentionKind { global, sliding };
+struct LayerAttention {
+  AttentionKind kind = AttentionKind::global;  // a store without the attribute is global
+  int64_t window = 0;                          // sliding: W >= 1 keys, the query's own included
+  bool sliding() const { return kind == AttentionKind::sliding; }
+  friend bool operator==(const LayerAttention&, const LayerAttention&) = default;
+};
+std::string_view attention_kind_name(AttentionKind k);  // "global", "sliding"
+
 // Which of q/k/v a dataset is.
 enum class Tensor { q, k, v };
 
@@ -72,6 +84,8 @@ class StoreReader {
   std::vector<int32_t> tokens() const;
   // Storage dtype of a dataset as found in the file.
   DType dataset_dtype(int layer, Tensor which) const;
+  // The layer's attention, validated when the store is opened.
+  const LayerAttention& attention(int layer) const;
 
  private:
   struct Impl;
@@ -96,6 +110,9 @@ class StoreWriter {
   // q [Hq, N, d], k and v [Hkv, N, d]; shapes checked against meta.
   void write_layer(int layer, ConstView q, ConstView k, const ConstView* v = nullptr);
   void write_tokens(const std::vector<int32_t>& tokens);
+  // Attributes attention (and window) on /layers/NN of a layer already written; a layer
+  // without them reads as global.
+  void set_attention(int layer, const LayerAttention& att);
   void commit();
 
  private:
