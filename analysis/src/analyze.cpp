@@ -12,6 +12,7 @@
 #include <mutex>
 
 #include "analyze_internal.hpp"
+#include "proxyattn/checked.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/distributed.hpp"
 #include "proxyattn/error.hpp"
@@ -120,11 +121,6 @@ json store_json(const StoreCtx& s) {
   return j;
 }
 
-size_t physical_memory_bytes() {
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : size_t(0);
-}
-
 struct LayerCounts {
   double score_sets = 0, masks = 0;
 };
@@ -138,47 +134,48 @@ LayerCounts layer_counts(const AnalyzeConfig& cfg, const StoreCtx& s) {
   return c;
 }
 
-double gib(double bytes) { return bytes / double(1 << 30); }
-
 // Host bytes of one unit: Q/K(/V) float32 twice (the layer and the one read ahead), the score
 // sets, the masks (CSR, at most half the causal blocks on average), the oracle's arrays.
-size_t host_layer_bytes(const AnalyzeConfig& cfg, const Topics& topics, const StoreCtx& s) {
+double host_layer_bytes(const AnalyzeConfig& cfg, const Topics& topics, const StoreCtx& s) {
   const StoreMeta& m = s.reader->meta();
   const double N = static_cast<double>(m.seq_len), d = m.head_dim, hq = m.num_q_heads, hkv = m.num_kv_heads;
   const double nb = std::ceil(N / cfg.block), cells = hq * nb * nb;
   const bool v = topics.error && s.error_ok;
   const LayerCounts c = layer_counts(cfg, s);
   const double layer = (hq + hkv * (v ? 2 : 1)) * N * d * 4;
-  return static_cast<size_t>(2 * layer + (c.score_sets + 4) * cells * 4 + c.masks * cells * 0.5 * 4 * 0.5 +
-                             2 * hq * N * 4);
+  return 2 * layer + (c.score_sets + 4) * cells * 4 + c.masks * cells * 0.5 * 4 * 0.5 + 2 * hq * N * 4;
 }
 
 // Device bytes of one unit (--device cuda): Q/K/V fp16, the full and one sparse output in
 // float32, LSE, a few score arrays and one mask's CSR.
-size_t gpu_layer_bytes(const AnalyzeConfig& cfg, const Topics& topics, const StoreCtx& s) {
+double gpu_layer_bytes(const AnalyzeConfig& cfg, const Topics& topics, const StoreCtx& s) {
   const StoreMeta& m = s.reader->meta();
   const double N = static_cast<double>(m.seq_len), d = m.head_dim, hq = m.num_q_heads, hkv = m.num_kv_heads;
   const double nb = std::ceil(N / cfg.block), cells = hq * nb * nb;
   const bool v = topics.error && s.error_ok;
-  return static_cast<size_t>((hq + hkv * (v ? 2 : 1)) * N * d * 2 + (v ? 2 * hq * N * d * 4 : 0) + hq * N * 8 +
-                             6 * cells * 4 + (double(1) * (1 << 29)));
+  return (hq + hkv * (v ? 2 : 1)) * N * d * 2 + (v ? 2 * hq * N * d * 4 : 0) + hq * N * 8 + 6 * cells * 4 +
+         double(1 << 29);
 }
 
 void check_fits(const AnalyzeConfig& cfg, const Topics& topics, const StoreCtx& s) {
+  // The estimates are doubles of products of file values: compare before converting.
   const double host = static_cast<double>(host_layer_bytes(cfg, topics, s));
-  const double have = static_cast<double>(physical_memory_bytes());
-  if (have > 0 && host > 0.9 * have)
-    throw Error(fmt::format("{}: one layer needs about {:.1f} GiB of host memory (Q/K/V float32, the layer read ahead, "
-                            "score sets and masks of every method), this machine has {:.1f} GiB; analyse fewer "
-                            "methods/groups/sparsities or a shorter store",
-                            s.path, gib(host), gib(have)));
+  const double have = static_cast<double>(available_memory_bytes());
+  if (host > have)
+    throw Error(fmt::format("{}: seq_len {} with --block {}: one layer needs about {} of host memory (Q/K/V float32 "
+                            "with the layer read ahead, and the block matrices: score sets and masks of every "
+                            "method), only {} available; analyse fewer methods/groups/sparsities or a shorter store",
+                            s.path, s.reader->meta().seq_len, cfg.block, format_bytes(host > 9e18 ? INT64_MAX : static_cast<int64_t>(host)),
+                            format_bytes(static_cast<int64_t>(have))));
   if (cfg.device != "cuda") return;
   const double gpu = static_cast<double>(gpu_layer_bytes(cfg, topics, s));
   const double dev = static_cast<double>(cuda_device_memory_bytes());
   if (dev > 0 && gpu > 0.9 * dev)
-    throw Error(fmt::format("{}: one layer needs about {:.1f} GiB of GPU memory (Q/K/V fp16, full and sparse outputs "
-                            "float32, score arrays), the device has {:.1f} GiB; use --device cpu or a shorter store",
-                            s.path, gib(gpu), gib(dev)));
+    throw Error(fmt::format("{}: seq_len {} with --block {}: one layer needs about {} of GPU memory (Q/K/V fp16, "
+                            "full and sparse outputs float32, score arrays), the device has {}; use --device cpu or "
+                            "a shorter store",
+                            s.path, s.reader->meta().seq_len, cfg.block, format_bytes(gpu > 9e18 ? INT64_MAX : static_cast<int64_t>(gpu)),
+                            format_bytes(static_cast<int64_t>(dev))));
 }
 
 // Cost of one unit in FLOP-like units for the MPI balance: the oracle pass (QK^T and PV over the
@@ -233,13 +230,37 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
     s.label = label;
     const std::vector<int>& have = s.reader->layers();
     if (have.empty()) throw Error(path + ": the store holds no layers");
+    // Sliding-window (local) layers attend a band, not the causal triangle: every metric here
+    // (oracle, recall, density) is over the causal triangle, so they are never analysed as if
+    // they were global. By default the global layers are analysed and the notes say so; a
+    // sliding layer asked for by --layers is an error.
+    std::vector<int> sliding, global;
+    int64_t window = 0;
+    for (int l : have) {
+      const LayerAttention& att = s.reader->attention(l);
+      (att.sliding() ? sliding : global).push_back(l);
+      if (att.sliding()) window = att.window;
+    }
     if (cfg.layers.empty()) {
-      s.layers = have;
+      if (global.empty())
+        throw Error(path + ": every layer is sliding-window (window " + std::to_string(window) +
+                    "); the analysis covers global (full causal) layers only, banded analysis is not supported yet");
+      s.layers = global;
+      if (!sliding.empty())
+        notes.insert(label + ": sliding-window layers " + format_id_ranges(sliding) + " (window " +
+                     std::to_string(window) + ") not analysed: the metrics are over the causal triangle and a "
+                     "banded analysis is not supported yet; global layers " + format_id_ranges(global) + " analysed");
     } else {
-      for (int l : cfg.layers)
+      for (int l : cfg.layers) {
         if (std::find(have.begin(), have.end(), l) == have.end())
           throw Error("--layers: layer " + std::to_string(l) + " is not in " + path + " (layers " +
                       format_id_ranges(have) + ")");
+        if (std::find(sliding.begin(), sliding.end(), l) != sliding.end())
+          throw Error("--layers: layer " + std::to_string(l) + " of " + path + " is sliding-window (window " +
+                      std::to_string(s.reader->attention(l).window) +
+                      "): banded analysis is not supported yet; analyse its global layers (" +
+                      (global.empty() ? std::string("none") : format_id_ranges(global)) + ")");
+      }
       s.layers = cfg.layers;
     }
     if (cfg.groups.empty()) {
@@ -353,13 +374,13 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   // inside parallel over (head, block), and the next layer is read from HDF5 while the current
   // one computes. So 2 layers cost about twice 1 layer whatever the thread count.
   const int threads = omp_get_max_threads();
-  size_t unit_bytes = 0;
+  double unit_bytes = 0;
   for (const StoreCtx& s : stores) unit_bytes = std::max(unit_bytes, host_layer_bytes(cfg, topics, s));
   const size_t n_mine = mine.size();
   const size_t rounds = threads > 0 ? (n_mine + static_cast<size_t>(threads) - 1) / static_cast<size_t>(threads) : 0;
   const double busy = rounds ? static_cast<double>(n_mine) / (static_cast<double>(rounds) * threads) : 0.0;
   const bool outer = cfg.device == "cpu" && threads > 1 && n_mine >= static_cast<size_t>(threads) && busy >= 0.75 &&
-                     static_cast<double>(unit_bytes) * threads <= 0.25 * static_cast<double>(physical_memory_bytes());
+                     unit_bytes * threads <= 0.25 * static_cast<double>(available_memory_bytes());
   Progress progress("analyze " + cfg.command, static_cast<int64_t>(mine.size()), cfg.quiet);
   auto read_unit = [&](const Unit& u) {
     // One HDF5 reader per store, shared by the units: reads never overlap.

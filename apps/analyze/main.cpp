@@ -150,27 +150,6 @@ void require_sane_numbers(const analysis::AnalyzeConfig& c) {
     throw Error("--k-min: " + std::to_string(c.budget.k_min) + " outside [0, 16777216]");
 }
 
-// The per-layer work holds, per query head, (N/B)^2 block matrices (the oracle's mass and block
-// max, one score matrix per method) beside the layer's tensors. A store whose seq_len makes one
-// layer's share exceed the memory available is refused before any work (a lower bound: more
-// layers may run at once). A store that cannot be opened is left to analyze() to report.
-void require_layer_memory(const analysis::AnalyzeConfig& c) {
-  for (const std::string& path : c.stores) {
-    std::optional<StoreReader> r;
-    try {
-      r.emplace(path, ReadOptions{.allow_nonfinite = true});
-    } catch (const Error&) {
-      continue;
-    }
-    const StoreMeta& m = r->meta();
-    const std::string what = path + ": seq_len " + std::to_string(m.seq_len) + " with --block " + std::to_string(c.block);
-    const int64_t nb = (m.seq_len + c.block - 1) / c.block;
-    const int64_t matrices = 3 + static_cast<int64_t>(c.methods.size());
-    const int64_t blocks = checked_product({matrices, m.num_q_heads, nb, nb, 4}, what);
-    const int64_t tensors = checked_product({int64_t{m.num_q_heads} + 2 * m.num_kv_heads, m.seq_len, m.head_dim, 4}, what);
-    require_fits(checked_add(blocks, tensors, what), what + ": one layer's block matrices and tensors");
-  }
-}
 
 }  // namespace
 
@@ -230,7 +209,6 @@ int main(int argc, char** argv) {
     // Checks only: the report folder is created when the report is committed, so a failed run
     // leaves nothing behind.
     if (dist.is_root()) analysis::check_report_dir(a.out);
-    require_layer_memory(c);
     if (c.threads > 0) {
       omp_set_num_threads(c.threads);
       set_cpu_threads(c.threads);

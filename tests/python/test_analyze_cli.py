@@ -244,3 +244,29 @@ def test_usage_errors_exit_2(stores, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("proxyattn-analyze: error: ")
     assert analyze("--help").returncode == 0
     assert "proxyattn-analyze" in analyze("--version").stdout
+
+
+def test_sliding_window_layers_are_never_analysed_as_global(tmp_path):
+    """Layers marked attention = "sliding" (Gemma-3's local layers) are skipped by default with a
+    note; asking for one with --layers is one error line; a store of sliding layers only too."""
+    import h5py
+    s = synth(tmp_path / "mixed.h5", length=300, layers=3, seed=5)
+    with h5py.File(s, "r+") as f:
+        f["layers/01"].attrs["attention"] = "sliding"
+        f["layers/01"].attrs["window"] = 64
+    out = tmp_path / "rep"
+    analyze("recall", s, "--out", out, "--quiet", *FAST)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["stores"][0]["layers_analyzed"] == [0, 2]
+    assert any("sliding-window layers 1 (window 64) not analysed" in n for n in rep["notes"]), rep["notes"]
+    p = analyze("recall", s, "--layers", "1", "--out", tmp_path / "bad", "--quiet", *FAST, check=False)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("proxyattn-analyze: error:") and "sliding-window" in lines[0], lines
+    assert not (tmp_path / "bad").exists()
+    only = synth(tmp_path / "local.h5", length=200, layers=1, seed=6)
+    with h5py.File(only, "r+") as f:
+        f["layers/00"].attrs["attention"] = "sliding"
+        f["layers/00"].attrs["window"] = 64
+    p = analyze("recall", only, "--out", tmp_path / "bad2", "--quiet", *FAST, check=False)
+    assert p.returncode != 0 and "every layer is sliding-window" in p.stderr, p.stderr
