@@ -1,6 +1,7 @@
 // proxyattn-analyze: head similarity, recall, budgets and output error of block-selection
 // methods on Q/K(/V) stores. A thin front end: parse, validate, call analysis::analyze(), write
 // the report (report.json + CSVs + report.md) into --out.
+#include <map>
 #include <optional>
 #include <omp.h>
 
@@ -15,6 +16,7 @@
 #include <fmt/core.h>
 
 #include "cli_common.hpp"
+#include "cli_methods.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/distributed.hpp"
 #include "proxyattn/analysis/analyze.hpp"
@@ -35,7 +37,7 @@ struct Args {
   std::string layers;  // "" = all
   std::string methods, sparsity, gamma, groups, topk;
   std::string out;
-  std::string proxy_pool = "mean";
+  std::map<std::string, std::string> method_options;  // registry flags (cli_methods.hpp)
   std::string budget_mode = "constant";
 };
 
@@ -69,9 +71,7 @@ void add_options(CLI::App& sub, Args& a) {
   sub.add_option("--topk", a.topk, "Top-k token fractions of N for the overlap, comma-separated")
       ->default_str("0.01,0.05");
   sub.add_option("--sim-rows", c.sim_rows, "Query blocks used for cosine/Spearman (0 = all)")->default_val(0);
-  sub.add_option("--proxy-pool", a.proxy_pool, "ProxyAttn proxy head: mean or max_norm")->default_val("mean");
-  sub.add_option("--query-stride", c.estimator.proxy.query_stride, "ProxyAttn query stride s")->default_val(1);
-  sub.add_option("--xattn-stride", c.estimator.xattn.stride, "XAttention antidiagonal stride")->default_val(8);
+  cli::add_method_options(sub, a.method_options);
   sub.add_option("--budget-mode", a.budget_mode, "dynamic/token/uniform budget across rows: constant or proportional")
       ->default_val("constant");
   sub.add_option("--k-min", c.budget.k_min, "Lower clamp of the dynamic/token budgets (blocks)")->default_val(2);
@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
     if (!a.gamma.empty()) c.gamma = number_list(a.gamma, "--gamma");
     if (!a.groups.empty()) c.groups = int_list(a.groups, "--groups");
     if (!a.topk.empty()) c.topk_fractions = number_list(a.topk, "--topk");
-    c.estimator.proxy.pool = parse_proxy_pool(a.proxy_pool);
+    if (parsed) cli::apply_method_options(*parsed, a.method_options, c.estimator);
     c.budget.mode = parse_budget_mode(a.budget_mode);
     if (c.threads < 0) throw Error("--threads: must be >= 0");
     require_sane_numbers(c);

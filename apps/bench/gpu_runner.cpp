@@ -31,6 +31,7 @@
 
 #include <fmt/format.h>
 
+#include "proxyattn/methods.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/estimator.hpp"
 #include "proxyattn/kernels.h"
@@ -153,9 +154,9 @@ class GpuRunner : public Runner {
 
   std::string skip_reason(const Method& m, int64_t n, DType dtype) const override {
     const int hq = sw_.model.num_q_heads;
-    if (m.family == Family::estimate && m.estimator != "proxy" && m.estimator != "oracle" && !is_peer(m.estimator))
+    if (m.family == Family::estimate && kind_of(m.estimator) == EstKind::none)
       return fmt::format("no GPU kernel for estimator '{}' (the CPU reference has it: --device cpu)", m.estimator);
-    const bool proxy = m.family == Family::proxyattn || (m.family == Family::estimate && m.estimator == "proxy");
+    const bool proxy = m.family == Family::proxyattn || (m.family == Family::estimate && kind_of(m.estimator) == EstKind::proxy);
     if (proxy && m.groups > kn::kMaxPoolGroups)
       return fmt::format("proxy groups {} exceed the pool_heads limit {}", m.groups, kn::kMaxPoolGroups);
     const double need = double(case_bytes(m, n, dtype));
@@ -193,11 +194,11 @@ class GpuRunner : public Runner {
         break;
       }
       case Family::estimate:
-        if (m.estimator == "oracle") {
+        if (kind_of(m.estimator) == EstKind::oracle) {
           ck(scores_.allocate(size_t(4) * hq * nb_ * nb_), "alloc oracle scores");
           break;
         }
-        if (is_peer(m.estimator)) {
+        if (kind_of(m.estimator) == EstKind::device) {
           prepare_peer();
           break;
         }
@@ -226,19 +227,19 @@ class GpuRunner : public Runner {
         break;
       case Family::estimate:
         total_.start();
-        if (m_.estimator == "oracle") {
+        if (kind_of(m_.estimator) == EstKind::oracle) {
           run_oracle();
-        } else if (is_peer(m_.estimator)) {
+        } else if (kind_of(m_.estimator) == EstKind::device) {
           run_peer();
         } else {
           run_proxy_estimation(kscaled_ok_ ? kscaled_.as<int32_t>() : kout_.as<int32_t>());
         }
         total_.stop();
         t.total_ms = t.estimation_ms = total_.ms();
-        if (is_peer(m_.estimator)) {
+        if (kind_of(m_.estimator) == EstKind::device) {
           t.stages["scores_ms"] = s_scores_.ms();
           t.stages["select_ms"] = s_select_.ms();
-        } else if (m_.estimator != "oracle") {
+        } else if (kind_of(m_.estimator) != EstKind::oracle) {
           proxy_stage_times(t);
         }
         break;
@@ -322,21 +323,15 @@ class GpuRunner : public Runner {
         b += (hq * nb + 1) * 4 + hq * std::max(nb, std::round(m.density * causal_blocks)) * 4;
         break;
       case Family::estimate:
-        if (m.estimator == "oracle") {
+        if (kind_of(m.estimator) == EstKind::oracle) {
           b += hq * nb * nb * 4;
           break;
         }
-        if (is_peer(m.estimator)) {
-          // scores, bitmap, row counts, CSR, and the launchers' own scratch.
+        if (kind_of(m.estimator) == EstKind::device) {
+          // scores, bitmap, row counts, CSR, and the launchers' own scratch (the registry's).
           b += hq * nb * nb * 5 + hq * nb * 4 + csr_max;
-          const EstimatorConfig ec;
-          const double nd = double(n);
-          if (m.estimator == "pooled") b += (hq + hkv) * nb * d * 4;
-          if (m.estimator == "xattn") b += hq * (nd / ec.xattn.stride + 1) * 4;
-          if (m.estimator == "vslash") {
-            const double L = std::min<double>(ec.vslash.last_q, nd);
-            b += hq * nd * (4 + 4 + 4 + 8 + 4) + hq * (nd / 128 + 1) * (L + 127) * 4 + hq * nb * 9;
-          }
+          const MethodInfo& info = find_method(m.estimator);
+          if (info.device_scratch_bytes) b += info.device_scratch_bytes(shape_at(n), bench_config());
           break;
         }
         [[fallthrough]];
@@ -549,7 +544,30 @@ class GpuRunner : public Runner {
     s_select_.stop();
   }
 
-  static bool is_peer(const std::string& name) { return name == "pooled" || name == "xattn" || name == "vslash"; }
+  // How the runner times an estimator, from its registry traits: ProxyAttn's staged pipeline
+  // (grouped), the oracle's mass passes (exact_mass), a one-launch device estimate, or none.
+  enum class EstKind { proxy, oracle, device, none };
+  static EstKind kind_of(const std::string& name) {
+    const MethodInfo& m = find_method(name);
+    if (m.grouped()) return EstKind::proxy;
+    if (m.exact_mass) return EstKind::oracle;
+    if (m.estimate_device) return EstKind::device;
+    return EstKind::none;
+  }
+  // The estimators run with their defaults (what the bench times), at the sweep's block.
+  EstimatorConfig bench_config() const {
+    EstimatorConfig ec;
+    ec.block = sw_.block;
+    return ec;
+  }
+  AttentionShape shape_at(int64_t n) const {
+    AttentionShape s;
+    s.q_heads = sw_.model.num_q_heads;
+    s.kv_heads = sw_.model.num_kv_heads;
+    s.head_dim = sw_.model.head_dim;
+    s.seq_len = n;
+    return s;
+  }
 
   void prepare_peer() {
     const int hq = sw_.model.num_q_heads;
@@ -559,24 +577,13 @@ class GpuRunner : public Runner {
     ck(counts_.allocate(4 * size_t(hq) * nb), "alloc peer row counts");
     ck(indptr_.allocate((size_t(hq) * nb + 1) * 4), "alloc mask indptr");
     ck(indices_.allocate(size_t(hq) * nb * (nb + 1) / 2 * 4), "alloc mask indices");
-    const EstimatorConfig ec;
-    nlohmann::json cfg;
-    std::string timed;
-    if (m_.estimator == "pooled") {
-      cfg = {{"gamma", ec.pooled.gamma}, {"global", false}};
-      timed = "scores: pooled_scores (block means, logits, float64 softmax); select: native_select (per-row gamma) + CSR";
-    } else if (m_.estimator == "xattn") {
-      cfg = {{"stride", ec.xattn.stride}, {"tau", ec.xattn.tau}};
-      timed = "scores: xattn_scores (strided LSE pass + block-sum pass, mma.sync); select: native_select (tau) + CSR";
-    } else {
-      cfg = {{"last_q", ec.vslash.last_q}, {"vertical", ec.vslash.vertical}, {"slash", ec.vslash.slash},
-             {"sink_columns", ec.vslash.sink_columns}, {"local_diagonals", ec.vslash.local_diagonals}};
-      timed = "scores: vslash_scores (last-row LSE + statistics, top-k radix selects, block scores and native bitmap); "
-              "select: CSR of the bitmap";
-    }
+    const MethodInfo& info = find_method(m_.estimator);
+    const EstimatorConfig ec = bench_config();
+    nlohmann::json cfg = info.config_json(ec);
+    if (info.device_native) cfg["coverage"] = info.device_native(ec).threshold;
     stage_info_[m_.estimator] = cfg;
     stage_info_["budget"] = "native";
-    stage_info_["timed"] = timed;
+    stage_info_["timed"] = info.device_timed;
     // Untimed first run: warms the kernels and gives the mask.
     run_peer();
     ck(kn::synchronize(), "synchronize (peer warm-up)");
@@ -588,62 +595,43 @@ class GpuRunner : public Runner {
     mask_ = BlockMask(hq, n_, sw_.block, std::move(indptr), std::move(indices));
   }
 
+  // The device pipeline's estimate stage (MethodInfo::estimate_device, the same launches the
+  // analysis runs through CudaLayer), then the native rule on the device and the CSR.
   void run_peer() {
-    const int hq = sw_.model.num_q_heads;
-    const EstimatorConfig ec;
-    kn::PeerInput in;
-    in.q = q_.data();
-    in.k = k_.data();
-    in.in_type = elem(dt_);
-    in.q_heads = hq;
-    in.kv_heads = sw_.model.num_kv_heads;
-    in.head_dim = sw_.model.head_dim;
-    in.seq_len = n_;
+    const MethodInfo& info = find_method(m_.estimator);
+    const EstimatorConfig ec = bench_config();
+    DeviceEstimate d;
+    d.q = q_.data();
+    d.k = k_.data();
+    d.elem = static_cast<int>(elem(dt_));
+    d.q_heads = sw_.model.num_q_heads;
+    d.kv_heads = sw_.model.num_kv_heads;
+    d.head_dim = sw_.model.head_dim;
+    d.seq_len = n_;
+    d.config = &ec;
+    d.scores = scores_.as<float>();
+    d.bitmap = bitmap_.as<uint8_t>();
+    d.row_counts = counts_.as<int32_t>();
     s_scores_.start();
-    kn::NativeSelectParams ns;
-    ns.scores = scores_.as<float>();
-    ns.heads = hq;
-    ns.num_blocks = nb_;
-    ns.bitmap = bitmap_.as<uint8_t>();
-    ns.row_counts = counts_.as<int32_t>();
-    if (m_.estimator == "pooled") {
-      kn::PooledScoreParams p;
-      p.in = in;
-      p.block = sw_.block;
-      p.out = scores_.as<float>();
-      ck(kn::pooled_scores(p), "pooled_scores");
-      ns.rule = kn::NativeRule::cumulative;
-      ns.threshold = ec.pooled.gamma;
-    } else if (m_.estimator == "xattn") {
-      kn::XAttnScoreParams p;
-      p.in = in;
-      p.block = sw_.block;
-      p.stride = ec.xattn.stride;
-      p.out = scores_.as<float>();
-      ck(kn::xattn_scores(p), "xattn_scores");
-      ns.rule = kn::NativeRule::xattn;
-      ns.threshold = ec.xattn.tau;
-    } else {
-      kn::VSlashParams p;
-      p.in = in;
-      p.block = sw_.block;
-      p.last_q = ec.vslash.last_q;
-      p.vertical = vslash_vertical(ec.vslash, n_);
-      p.slash = vslash_slash(ec.vslash, n_);
-      p.sink_columns = ec.vslash.sink_columns;
-      p.local_diagonals = ec.vslash.local_diagonals;
-      p.out = scores_.as<float>();
-      p.bitmap = bitmap_.as<uint8_t>();
-      p.row_counts = counts_.as<int32_t>();
-      ck(kn::vslash_scores(p), "vslash_scores");
-    }
+    info.estimate_device(d);
     s_scores_.stop();
     s_select_.start();
-    if (m_.estimator != "vslash") ck(kn::native_select(ns), "native_select");
+    if (!info.device_native_bitmap) {
+      const DeviceNative rule = info.device_native(ec);
+      kn::NativeSelectParams ns;
+      ns.scores = scores_.as<float>();
+      ns.heads = d.q_heads;
+      ns.num_blocks = nb_;
+      ns.bitmap = bitmap_.as<uint8_t>();
+      ns.row_counts = counts_.as<int32_t>();
+      ns.rule = rule.rule == DeviceNativeRule::cumulative ? kn::NativeRule::cumulative : kn::NativeRule::xattn;
+      ns.threshold = rule.threshold;
+      ck(kn::native_select(ns), "native_select");
+    }
     kn::CsrParams cp;
     cp.bitmap = bitmap_.as<uint8_t>();
     cp.row_counts = counts_.as<int32_t>();
-    cp.heads = hq;
+    cp.heads = d.q_heads;
     cp.num_blocks = nb_;
     cp.indptr = indptr_.as<int32_t>();
     cp.indices = indices_.as<int32_t>();

@@ -477,68 +477,52 @@ BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config, ProxyPrecisio
   return s;
 }
 
-namespace {
-
-// pooled and xattn: one timed launch writing the [H, Nb, Nb] scores, then the CPU's native rule
-// on the device scores (global selections too).
-template <class Params>
-BlockScores device_scores(const char* name, const AttentionShape& shape, const EstimatorConfig& config, Params p,
-                          kk::Status (*launch)(const Params&) noexcept, double& last_ms) {
-  const std::string what = std::string(name) + " scores";
-  BlockScores s = empty_scores(name, shape, config.block);
-  kk::DeviceBuffer out = alloc(s.score.size() * sizeof(float), what);
-  p.block = config.block;
-  p.out = out.as<float>();
+BlockScores CudaLayer::device_estimate(const MethodInfo& method, const EstimatorConfig& config) const {
+  const Impl& m = *impl_;
+  validate_estimator_config(config, m.s.q_heads, method.name);
+  if (!method.estimate_device) throw Error("cuda: '" + method.name + "' has no device estimate");
+  BlockScores s = empty_scores(method.name.c_str(), m.s, config.block);
+  const size_t cells = s.score.size();
+  const std::string what = method.name + " scores";
+  kk::DeviceBuffer out = alloc(cells * sizeof(float), what);
+  kk::DeviceBuffer bm, counts;
+  if (method.device_native_bitmap) {
+    bm = alloc(cells, method.name + " bitmap");
+    counts = alloc(size_t(s.heads) * s.num_blocks * sizeof(int32_t), method.name + " row counts");
+  }
+  DeviceEstimate d;
+  d.q = m.q.data();
+  d.k = m.k.data();
+  d.elem = static_cast<int>(m.et);
+  d.q_heads = m.s.q_heads;
+  d.kv_heads = m.s.kv_heads;
+  d.head_dim = m.s.head_dim;
+  d.seq_len = m.s.seq_len;
+  d.config = &config;
+  d.scores = out.as<float>();
+  d.bitmap = bm.as<uint8_t>();
+  d.row_counts = counts.as<int32_t>();
   KernelTimer t;
-  check(launch(p), what);
-  last_ms = t.stop();
-  s.score = download<float>(out, s.score.size(), what);
-  renative_from_scores(s, config);
+  method.estimate_device(d);
+  impl_->last_ms = t.stop();
+  s.score = download<float>(out, cells, what);
+  if (method.device_native_bitmap)
+    s.native = BlockMask::from_bitmap(s.heads, s.seq_len, s.block, download<uint8_t>(bm, cells, method.name + " bitmap"));
+  else
+    renative_from_scores(s, config);  // the CPU's rule on the device scores (global selections too)
   return s;
 }
 
-}  // namespace
-
 BlockScores CudaLayer::pooled_scores(const EstimatorConfig& config) const {
-  validate_estimator_config(config, impl_->s.q_heads, "pooled");
-  kk::PooledScoreParams p;
-  p.in = impl_->peer_input();
-  return device_scores("pooled", impl_->s, config, p, &kk::pooled_scores, impl_->last_ms);
+  return device_estimate(find_method("pooled"), config);
 }
 
 BlockScores CudaLayer::xattn_scores(const EstimatorConfig& config) const {
-  validate_estimator_config(config, impl_->s.q_heads, "xattn");
-  kk::XAttnScoreParams p;
-  p.in = impl_->peer_input();
-  p.stride = config.xattn.stride;
-  return device_scores("xattn", impl_->s, config, p, &kk::xattn_scores, impl_->last_ms);
+  return device_estimate(find_method("xattn"), config);
 }
 
 BlockScores CudaLayer::vslash_scores(const EstimatorConfig& config) const {
-  const Impl& m = *impl_;
-  validate_estimator_config(config, m.s.q_heads, "vslash");
-  BlockScores s = empty_scores("vslash", m.s, config.block);
-  const size_t cells = s.score.size();
-  kk::DeviceBuffer out = alloc(cells * sizeof(float), "vslash scores"), bm = alloc(cells, "vslash bitmap");
-  kk::DeviceBuffer counts = alloc(size_t(s.heads) * s.num_blocks * sizeof(int32_t), "vslash row counts");
-  const VSlashConfig& v = config.vslash;
-  kk::VSlashParams p;
-  p.in = m.peer_input();
-  p.block = config.block;
-  p.last_q = v.last_q;
-  p.vertical = vslash_vertical(v, m.s.seq_len);
-  p.slash = vslash_slash(v, m.s.seq_len);
-  p.sink_columns = v.sink_columns;
-  p.local_diagonals = v.local_diagonals;
-  p.out = out.as<float>();
-  p.bitmap = bm.as<uint8_t>();
-  p.row_counts = counts.as<int32_t>();
-  KernelTimer t;
-  check(kk::vslash_scores(p), "vslash_scores");
-  impl_->last_ms = t.stop();
-  s.score = download<float>(out, cells, "vslash scores");
-  s.native = BlockMask::from_bitmap(s.heads, s.seq_len, s.block, download<uint8_t>(bm, cells, "vslash bitmap"));
-  return s;
+  return device_estimate(find_method("vslash"), config);
 }
 
 bool CudaLayer::has_estimator(std::string_view name) { return find_method(name).has_gpu(); }

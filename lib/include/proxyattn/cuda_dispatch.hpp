@@ -37,6 +37,8 @@
 
 namespace proxyattn {
 
+struct MethodInfo;
+
 // True when the library was built with CUDA and a device is visible. Never throws.
 bool cuda_available() noexcept;
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)", or why there is none.
@@ -112,6 +114,10 @@ class CudaLayer {
   double last_kernel_ms() const;
 
  private:
+  // A method's device estimate (MethodInfo::estimate_device) on this layer, downloaded; the
+  // native selection from its bitmap, else the CPU's rule on the device scores.
+  BlockScores device_estimate(const MethodInfo& method, const EstimatorConfig& config) const;
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

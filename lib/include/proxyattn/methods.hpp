@@ -65,6 +65,22 @@ struct DeviceNative {
   double threshold;
 };
 
+// One estimate on operands already on the GPU: the estimate stage of the device pipeline, shared
+// by CudaLayer (the analysis) and the benchmark's GPU runner, so both time and use one launch
+// sequence. Device pointers; elem: 1 = fp16, 2 = bf16 (kernels::ElemType).
+struct DeviceEstimate {
+  const void* q = nullptr;  // [Hq, N, d]
+  const void* k = nullptr;  // [Hkv, N, d]
+  int elem = 2;
+  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t seq_len = 0;
+  const EstimatorConfig* config = nullptr;
+  float* scores = nullptr;        // [Hq, Nb, Nb], every entry written
+  uint8_t* bitmap = nullptr;      // [Hq, Nb, Nb]: the native selection (device_native_bitmap)
+  int32_t* row_counts = nullptr;  // [Hq * Nb]: its row sums (device_native_bitmap)
+  void* stream = nullptr;
+};
+
 struct MethodInfo {
   std::string name;
   std::string description;  // one line, for --help and reports
@@ -90,6 +106,13 @@ struct MethodInfo {
   BlockScores (*estimate_cpu)(ConstView q, ConstView k, const EstimatorConfig& c) = nullptr;
   // The GPU estimate on a resident layer; null when there is no kernel.
   BlockScores (*estimate_gpu)(const CudaLayer& layer, const EstimatorConfig& c) = nullptr;
+  // The estimate on device operands (scores, and the native bitmap when device_native_bitmap);
+  // throws Error naming the launch. Null when the method has no single-launch device estimate.
+  void (*estimate_device)(const DeviceEstimate& d) = nullptr;
+  bool device_native_bitmap = false;  // estimate_device writes the native selection itself (vslash)
+  // Scratch the launchers take beyond the outputs (stream-ordered), for memory checks; bytes.
+  double (*device_scratch_bytes)(const AttentionShape& s, const EstimatorConfig& c) = nullptr;
+  std::string device_timed;           // what the device estimate's time covers (bench reports)
   // The analysis runs estimate_gpu under --device cuda (false: a kernel exists, but the
   // analysis keeps the CPU estimate; gpu_note says why).
   bool gpu_in_analysis = false;

@@ -1,5 +1,6 @@
 #pragma once
 // Helpers for the method units (lib/src/methods/*.cpp): config checks and option builders.
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>

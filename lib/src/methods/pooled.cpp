@@ -3,6 +3,7 @@
 // the sink and the diagonal.
 #include "method_util.hpp"
 #include "../estimator_util.hpp"
+#include "device_util.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 
 namespace proxyattn::methods {
@@ -31,6 +32,15 @@ double cost(const AttentionShape& s, const EstimatorConfig& c) {
          1.0 / (static_cast<double>(c.block) * c.block);
 }
 
+void estimate_device(const DeviceEstimate& d) {
+  kernels::PooledScoreParams p;
+  p.in = peer_input(d);
+  p.block = d.config->block;
+  p.out = d.scores;
+  p.stream = d.stream;
+  check_launch(kernels::pooled_scores(p), "pooled_scores");
+}
+
 MethodInfo make() {
   MethodInfo m;
   m.name = "pooled";
@@ -44,6 +54,12 @@ MethodInfo make() {
   m.estimate_cpu = estimate_cpu;
   m.estimate_gpu = [](const CudaLayer& layer, const EstimatorConfig& c) { return layer.pooled_scores(c); };
   m.gpu_in_analysis = true;
+  m.estimate_device = estimate_device;
+  m.device_scratch_bytes = [](const AttentionShape& s, const EstimatorConfig& c) {
+    const double nb = std::ceil(static_cast<double>(s.seq_len) / c.block);
+    return (s.q_heads + s.kv_heads) * nb * s.head_dim * 4;  // the fp32 block means
+  };
+  m.device_timed = "scores: pooled_scores (block means, logits, float64 softmax); select: native_select (per-row gamma) + CSR";
   m.renative = renative;
   m.device_native = [](const EstimatorConfig& c) {
     if (c.pooled.global)

@@ -3,6 +3,7 @@
 // of gamma). The estimate: detail::estimate_vslash (estimator_peers.cpp).
 #include "method_util.hpp"
 #include "../estimator_util.hpp"
+#include "device_util.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 
 namespace proxyattn::methods {
@@ -24,6 +25,23 @@ void validate(const EstimatorConfig& c, int) {
 
 double cost(const AttentionShape& s, const EstimatorConfig& c) {
   return std::min(1.0, c.vslash.last_q / std::max<double>(1.0, static_cast<double>(s.seq_len)));
+}
+
+void estimate_device(const DeviceEstimate& d) {
+  const VSlashConfig& v = d.config->vslash;
+  kernels::VSlashParams p;
+  p.in = peer_input(d);
+  p.block = d.config->block;
+  p.last_q = v.last_q;
+  p.vertical = vslash_vertical(v, d.seq_len);
+  p.slash = vslash_slash(v, d.seq_len);
+  p.sink_columns = v.sink_columns;
+  p.local_diagonals = v.local_diagonals;
+  p.out = d.scores;
+  p.bitmap = d.bitmap;
+  p.row_counts = d.row_counts;
+  p.stream = d.stream;
+  check_launch(kernels::vslash_scores(p), "vslash_scores");
 }
 
 MethodInfo make() {
@@ -54,6 +72,15 @@ MethodInfo make() {
   // The kernel's fp16 column / diagonal sums reorder near-equal columns: block recall off by up
   // to 0.01 at fixed densities; its cost is the last 64 queries only.
   m.gpu_in_analysis = false;
+  m.estimate_device = estimate_device;
+  m.device_native_bitmap = true;
+  m.device_scratch_bytes = [](const AttentionShape& s, const EstimatorConfig& c) {
+    const double n = static_cast<double>(s.seq_len), L = std::min<double>(c.vslash.last_q, n);
+    const double nb = std::ceil(n / c.block);
+    return s.q_heads * n * (4 + 4 + 4 + 8 + 4) + s.q_heads * (n / 128 + 1) * (L + 127) * 4 + s.q_heads * nb * 9;
+  };
+  m.device_timed = "scores: vslash_scores (last-row LSE + statistics, top-k radix selects, block scores and native "
+                   "bitmap); select: CSR of the bitmap";
   m.gpu_note = "vslash on the CPU (last 64 queries only; the GPU's fp16 column sums reorder near-equal columns)";
   m.cost = cost;
   m.config_note = [](const EstimatorConfig& c) -> std::string {

@@ -3,6 +3,7 @@
 // The estimate itself: detail::estimate_xattn (estimator_peers.cpp).
 #include "method_util.hpp"
 #include "../estimator_util.hpp"
+#include "device_util.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 
 namespace proxyattn::methods {
@@ -19,6 +20,16 @@ void validate(const EstimatorConfig& c, int) {
 // One strided logit per S x S tile: QK^T / S over the causal half.
 double cost(const AttentionShape&, const EstimatorConfig& c) { return 1.0 / (2.0 * std::max(1, c.xattn.stride)); }
 
+void estimate_device(const DeviceEstimate& d) {
+  kernels::XAttnScoreParams p;
+  p.in = peer_input(d);
+  p.block = d.config->block;
+  p.stride = d.config->xattn.stride;
+  p.out = d.scores;
+  p.stream = d.stream;
+  check_launch(kernels::xattn_scores(p), "xattn_scores");
+}
+
 MethodInfo make() {
   MethodInfo m;
   m.name = "xattn";
@@ -31,6 +42,11 @@ MethodInfo make() {
   m.estimate_cpu = detail::estimate_xattn;
   m.estimate_gpu = [](const CudaLayer& layer, const EstimatorConfig& c) { return layer.xattn_scores(c); };
   m.gpu_in_analysis = true;
+  m.estimate_device = estimate_device;
+  m.device_scratch_bytes = [](const AttentionShape& s, const EstimatorConfig& c) {
+    return s.q_heads * (static_cast<double>(s.seq_len) / c.xattn.stride + 1) * 4;  // strided row LSE
+  };
+  m.device_timed = "scores: xattn_scores (strided LSE pass + block-sum pass, mma.sync); select: native_select (tau) + CSR";
   m.renative = [](BlockScores& s, const EstimatorConfig& c) { s.native = detail::xattn_native(s, c.xattn.tau); };
   m.device_native = [](const EstimatorConfig& c) { return DeviceNative{DeviceNativeRule::forced_then_cover, c.xattn.tau}; };
   m.cost = cost;

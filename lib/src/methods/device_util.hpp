@@ -1,0 +1,30 @@
+#pragma once
+// Helpers for the method units' device estimates: kernels.h operands from a DeviceEstimate and
+// Status -> Error.
+#include <string>
+
+#include "proxyattn/error.hpp"
+#include "proxyattn/kernels.h"
+#include "proxyattn/methods.hpp"
+
+namespace proxyattn::methods {
+
+inline kernels::PeerInput peer_input(const DeviceEstimate& d) {
+  kernels::PeerInput in;
+  in.q = d.q;
+  in.k = d.k;
+  in.in_type = static_cast<kernels::ElemType>(d.elem);
+  in.q_heads = d.q_heads;
+  in.kv_heads = d.kv_heads;
+  in.head_dim = d.head_dim;
+  in.seq_len = d.seq_len;
+  return in;
+}
+
+inline void check_launch(kernels::Status st, const char* what) {
+  if (st != kernels::Status::ok)
+    throw Error(std::string("cuda: ") + what + ": " + kernels::status_string(st) + " (" + kernels::last_error_detail() +
+                ")");
+}
+
+}  // namespace proxyattn::methods
