@@ -178,7 +178,9 @@ namespace detail {
 BlockMask cumulative_native(const BlockScores& s, double gamma, bool global) {
   const int nb = s.num_blocks;
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(s.heads) * nb);
-  for (int h = 0; h < s.heads; ++h) {
+  // Heads are independent (each writes its own rows): in parallel, same result.
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
     if (global) {
       std::vector<float> flat;
       std::vector<int32_t> row_of, col_of;
@@ -197,7 +199,7 @@ BlockMask cumulative_native(const BlockScores& s, double gamma, bool global) {
       r.push_back(0);
       r.push_back(i);
     }
-  }
+  });
   return BlockMask::from_rows(s.heads, s.seq_len, s.block, rows);
 }
 

@@ -227,8 +227,10 @@ BlockScores estimate_xattn(ConstView q, ConstView k, const EstimatorConfig& c) {
 BlockMask xattn_native(const BlockScores& s, double tau) {
   const int nb = s.num_blocks;
   std::vector<std::vector<int32_t>> sel(static_cast<size_t>(s.heads) * nb);
-  for (int h = 0; h < s.heads; ++h)
-    for (int i = 0; i < nb; ++i) {
+  // Rows are independent: in parallel over (head, row), same result.
+  parallel_for(static_cast<int64_t>(s.heads) * nb, [&](int64_t t) {
+    {
+      const int h = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
       const float* w = s.row(h, i);
       double total = 0;
       for (int j = 0; j <= i; ++j) total += w[j];
@@ -248,6 +250,7 @@ BlockMask xattn_native(const BlockScores& s, double tau) {
         acc += w[j];
       }
     }
+  });
   return BlockMask::from_rows(s.heads, s.seq_len, s.block, sel);
 }
 
