@@ -5,7 +5,7 @@
 #     and with --device cpu up to PROXYATTN_SCALE_CPU_MAX (default 32768);
 #   - a store of PROXYATTN_SCALE_LAYERS layers (default 32) at 32K with --device cuda;
 #   - --device cpu on 16K with 1 and with 2 layers (units must not serialise: <= 2.5x).
-# PROXYATTN_SCALE_SKIP_STORES=1 runs the single layers only.
+# PROXYATTN_SCALE_SKIP_STORES=1 runs the single layers only; PROXYATTN_SCALE_CPU_STORES=0 skips the 16K CPU pair.
 # Writes OUT/scale.json and OUT/scale.md (the README table); a benchmark, not a test.
 #   scripts/analysis_scale.sh BUILD_DIR OUT_DIR
 set -uo pipefail
@@ -56,8 +56,10 @@ for n in "${NS[@]}"; do
   [ "$n" -le "$CPU_MAX" ] && run "cpu_${n}_1l" cpu "$n" 1
 done
 if [ "${PROXYATTN_SCALE_SKIP_STORES:-0}" != 1 ]; then
-  run "cpu_16384_1l" cpu 16384 1
-  run "cpu_16384_2l" cpu 16384 2
+  if [ "${PROXYATTN_SCALE_CPU_STORES:-1}" = 1 ]; then
+    run "cpu_16384_1l" cpu 16384 1
+    run "cpu_16384_2l" cpu 16384 2
+  fi
   run "cuda_32768_${LAYERS}l" cuda 32768 "$LAYERS"
 fi
 python3 - "$ROWS" "$OUT/scale.json" "$OUT/scale.md" <<'PY'
