@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the kernels, for the lent H100/H200 (run from the repository root):
 #   1. configure + build with ninja (CUDA, sm_90a, ptxas reports in the build log)
-#   2. the GPU tests (ctest -L gpu): every kernel vs the CPU reference
+#   2. the GPU tests (ctest -L gpu): every kernel vs the CPU reference; then
+#      proxyattn-analyze --device cuda vs --device cpu on odd-shaped stores (scripts/analysis_parity.sh)
 #   3. kernel timings (proxyattn_kernel_bench) and torch SDPA (flash, cuDNN) in the same run
 #   4. compute-sanitizer memcheck and racecheck on the GPU tests at small sizes
 #   5. a summary table (last lines of the output)
@@ -48,7 +49,7 @@ GPU_TESTS=$(cd "$ROOT/tests/gpu" && for f in test_*.cpp; do printf 'gpu_%s ' "${
     -DCMAKE_CUDA_ARCHITECTURES=90a -DPROXYATTN_PTXAS_VERBOSE=ON &&
     timeout $(tl 300) ninja -C "$BUILD" proxyattn_kernel_bench
   echo "bench build rc=$?"
-  timeout $(tl 240) ninja -C "$BUILD" $GPU_TESTS
+  timeout $(tl 240) ninja -C "$BUILD" $GPU_TESTS proxyattn-analyze proxyattn-dump
   echo "tests build rc=$?"
 } >"$OUT/build.log" 2>&1
 BENCH_OK=0; [ -x "$BUILD/kernels/proxyattn_kernel_bench" ] && BENCH_OK=1
@@ -89,6 +90,17 @@ if [ $TESTS_OK = 1 ]; then
   [ -z "$TEST_RESULT" ] && TEST_RESULT="ctest rc=$rc (timeout?)"
   grep -E "^\S*[0-9]+: \[  (FAILED|PASSED) |tests passed|tests failed|Failure|relative error" "$OUT/tests.log" | head -40
   stamp "tests: $TEST_RESULT"
+fi
+
+# ---- 2b. analysis parity: --device cuda vs --device cpu, every table within 1e-3 ----
+PARITY_RESULT="not run"
+if [ -x "$BUILD/apps/proxyattn-analyze" ]; then
+  stamp "analysis parity"
+  REAL_STORES=$(ls "$ROOT"/.carry/*.h5 "$ROOT"/cache/stores/smollm2-135m-niah8192-*.h5 2>/dev/null | head -2)
+  timeout $(tl 150) bash "$ROOT/scripts/analysis_parity.sh" "$BUILD" "$OUT/parity" $REAL_STORES >"$OUT/parity.log" 2>&1
+  rc=$?
+  PARITY_RESULT="$(grep -c '^parity .*-> OK' "$OUT/parity.log") OK, $(grep -c '^parity .*-> MISMATCH' "$OUT/parity.log") mismatched (rc $rc)"
+  grep -E "^parity|MISMATCH" "$OUT/parity.log" | head -20
 fi
 
 # ---- 3. timings ----
@@ -159,6 +171,7 @@ say ""
 say "## device_check summary ($(head -2 "$OUT/env.txt" | tail -1 | cut -d, -f1), $(($(date +%s) - START)) s)"
 say "- build: bench=$BENCH_OK tests=$TESTS_OK"
 say "- GPU tests: $TEST_RESULT"
+say "- analysis parity (cuda vs cpu, 1e-3): $PARITY_RESULT"
 say "- sanitizers: $SAN_RESULT"
 python3 - "$OUT/bench.log" "$OUT/sdpa.log" <<'PY' | tee -a "$SUMMARY"
 import re, sys
