@@ -91,6 +91,14 @@ class LayerRun {
   std::vector<OracleBudget> obudget_;   // per cfg.gamma
   std::map<std::string, BlockScores> score_cache_;
   std::map<std::string, Budgets> budget_cache_;
+  // Selection order of each budget-driven score set (select.hpp selection_order): its budgets'
+  // masks are then prefixes per row, no sort per mask.
+  std::map<const BlockScores*, std::vector<int32_t>> order_cache_;
+  const std::vector<int32_t>& order_of(const BlockScores& sc) {
+    auto it = order_cache_.find(&sc);
+    if (it == order_cache_.end()) it = order_cache_.emplace(&sc, selection_order(sc)).first;
+    return it->second;
+  }
   std::vector<Selection> sels_;
   std::map<std::string, size_t> sel_index_;
   // Budget topic rows: accuracy is computed once the oracle budget exists.
@@ -189,8 +197,12 @@ BlockMask LayerRun::fixed_selection(const MethodInfo& method, const BlockScores&
   if (cfg_.density_rule == "auto") {
     rule = auto_density_name(method.auto_density);
     switch (method.auto_density) {
-      case AutoDensity::scaled_dynamic:
-        return select_budgets_to_density(sc, budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_)), density, opts);
+      case AutoDensity::scaled_dynamic: {
+        const Budgets& dyn = budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_));
+        // order_of is the order of the default options (sink and diagonal forced).
+        return opts.sink && opts.diagonal ? select_budgets_to_density(sc, order_of(sc), dyn, density)
+                                          : select_budgets_to_density(sc, dyn, density, opts);
+      }
       case AutoDensity::layer_global:
         return oracle_density_mask(oracle_.mass, density);
       case AutoDensity::native_adjust:
@@ -312,7 +324,7 @@ void LayerRun::recall_selections() {
         const BlockScores& sc = scores(m, g, kNaN);
         for (double gamma : cfg_.gamma)
           add({m.name, g, "dynamic", "", gamma, kNaN},
-              [&] { return select_blocks(sc, budgets(find_budget_kind("dynamic"), sc, gamma)); });
+              [&] { return select_blocks_in_order(sc, order_of(sc), budgets(find_budget_kind("dynamic"), sc, gamma)); });
         for (double s : cfg_.sparsity) {
           std::string rule = rule0;
           add({m.name, g, "fixed", rule, kNaN, s}, [&] { return fixed_selection(m, sc, 1.0 - s, rule); });
@@ -363,7 +375,8 @@ void LayerRun::budget_selections() {
       if (!in_phase(g0_pass || kind->needs_oracle_mass)) continue;
       const BlockScores& sc = scores(m, g0, kNaN);
       const Budgets& b = budgets(*kind, sc, gamma);
-      const size_t at = add({m.name, g0, kind->name, "", gamma, kNaN}, [&] { return select_blocks(sc, b); });
+      const size_t at =
+          add({m.name, g0, kind->name, "", gamma, kNaN}, [&] { return select_blocks_in_order(sc, order_of(sc), b); });
       pending_.push_back({kind->name, gamma, gi, &b, at});
     }
     if (!in_phase(g0_pass)) continue;
@@ -374,7 +387,7 @@ void LayerRun::budget_selections() {
       for (const BudgetKindInfo* kind : all_budget_kinds())
         if (kind->fig5c)
           add({m.name, g0, kind->name, "scaled", gamma, s},
-              [&] { return select_budgets_to_density(sc, budgets(*kind, sc, gamma), 1.0 - s); });
+              [&] { return select_budgets_to_density(sc, order_of(sc), budgets(*kind, sc, gamma), 1.0 - s); });
   }
   if (!in_phase(g0_pass)) return;
   const BlockScores& sc = scores(m, g0, kNaN);

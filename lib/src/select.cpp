@@ -118,6 +118,73 @@ BlockMask select_blocks(const BlockScores& s, const Budgets& b, const SelectOpti
   return select_with(s, o, [&](int h, int i) { return static_cast<int64_t>(b.row_k(h, i)); });
 }
 
+namespace {
+size_t order_offset(int h, int i, int nb) {
+  return static_cast<size_t>(h) * nb * (nb + 1) / 2 + static_cast<size_t>(i) * (i + 1) / 2;
+}
+}  // namespace
+
+std::vector<int32_t> selection_order(const BlockScores& s, const SelectOptions& o) {
+  check_scores(s, "selection_order");
+  check_options(o);
+  const int nb = s.num_blocks;
+  std::vector<int32_t> order(order_offset(s.heads, 0, nb));
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    std::vector<uint8_t> forced(nb);
+    for (int i = 0; i < nb; ++i) {
+      mark_forced(i, o, forced);
+      int32_t* out = order.data() + order_offset(h, i, nb);
+      int n = 0;
+      for (int j = 0; j <= i; ++j)
+        if (forced[j]) out[n++] = j;
+      const int first = n;
+      for (int j = 0; j <= i; ++j)
+        if (!forced[j]) out[n++] = j;
+      const float* score = s.row(h, i);
+      std::sort(out + first, out + n, [&](int32_t a, int32_t b) {
+        if (better(score[a], score[b])) return true;
+        if (better(score[b], score[a])) return false;
+        return a < b;
+      });
+    }
+  });
+  return order;
+}
+
+BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,
+                                 const SelectOptions& o) {
+  check_scores(s, "select_blocks_in_order");
+  check_options(o);
+  const int nb = s.num_blocks;
+  if (b.heads != s.heads || b.num_blocks != nb || b.per_row_k.size() != static_cast<size_t>(s.heads) * nb)
+    throw Error("select_blocks_in_order: budgets '" + b.kind + "' do not match scores '" + s.method + "'");
+  if (order.size() != order_offset(s.heads, 0, nb))
+    throw Error("select_blocks_in_order: the order is not of these scores");
+  std::vector<int32_t> indptr(static_cast<size_t>(s.heads) * nb + 1, 0);
+  std::vector<int32_t> take(static_cast<size_t>(s.heads) * nb);
+  for (int i = 0; i < nb; ++i) {
+    const int64_t nf = forced_count(i, o);
+    for (int h = 0; h < s.heads; ++h) {
+      const size_t r = static_cast<size_t>(h) * nb + i;
+      take[r] = static_cast<int32_t>(std::max<int64_t>(nf, std::min<int64_t>(b.per_row_k[r], i + 1)));
+    }
+  }
+  for (size_t r = 0; r < take.size(); ++r) indptr[r + 1] = indptr[r] + take[r];
+  std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    for (int i = 0; i < nb; ++i) {
+      const size_t r = static_cast<size_t>(h) * nb + i;
+      const int32_t* src = order.data() + order_offset(h, i, nb);
+      int32_t* dst = indices.data() + indptr[r];
+      std::copy(src, src + take[r], dst);
+      std::sort(dst, dst + take[r]);
+    }
+  });
+  return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
+}
+
 BlockMask select_top_k(const BlockScores& s, int k, const SelectOptions& o) {
   check_scores(s, "select_top_k");
   check_options(o);
@@ -183,23 +250,25 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
   return BlockMask::from_bitmap(s.heads, s.seq_len, s.block, bitmap);
 }
 
-BlockMask select_budgets_to_density(const BlockScores& s, const Budgets& b, double density,
-                                    const SelectOptions& o, Budgets* scaled) {
-  check_scores(s, "select_budgets_to_density");
+namespace {
+
+// The budgets scaled by the one factor c that brings the mean density over heads closest to the
+// target (selection keeps max(forced, min(k, i + 1)) blocks per row, independent of the scores).
+Budgets budgets_scaled_to_density(const BlockScores& s, const Budgets& b, double density, const SelectOptions& o,
+                                  const char* who) {
+  check_scores(s, who);
   check_options(o);
   if (!(density > 0.0 && density <= 1.0))
-    throw Error("select_budgets_to_density: density = " + detail::str(density) + " must be in (0, 1]");
+    throw Error(std::string(who) + ": density = " + detail::str(density) + " must be in (0, 1]");
   if (b.heads != s.heads || b.num_blocks != s.num_blocks ||
       b.per_row_k.size() != static_cast<size_t>(s.heads) * s.num_blocks)
-    throw Error("select_budgets_to_density: budgets '" + b.kind + "' do not match scores '" + s.method + "'");
+    throw Error(std::string(who) + ": budgets '" + b.kind + "' do not match scores '" + s.method + "'");
   const int nb = s.num_blocks;
   std::vector<int> nf(nb);
   for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
   auto scaled_k = [&](double c, size_t r) {
     return static_cast<int32_t>(std::max<int64_t>(1, std::llround(c * b.per_row_k[r])));
   };
-  // Mean density over heads of the mask that scale c gives (selection keeps
-  // max(forced, min(k, i + 1)) blocks per row, independent of the scores).
   auto density_of = [&](double c) {
     double sel = 0;
     for (int h = 0; h < s.heads; ++h)
@@ -221,9 +290,23 @@ BlockMask select_budgets_to_density(const BlockScores& s, const Budgets& b, doub
   out.kind = b.kind + "@density";
   for (size_t r = 0; r < out.per_row_k.size(); ++r) out.per_row_k[r] = scaled_k(c, r);
   for (int h = 0; h < s.heads; ++h) out.per_head_k[h] = b.per_head_k[h] * c;
+  return out;
+}
+
+}  // namespace
+
+BlockMask select_budgets_to_density(const BlockScores& s, const Budgets& b, double density,
+                                    const SelectOptions& o, Budgets* scaled) {
+  Budgets out = budgets_scaled_to_density(s, b, density, o, "select_budgets_to_density");
   BlockMask m = select_blocks(s, out, o);
   if (scaled) *scaled = std::move(out);
   return m;
+}
+
+BlockMask select_budgets_to_density(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,
+                                    double density, const SelectOptions& o) {
+  return select_blocks_in_order(s, order, budgets_scaled_to_density(s, b, density, o, "select_budgets_to_density"),
+                                o);
 }
 
 }  // namespace proxyattn

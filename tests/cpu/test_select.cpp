@@ -154,6 +154,32 @@ TEST(SelectDensity, BudgetsScaledToDensity) {
   }
 }
 
+// A selection from the precomputed order equals select_blocks on random scores with ties and
+// NaN, random per-row budgets (0 included: forced blocks only) and each forcing option; so does
+// the fixed-density selection.
+TEST(Select, InOrderEqualsSelectBlocks) {
+  const int heads = 3, nb = 37;
+  BlockScores s;
+  s.method = "hand";
+  s.heads = heads;
+  s.num_blocks = nb;
+  s.block = 64;
+  s.seq_len = int64_t(nb) * 64 - 17;
+  std::uniform_int_distribution<int> level(0, 6), budget(0, nb + 2);
+  for (int x = 0; x < heads * nb * nb; ++x)
+    s.score.push_back(level(test::rng()) == 0 ? std::numeric_limits<float>::quiet_NaN() : 0.1f * level(test::rng()));
+  Budgets b = budgets_of(heads, nb, {});
+  for (int r = 0; r < heads * nb; ++r) b.per_row_k.push_back(budget(test::rng()));
+  for (const SelectOptions& o : {SelectOptions{}, SelectOptions{false, true, 0}, SelectOptions{true, false, 2},
+                                 SelectOptions{false, false, 0}}) {
+    const std::vector<int32_t> order = selection_order(s, o);
+    EXPECT_EQ(select_blocks_in_order(s, order, b, o), select_blocks(s, b, o));
+    for (double d : {0.1, 0.4, 0.9})
+      EXPECT_EQ(select_budgets_to_density(s, order, b, d, o), select_budgets_to_density(s, b, d, o)) << d;
+  }
+  EXPECT_THROW(select_blocks_in_order(s, std::vector<int32_t>(5), b), Error);
+}
+
 TEST(Select, BadInput) {
   const BlockScores s = test::make_block_scores(1, 9, 2, kScores);
   EXPECT_THROW(select_top_k(s, 0), Error);

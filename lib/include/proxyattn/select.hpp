@@ -24,6 +24,16 @@ struct SelectOptions {
 BlockMask select_blocks(const BlockScores& scores, const Budgets& budgets,
                         const SelectOptions& options = {});
 
+// The order select_blocks takes each row's blocks in: the forced blocks (sink, diagonal, window;
+// ascending), then the others by descending score (NaN lowest, ties lower j). Causal layout: row
+// (h, i) at h Nb (Nb + 1) / 2 + i (i + 1) / 2. Computed once per score set, it turns every later
+// selection from those scores into a prefix per row (select_blocks_in_order).
+std::vector<int32_t> selection_order(const BlockScores& scores, const SelectOptions& options = {});
+// select_blocks(scores, budgets, options) from selection_order(scores, options): the same mask,
+// O(selected) per row instead of a partial sort.
+BlockMask select_blocks_in_order(const BlockScores& scores, const std::vector<int32_t>& order, const Budgets& budgets,
+                                 const SelectOptions& options = {});
+
 // The same budget k (>= 1) in every row of every head.
 BlockMask select_top_k(const BlockScores& scores, int k, const SelectOptions& options = {});
 
@@ -58,5 +68,8 @@ BlockMask select_to_density(const BlockScores& scores, double density,
 BlockMask select_budgets_to_density(const BlockScores& scores, const Budgets& budgets,
                                     double density, const SelectOptions& options = {},
                                     Budgets* scaled = nullptr);
+// The same with the final selection from a precomputed selection_order (same mask).
+BlockMask select_budgets_to_density(const BlockScores& scores, const std::vector<int32_t>& order,
+                                    const Budgets& budgets, double density, const SelectOptions& options = {});
 
 }  // namespace proxyattn
