@@ -24,11 +24,7 @@ double ms_since(Clock::time_point t0) {
 
 // The budget each estimator's estimation is timed with: ProxyAttn's own dynamic budget, the
 // oracle's coverage budget, the peers' native selection.
-std::string estimate_budget(const std::string& estimator) {
-  const MethodInfo& m = find_method(estimator);
-  if (m.native != NativeRule::none) return "native";
-  return m.exact_mass ? "oracle" : "dynamic";
-}
+std::string estimate_budget(const std::string& estimator) { return default_budget(find_method(estimator)); }
 
 class CpuRunner : public Runner {
  public:

@@ -8,6 +8,8 @@
 // Token files hold integers separated by white space or commas (scripts/model_tokens.py writes
 // them with the model's tokenizer). This is the first cut of issue #15's tool: full attention
 // only; methods × sparsities and the report come with the method registry.
+#include <optional>
+#include <map>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,6 +20,9 @@
 #include <string>
 #include <vector>
 
+#include "cli_methods.hpp"
+#include "proxyattn/methods.hpp"
+#include "proxyattn/method.hpp"
 #include "cli_common.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/model/model.hpp"
@@ -100,9 +105,24 @@ int main(int argc, char** argv) {
 
   Common pc;
   int64_t last = 0;
+  // Sparse attention in every layer from a registered method (the analysis' estimators, budgets
+  // and selection: run_method), the first --dense-layers layers dense.
+  std::string method, budget;
+  double gamma = 0.95;
+  int groups = 1, block = 128, dense_layers = 0;
+  std::map<std::string, std::string> method_options;
   auto* ppl = app.add_subcommand("ppl", "Perplexity of the tokens (each given its prefix) in one prefill");
   add_common(ppl, pc);
   ppl->add_option("--last", last, "Score only the last K predicted tokens (0 = all)")->capture_default_str();
+  ppl->add_option("--method", method, "Block-sparse attention in every layer with this method (" + method_name_list() +
+                                          "); default: full attention");
+  ppl->add_option("--budget", budget, "Its budget: native, dynamic, token, uniform, cumulative, oracle (default: the "
+                                      "method's own rule, dynamic for proxy)");
+  ppl->add_option("--gamma", gamma, "Coverage of the budget / native rule")->capture_default_str();
+  ppl->add_option("--groups", groups, "ProxyAttn group count")->capture_default_str();
+  ppl->add_option("--block", block, "Block size (power of two)")->capture_default_str();
+  ppl->add_option("--dense-layers", dense_layers, "Keep the first L layers dense")->capture_default_str();
+  cli::add_method_options(*ppl, method_options);
 
   Common gc;
   int max_new = 30;
@@ -170,6 +190,38 @@ int main(int argc, char** argv) {
       if (toks.size() < 2) throw Error("--tokens " + pc.tokens + ": perplexity needs at least 2 tokens");
       auto m = open(pc);
       model::ForwardOptions o;
+      std::optional<model::BlockMaskAttention> sparse;
+      if (!method.empty()) {
+        const MethodInfo& mi = [&]() -> const MethodInfo& {
+          try {
+            return find_method(method);
+          } catch (const Error& e) {
+            throw cli::usage_error("--method", e.what());
+          }
+        }();
+        MethodSpec spec;
+        spec.estimator = mi.name;
+        spec.budget = budget.empty() ? default_budget(mi) : budget;
+        spec.config.block = block;
+        cli::apply_method_options(*ppl, method_options, spec.config);
+        if (mi.set_groups) mi.set_groups(spec.config, groups);
+        if (mi.set_coverage) mi.set_coverage(spec.config, gamma);
+        spec.budget_config.gamma = gamma;
+        // Everything the registry and budgets refuse, before the forward.
+        validate_estimator_config(spec.config, m->config().n_head, mi.name);
+        if (spec.budget != "native") {
+          make_budget(spec.budget);
+          validate_budget_config(spec.budget_config);
+        } else if (mi.native == NativeRule::none) {
+          throw cli::usage_error("--budget", "method '" + mi.name + "' has no native selection; give a budget");
+        }
+        if (dense_layers < 0) throw cli::usage_error("--dense-layers", "must be >= 0");
+        std::vector<int> dense;
+        for (int l = 0; l < std::min(dense_layers, m->config().n_layers); ++l) dense.push_back(l);
+        sparse.emplace([spec](int, ConstView q, ConstView k) { return std::optional<BlockMask>(run_method(q, k, spec).mask); },
+                       dense);
+        o.attention = &*sparse;
+      }
       const int64_t n = static_cast<int64_t>(toks.size());
       o.nll_begin = last > 0 ? std::max<int64_t>(0, n - 1 - last) : 0;
       o.allow_overlength = pc.allow_overlength;
@@ -181,6 +233,19 @@ int main(int argc, char** argv) {
       std::printf("perplexity %.3f over %zu predicted tokens of %lld (forward %.2f s, %.0f tokens/s)\n",
                   std::exp(s / static_cast<double>(r.nll.size())), r.nll.size(), static_cast<long long>(n), dt,
                   static_cast<double>(n) / dt);
+      if (sparse) {
+        double bd = 0, ed = 0;
+        int sparse_layers = 0;
+        for (const auto& d : sparse->densities())
+          if (d.layer >= dense_layers) {
+            bd += d.block_density;
+            ed += d.element_density;
+            ++sparse_layers;
+          }
+        if (sparse_layers > 0)
+          std::printf("attention %s, %d sparse layers: block density %.4f, element density %.4f (means over layers)\n",
+                      method.c_str(), sparse_layers, bd / sparse_layers, ed / sparse_layers);
+      }
       if (!pc.quiet)
         std::fprintf(stderr, "proxyattn-eval: embed %.2f s, qkv+rope %.2f s, attention %.2f s, out+mlp %.2f s, logits %.2f s\n",
                      r.timing.embed, r.timing.qkv, r.timing.attention, r.timing.mlp, r.timing.logits);

@@ -92,3 +92,31 @@ def test_bad_input_is_one_line(tiny, tmp_path, case):
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("proxyattn-eval: error: "), p.stderr
+
+
+def test_ppl_with_a_registered_method_in_every_layer(tiny):
+    """--method runs the registry's estimator, budget and selection in every layer: the oracle
+    budget at gamma 1 keeps every causal block (the dense perplexity); a tighter ProxyAttn budget
+    changes it and reports a density below 1; bad method/budget values are one-line errors."""
+    d, _ = tiny
+    base = run("ppl", "--gguf", d / "tiny.gguf", "--tokens", d / "ids.txt", "-q")
+    dense = float(re.search(r"perplexity ([0-9.]+)", base.stdout).group(1))
+    full = run("ppl", "--gguf", d / "tiny.gguf", "--tokens", d / "ids.txt", "-q", "--method", "oracle",
+               "--gamma", "1", "--block", "16")
+    assert full.returncode == 0, full.stderr
+    assert float(re.search(r"perplexity ([0-9.]+)", full.stdout).group(1)) == pytest.approx(dense, rel=1e-4)
+    assert re.search(r"block density 1\.0000", full.stdout), full.stdout
+    sp = run("ppl", "--gguf", d / "tiny.gguf", "--tokens", d / "ids.txt", "-q", "--method", "proxy", "--budget",
+             "uniform", "--gamma", "0.5", "--block", "4", "--k-min", "1")
+    assert sp.returncode != 0 and "--k-min" in sp.stderr  # not an option of ppl: CLI11's own line
+    sp = run("ppl", "--gguf", d / "tiny.gguf", "--tokens", d / "ids.txt", "-q", "--method", "proxy", "--gamma", "0.3",
+             "--block", "4", "--dense-layers", "1")
+    assert sp.returncode == 0, sp.stderr
+    m = re.search(r"(\d+) sparse layers: block density ([0-9.]+)", sp.stdout)
+    assert m and int(m.group(1)) == 2 and float(m.group(2)) < 1.0, sp.stdout
+    assert float(re.search(r"perplexity ([0-9.]+)", sp.stdout).group(1)) != pytest.approx(dense, rel=1e-6)
+    for args, flag in ((["--method", "nope"], "--method"), (["--method", "proxy", "--budget", "native"], "--budget"),
+                       (["--method", "proxy", "--groups", "4"], "groups"), (["--method", "xattn", "--xattn-stride", "3"], "stride")):
+        p = run("ppl", "--gguf", d / "tiny.gguf", "--tokens", d / "ids.txt", "-q", *args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("proxyattn-eval: error:") and flag in lines[0], (args, p.stderr)

@@ -143,6 +143,9 @@ struct MethodInfo {
 const std::vector<const MethodInfo*>& all_methods();
 // Error "unknown method 'x' (valid: ...)" for an unknown name.
 const MethodInfo& find_method(std::string_view name);
+// The budget a method runs with by default: "native" for a method with its own rule, the oracle
+// budget for the exact mass, ProxyAttn's "dynamic" budget otherwise.
+std::string default_budget(const MethodInfo& m);
 // The method the budget and fidelity topics study: ProxyAttn.
 const MethodInfo& proxyattn_method();
 // The names joined by ", " (error messages, --help).

@@ -26,6 +26,11 @@ const std::vector<const MethodInfo*>& all_methods() {
 
 const MethodInfo& proxyattn_method() { return methods::proxy_method(); }
 
+std::string default_budget(const MethodInfo& m) {
+  if (m.native != NativeRule::none) return "native";
+  return m.exact_mass ? "oracle" : "dynamic";
+}
+
 std::string method_name_list() {
   std::string s;
   for (const MethodInfo* m : all_methods()) s += (s.empty() ? "" : ", ") + m->name;
