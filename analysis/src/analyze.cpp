@@ -98,21 +98,9 @@ namespace {
 
 json store_json(const StoreCtx& s) {
   const StoreMeta& m = s.reader->meta();
-  json j;
+  json j = store_attributes_json(m);
   j["label"] = s.label;
   j["path"] = s.path;
-  j["model"] = m.model;
-  j["source"] = m.source;
-  j["num_layers"] = m.num_layers;
-  j["num_q_heads"] = m.num_q_heads;
-  j["num_kv_heads"] = m.num_kv_heads;
-  j["head_dim"] = m.head_dim;
-  j["seq_len"] = m.seq_len;
-  j["rope_theta"] = m.rope_theta;
-  j["rope_applied"] = m.rope_applied;
-  j["dtype"] = std::string(dtype_name(m.dtype));
-  j["prompt_sha256"] = m.prompt_sha256;
-  j["creator"] = m.creator;
   if (m.needle) j["needle"] = {{"position", m.needle->position}, {"text", m.needle->text}};
   else j["needle"] = nullptr;
   j["layers_analyzed"] = s.layers;

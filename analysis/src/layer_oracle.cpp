@@ -1,4 +1,5 @@
 // Fused oracle pass and multi-mask output-error pass; see layer_oracle.hpp.
+#include "proxyattn/select.hpp"
 #include "proxyattn/analysis/layer_oracle.hpp"
 
 #include <algorithm>
@@ -99,18 +100,12 @@ void add_row_errors(const float* ur, int nbk, int d, const double* pr, const std
 }  // namespace
 
 void rank_order(const float* row, int i, bool sink, bool diagonal, int32_t* out) {
-  int n = 0;
-  if (sink) out[n++] = 0;
-  if (diagonal && !(sink && i == 0)) out[n++] = i;
-  const int first = n;
-  for (int j = 0; j <= i; ++j)
-    if (!((sink && j == 0) || (diagonal && j == i))) out[n++] = j;
-  std::sort(out + first, out + n, [row](int32_t a, int32_t b) {
-    const float x = row[a], y = row[b];
-    if (std::isnan(x) != std::isnan(y)) return std::isnan(y);  // NaN lowest
-    if (!std::isnan(x) && x != y) return x > y;
-    return a < b;
-  });
+  // select.hpp's order (forced blocks first, ascending; then by score), so prefix tables and
+  // selections agree by construction.
+  SelectOptions o;
+  o.sink = sink;
+  o.diagonal = diagonal;
+  selection_order_row(row, i, o, out);
 }
 
 std::vector<int32_t> rank_orders(const float* scores, int heads, int nb, bool sink, bool diagonal) {

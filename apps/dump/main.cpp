@@ -75,20 +75,7 @@ int cmd_info(const InfoArgs& a) {
 
   json j;
   j["file"] = a.file;
-  json attrs;
-  attrs["model"] = m.model;
-  attrs["source"] = m.source;
-  attrs["num_layers"] = m.num_layers;
-  attrs["num_q_heads"] = m.num_q_heads;
-  attrs["num_kv_heads"] = m.num_kv_heads;
-  attrs["head_dim"] = m.head_dim;
-  attrs["seq_len"] = m.seq_len;
-  attrs["rope_theta"] = m.rope_theta;
-  attrs["rope_applied"] = m.rope_applied;
-  attrs["dtype"] = std::string(dtype_name(m.dtype));
-  attrs["prompt_sha256"] = m.prompt_sha256;
-  attrs["creator"] = m.creator;
-  j["attributes"] = attrs;
+  j["attributes"] = store_attributes_json(m);
   if (m.needle) j["needle"] = {{"position", m.needle->position}, {"text", m.needle->text}};
   else j["needle"] = nullptr;
   j["tokens"] = r.has_tokens() ? json(m.seq_len) : json(nullptr);

@@ -131,25 +131,24 @@ std::vector<int32_t> selection_order(const BlockScores& s, const SelectOptions& 
   std::vector<int32_t> order(order_offset(s.heads, 0, nb));
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
-    std::vector<uint8_t> forced(nb);
-    for (int i = 0; i < nb; ++i) {
-      mark_forced(i, o, forced);
-      int32_t* out = order.data() + order_offset(h, i, nb);
-      int n = 0;
-      for (int j = 0; j <= i; ++j)
-        if (forced[j]) out[n++] = j;
-      const int first = n;
-      for (int j = 0; j <= i; ++j)
-        if (!forced[j]) out[n++] = j;
-      const float* score = s.row(h, i);
-      std::sort(out + first, out + n, [&](int32_t a, int32_t b) {
-        if (better(score[a], score[b])) return true;
-        if (better(score[b], score[a])) return false;
-        return a < b;
-      });
-    }
+    for (int i = 0; i < nb; ++i) selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
   });
   return order;
+}
+
+void selection_order_row(const float* score, int i, const SelectOptions& o, int32_t* out) {
+  auto forced = [&](int j) { return (o.sink && j == 0) || (o.diagonal && j == i) || (j < i && i - j <= o.local_window); };
+  int n = 0;
+  for (int j = 0; j <= i; ++j)
+    if (forced(j)) out[n++] = j;
+  const int first = n;
+  for (int j = 0; j <= i; ++j)
+    if (!forced(j)) out[n++] = j;
+  std::sort(out + first, out + n, [&](int32_t a, int32_t b) {
+    if (better(score[a], score[b])) return true;
+    if (better(score[b], score[a])) return false;
+    return a < b;
+  });
 }
 
 BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,

@@ -12,6 +12,8 @@
 //   object and the innermost HDF5 message.
 #include "proxyattn/store.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <fcntl.h>
 #include <hdf5.h>
 #include <signal.h>
@@ -1123,6 +1125,23 @@ void StoreWriter::commit() {
 
 // =============================================================================================
 // Per-layer attention attributes (/layers/NN: attention = "global" | "sliding", window = W)
+
+nlohmann::json store_attributes_json(const StoreMeta& m) {
+  nlohmann::json a;
+  a["model"] = m.model;
+  a["source"] = m.source;
+  a["num_layers"] = m.num_layers;
+  a["num_q_heads"] = m.num_q_heads;
+  a["num_kv_heads"] = m.num_kv_heads;
+  a["head_dim"] = m.head_dim;
+  a["seq_len"] = m.seq_len;
+  a["rope_theta"] = m.rope_theta;
+  a["rope_applied"] = m.rope_applied;
+  a["dtype"] = std::string(dtype_name(m.dtype));
+  a["prompt_sha256"] = m.prompt_sha256;
+  a["creator"] = m.creator;
+  return a;
+}
 
 std::string_view attention_kind_name(AttentionKind k) {
   return k == AttentionKind::sliding ? "sliding" : "global";

@@ -29,6 +29,8 @@ BlockMask select_blocks(const BlockScores& scores, const Budgets& budgets,
 // (h, i) at h Nb (Nb + 1) / 2 + i (i + 1) / 2. Computed once per score set, it turns every later
 // selection from those scores into a prefix per row (select_blocks_in_order).
 std::vector<int32_t> selection_order(const BlockScores& scores, const SelectOptions& options = {});
+// One row of it: the blocks 0..i of `row` into out[0..i].
+void selection_order_row(const float* row, int i, const SelectOptions& options, int32_t* out);
 // select_blocks(scores, budgets, options) from selection_order(scores, options): the same mask,
 // O(selected) per row instead of a partial sort.
 BlockMask select_blocks_in_order(const BlockScores& scores, const std::vector<int32_t>& order, const Budgets& budgets,

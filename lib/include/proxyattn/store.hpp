@@ -12,6 +12,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+
+#include <nlohmann/json_fwd.hpp>
 #include <vector>
 
 #include "proxyattn/dtype.hpp"
@@ -56,6 +58,10 @@ struct LayerAttention {
   friend bool operator==(const LayerAttention&, const LayerAttention&) = default;
 };
 std::string_view attention_kind_name(AttentionKind k);  // "global", "sliding"
+// The store's root attributes as JSON (model, source, num_layers, num_q_heads, num_kv_heads,
+// head_dim, seq_len, rope_theta, rope_applied, dtype, prompt_sha256, creator): one list for
+// `proxyattn-dump info --json` and the analysis report.
+nlohmann::json store_attributes_json(const StoreMeta& m);
 
 // Which of q/k/v a dataset is.
 enum class Tensor { q, k, v };
