@@ -82,6 +82,14 @@ ModelConfig from_json(const std::string& path, const std::string& text) {
   c.head_dim = as_int("head_dim");
   c.rope_theta = json_real(j, path, "rope_theta");
   c.max_context = json_int(j, path, "max_context");
+  if (j.contains("hidden_size")) c.hidden_size = as_int("hidden_size");
+  if (j.contains("intermediate_size")) c.intermediate_size = as_int("intermediate_size");
+  if (j.contains("vocab_size")) c.vocab_size = json_int(j, path, "vocab_size");
+  if (j.contains("rms_norm_eps")) c.rms_norm_eps = json_real(j, path, "rms_norm_eps");
+  if (j.contains("qkv_bias")) {
+    if (!j.at("qkv_bias").is_boolean()) throw Error(path + ": field 'qkv_bias' must be true or false");
+    c.qkv_bias = j.at("qkv_bias").get<bool>();
+  }
   return c;
 }
 
@@ -162,6 +170,18 @@ void validate_model_config(const ModelConfig& c, const std::string& what) {
     throw Error(what + ": field 'head_dim' must be even (RoPE rotates pairs), found " + std::to_string(c.head_dim));
   if (!std::isfinite(c.rope_theta) || c.rope_theta <= 1.0)
     throw Error(what + ": field 'rope_theta' must be a number > 1, found " + std::to_string(c.rope_theta));
+  // The optional whole-model fields: all three or none.
+  const bool any = c.hidden_size != 0 || c.intermediate_size != 0 || c.vocab_size != 0;
+  if (any) {
+    positive("hidden_size", c.hidden_size);
+    positive("intermediate_size", c.intermediate_size);
+    positive("vocab_size", c.vocab_size);
+    at_most("hidden_size", c.hidden_size, 1 << 17);
+    at_most("intermediate_size", c.intermediate_size, 1 << 19);
+    at_most("vocab_size", c.vocab_size, int64_t{1} << 22);
+  }
+  if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps <= 0 || c.rms_norm_eps > 1)
+    throw Error(what + ": field 'rms_norm_eps' must be in (0, 1], found " + std::to_string(c.rms_norm_eps));
 }
 
 bool model_config_supports_toml() {

@@ -34,6 +34,7 @@ TEST(ModelConfig, ShippedConfigs) {
     EXPECT_EQ(c.head_dim, w.d) << w.name;
     EXPECT_EQ(c.rope_theta, w.theta) << w.name;
     EXPECT_EQ(c.max_context, w.ctx) << w.name;
+    EXPECT_TRUE(c.has_full_shape()) << w.name;  // the prefill benchmark's shapes
   }
 }
 
@@ -59,6 +60,37 @@ TEST(ModelConfig, GoodJsonLoads) {
   const ModelConfig c = load_model_config(p);
   EXPECT_EQ(c.num_q_heads, 12);
   EXPECT_EQ(c.rope_theta, 10000.0);  // an integer is accepted as a number
+}
+
+TEST(ModelConfig, WholeModelFieldsAreOptionalButComplete) {
+  test::TempDir dir;
+  const std::string p = dir.file("m.json");
+  test::write_bytes(p, kGood);
+  EXPECT_FALSE(load_model_config(p).has_full_shape());
+  std::string full = kGood;
+  full.replace(full.rfind('}'), 1, R"(, "hidden_size": 768, "intermediate_size": 2048, "vocab_size": 32000,
+                                     "rms_norm_eps": 1e-6, "qkv_bias": true})");
+  test::write_bytes(p, full);
+  const ModelConfig c = load_model_config(p);
+  EXPECT_TRUE(c.has_full_shape());
+  EXPECT_EQ(c.hidden_size, 768);
+  EXPECT_EQ(c.intermediate_size, 2048);
+  EXPECT_EQ(c.vocab_size, 32000);
+  EXPECT_EQ(c.rms_norm_eps, 1e-6);
+  EXPECT_TRUE(c.qkv_bias);
+  // One of the three without the others, a wrong type, a bad epsilon: the file and the field.
+  std::string partial = kGood;
+  partial.replace(partial.rfind('}'), 1, R"(, "hidden_size": 768})");
+  test::write_bytes(p, partial);
+  expect_error([&] { load_model_config(p); }, {p, "'intermediate_size'"});
+  std::string bias = full;
+  bias.replace(bias.find("true"), 4, "1");
+  test::write_bytes(p, bias);
+  expect_error([&] { load_model_config(p); }, {p, "'qkv_bias'"});
+  std::string eps = full;
+  eps.replace(eps.find("1e-6"), 4, "-1");
+  test::write_bytes(p, eps);
+  expect_error([&] { load_model_config(p); }, {p, "'rms_norm_eps'"});
 }
 
 TEST(ModelConfig, BadConfigsNameFileAndField) {

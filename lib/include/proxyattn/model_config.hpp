@@ -14,6 +14,14 @@ struct ModelConfig {
   int head_dim = 0;
   double rope_theta = 10000.0;
   int64_t max_context = 0;
+  // The rest of the model, optional (0 / defaults when absent): what a whole-model forward with
+  // random weights needs (proxyattn-bench's prefill mode). has_full_shape() says whether present.
+  int hidden_size = 0;        // E
+  int intermediate_size = 0;  // F (SwiGLU MLP)
+  int64_t vocab_size = 0;
+  double rms_norm_eps = 1e-5;
+  bool qkv_bias = false;      // Q/K/V projections with a bias (Qwen2)
+  bool has_full_shape() const { return hidden_size > 0 && intermediate_size > 0 && vocab_size > 0; }
 };
 
 // Reads a JSON (or, with toml++, TOML) model config; keys are the field names above. Throws
