@@ -64,4 +64,26 @@ Status csr_indptr(const CsrParams&) noexcept { return Status::no_cuda; }
 Status csr_fill(const CsrParams&) noexcept { return Status::no_cuda; }
 Status proxy_scores_exact(const ProxyExactParams&) noexcept { return Status::no_cuda; }
 
+// Model runtime (model_ops.cu, gemm.cu).
+Status gemm(const GemmParams&) noexcept { return Status::no_cuda; }
+Status fill_normal(void*, ElemType, int64_t, uint64_t, float, Stream) noexcept { return Status::no_cuda; }
+Status embed_rows(const void*, const int32_t*, float*, int64_t, int64_t, Stream) noexcept { return Status::no_cuda; }
+Status rms_norm_rows(const float*, const float*, void*, int64_t, int64_t, float, int64_t, Stream) noexcept {
+  return Status::no_cuda;
+}
+Status rope_table(const float*, int, int64_t, int64_t, float*, float*, Stream) noexcept { return Status::no_cuda; }
+Status rope_split(const RopeSplitParams&) noexcept { return Status::no_cuda; }
+Status silu_mul(const void*, void*, int64_t, int64_t, Stream) noexcept { return Status::no_cuda; }
+Status heads_to_rows(const void*, void*, int, int64_t, int, int64_t, int64_t, Stream) noexcept { return Status::no_cuda; }
+Status logits_rows(const float*, int64_t, int64_t, const int32_t*, double*, int32_t*, Stream) noexcept {
+  return Status::no_cuda;
+}
+EventLog::~EventLog() = default;
+Status EventLog::record(size_t, Stream) noexcept { return Status::no_cuda; }
+Status EventLog::elapsed_ms(size_t, size_t, float*) noexcept { return Status::no_cuda; }
+Status device_memory_used(size_t* used) noexcept {
+  if (used) *used = 0;
+  return Status::no_cuda;
+}
+
 }  // namespace proxyattn::kernels

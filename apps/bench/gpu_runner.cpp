@@ -3,25 +3,14 @@
 // per (N, dtype) and shared by the cases of that length; each case's own buffers are allocated
 // in prepare (untimed) after the memory check, and freed in end_case.
 //
-// ProxyAttn on the device (the chain the dispatch layer uses; every stage is one launcher):
-//   scores:  pool_heads(Q), pool_heads(K) -> proxy heads; fused_block_scores(max) on them (row
-//            LSE and max-pool: one pass over Q K^T on Hopper, row_lse + block_scores elsewhere)
-//   budget:  fused_block_scores(mean_sum) of the last query block of every head (p_h; one pass
-//            on Hopper, keys split over CTAs); dynamic_budget(gamma) -> k_h
-//   select:  select_counts + select_fill (sink, diagonal, best proxy scores) -> CSR mask
-//   kernel:  sparse_attention on that mask
-// proxyattn@density=D: an untimed calibration run reads k_h back and finds the one scale c
-// for which the budgets max(1, round(c k_h)) give mean density D; the timed runs execute every
-// stage above and select with the scaled budgets (the scaling itself costs nothing on the device).
-//
-// The peers on the device (estimate:pooled / xattn / vslash, default EstimatorConfig, as the CPU
-// runner's native selection), everything that produces the method's own mask:
-//   pooled:  scores = pooled_scores (block means, logits, float64 softmax);
-//            select = native_select (per-row gamma 0.9, sink + diagonal) + csr_indptr + csr_fill
-//   xattn:   scores = xattn_scores (strided LSE pass + block-sum pass, stride 8);
-//            select = native_select (tau 0.9) + CSR
-//   vslash:  scores = vslash_scores (last-64-row LSE and statistics, top-k radix selects, block
-//            scores and the native bitmap); select = CSR of that bitmap
+// The methods run lib's device pipeline (DevicePipeline, device_pipeline.hpp: the stages, one
+// launcher each, as the model runtime's CUDA back end runs them in every layer):
+//   estimate:proxy / proxyattn: proxy scores (pool_heads, fused_block_scores max), the dynamic
+//            budget (last-block mass, dynamic_budget), select_counts + select_fill; proxyattn adds
+//            sparse_attention on that mask. proxyattn@density=D: the budgets are scaled to D once
+//            in the untimed first run and kept (the scaling itself costs nothing on the device).
+//   estimate:pooled / xattn / vslash: the registry's device estimate, the native rule on the
+//            device, the CSR (default EstimatorConfig, as the CPU runner's native selection).
 // flexprefill has no GPU kernel (skipped with the reason).
 #include <algorithm>
 #include <array>
@@ -31,6 +20,7 @@
 
 #include <fmt/format.h>
 
+#include "proxyattn/device_pipeline.hpp"
 #include "proxyattn/methods.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/estimator.hpp"
@@ -74,36 +64,6 @@ std::string smi_snapshot(int device) {
 }
 
 double gib(double bytes) { return bytes / double(1 << 30); }
-
-// Mean block density of per-head budgets k'_h = max(1, round(c k_h)) under the selection rule
-// (row i keeps max(forced_i, min(k', i + 1)); forced = sink + diagonal).
-double scaled_density(const std::vector<int32_t>& k, double c, int nb) {
-  double kept = 0;
-  for (int32_t kh : k) {
-    const int64_t kk = std::max<int64_t>(1, std::llround(c * kh));
-    for (int i = 0; i < nb; ++i) {
-      const int64_t forced = i == 0 ? 1 : 2;
-      kept += static_cast<double>(std::max(forced, std::min<int64_t>(kk, i + 1)));
-    }
-  }
-  return kept / (static_cast<double>(k.size()) * nb * (nb + 1) / 2.0);
-}
-
-std::vector<int32_t> scale_budgets(const std::vector<int32_t>& k, double target, int nb, double* achieved) {
-  double lo = 0, hi = 1;
-  while (scaled_density(k, hi, nb) < target && hi < 1e9) hi *= 2;
-  for (int it = 0; it < 80; ++it) {
-    const double mid = 0.5 * (lo + hi);
-    (scaled_density(k, mid, nb) < target ? lo : hi) = mid;
-  }
-  // The closer of the two brackets (density is a step function of c).
-  const double dlo = scaled_density(k, lo, nb), dhi = scaled_density(k, hi, nb);
-  const double c = std::fabs(dlo - target) <= std::fabs(dhi - target) ? lo : hi;
-  *achieved = c == lo ? dlo : dhi;
-  std::vector<int32_t> out(k.size());
-  for (size_t h = 0; h < k.size(); ++h) out[h] = static_cast<int32_t>(std::max<int64_t>(1, std::llround(c * k[h])));
-  return out;
-}
 
 class EventPair {
  public:
@@ -154,11 +114,8 @@ class GpuRunner : public Runner {
 
   std::string skip_reason(const Method& m, int64_t n, DType dtype) const override {
     const int hq = sw_.model.num_q_heads;
-    if (m.family == Family::estimate && kind_of(m.estimator) == EstKind::none)
-      return fmt::format("no GPU kernel for estimator '{}' (the CPU reference has it: --device cpu)", m.estimator);
-    const bool proxy = m.family == Family::proxyattn || (m.family == Family::estimate && kind_of(m.estimator) == EstKind::proxy);
-    if (proxy && m.groups > kn::kMaxPoolGroups)
-      return fmt::format("proxy groups {} exceed the pool_heads limit {}", m.groups, kn::kMaxPoolGroups);
+    if (uses_pipeline(m))
+      if (std::string why = DevicePipeline::unsupported_reason(pipeline_spec(m)); !why.empty()) return why;
     const double need = double(case_bytes(m, n, dtype));
     const double limit = sw_.gpu_mem_fraction * double(info_.global_mem);
     if (need > limit)
@@ -194,18 +151,20 @@ class GpuRunner : public Runner {
         break;
       }
       case Family::estimate:
-        if (kind_of(m.estimator) == EstKind::oracle) {
+        if (find_method(m.estimator).exact_mass) {
           ck(scores_.allocate(size_t(4) * hq * nb_ * nb_), "alloc oracle scores");
           break;
         }
-        if (kind_of(m.estimator) == EstKind::device) {
-          prepare_peer();
-          break;
-        }
         [[fallthrough]];
-      case Family::proxyattn:
-        prepare_proxy();
+      case Family::proxyattn: {
+        // Untimed first run: warms the kernels, scales the budgets (density), gives the mask.
+        pipeline_.emplace(pipeline_spec(m), shape_at(n));
+        pipeline_->select(operands());
+        ck(kn::synchronize(), "synchronize (first selection)");
+        mask_ = pipeline_->mask();
+        stage_info_ = pipeline_->info();
         break;
+      }
     }
   }
 
@@ -227,34 +186,23 @@ class GpuRunner : public Runner {
         break;
       case Family::estimate:
         total_.start();
-        if (kind_of(m_.estimator) == EstKind::oracle) {
-          run_oracle();
-        } else if (kind_of(m_.estimator) == EstKind::device) {
-          run_peer();
-        } else {
-          run_proxy_estimation(kscaled_ok_ ? kscaled_.as<int32_t>() : kout_.as<int32_t>());
-        }
+        if (pipeline_) pipeline_->select(operands());
+        else run_oracle();
         total_.stop();
         t.total_ms = t.estimation_ms = total_.ms();
-        if (kind_of(m_.estimator) == EstKind::device) {
-          t.stages["scores_ms"] = s_scores_.ms();
-          t.stages["select_ms"] = s_select_.ms();
-        } else if (kind_of(m_.estimator) != EstKind::oracle) {
-          proxy_stage_times(t);
-        }
+        if (pipeline_) stage_times(t);
         break;
-      case Family::proxyattn:
+      case Family::proxyattn: {
         total_.start();
-        run_proxy_estimation(kscaled_ok_ ? kscaled_.as<int32_t>() : kout_.as<int32_t>());
-        kern_.start();
-        ck(kn::sparse_attention(sparse_params()), "sparse_attention (proxyattn mask)");
-        kern_.stop();
+        pipeline_->select(operands());
+        pipeline_->attend(operands());
         total_.stop();
         t.total_ms = total_.ms();
-        t.kernel_ms = kern_.ms();
-        proxy_stage_times(t);
-        t.estimation_ms = t.stages["scores_ms"] + t.stages["budget_ms"] + t.stages["select_ms"];
+        const PipelineTimes pt = stage_times(t);
+        t.kernel_ms = pt.attention_ms;
+        t.estimation_ms = pt.estimation_ms();
         break;
+      }
     }
     ck(kn::synchronize(), "synchronize");
     return t;
@@ -269,10 +217,8 @@ class GpuRunner : public Runner {
   const BlockMask* mask() const override { return mask_ ? &*mask_ : nullptr; }
 
   void end_case() override {
-    for (kn::DeviceBuffer* b :
-         {&indptr_, &indices_, &qg_, &kg_, &lse_g_, &scores_, &mass_, &kout_, &kscaled_, &bitmap_, &counts_, &ws_})
-      b->reset();
-    kscaled_ok_ = false;
+    for (kn::DeviceBuffer* b : {&indptr_, &indices_, &scores_}) b->reset();
+    pipeline_.reset();
     mask_.reset();
   }
 
@@ -323,26 +269,14 @@ class GpuRunner : public Runner {
         b += (hq * nb + 1) * 4 + hq * std::max(nb, std::round(m.density * causal_blocks)) * 4;
         break;
       case Family::estimate:
-        if (kind_of(m.estimator) == EstKind::oracle) {
-          b += hq * nb * nb * 4;
-          break;
-        }
-        if (kind_of(m.estimator) == EstKind::device) {
-          // scores, bitmap, row counts, CSR, and the launchers' own scratch (the registry's).
-          b += hq * nb * nb * 5 + hq * nb * 4 + csr_max;
-          const MethodInfo& info = find_method(m.estimator);
-          if (info.device_scratch_bytes) b += info.device_scratch_bytes(shape_at(n), bench_config());
+        if (!uses_pipeline(m)) {
+          b += hq * nb * nb * 4;  // the oracle's mass
           break;
         }
         [[fallthrough]];
-      case Family::proxyattn: {
-        const double g = m.groups;
-        b += 2 * g * n * d * es + g * n * 4 + g * nb * nb * 4 + hq * nb * 4 + hq * 8 + csr_max;
-        // fused_block_scores' workspace (per-tile statistics), at most its default limit.
-        const double bb = sw_.block;
-        b += std::min(double(kn::FusedScoreParams{}.workspace_limit), std::max(g * nb * nb * bb, hq * nb * bb) * 8);
+      case Family::proxyattn:
+        b += DevicePipeline::bytes(pipeline_spec(m), shape_at(n));
         break;
-      }
     }
     return static_cast<size_t>(b);
   }
@@ -394,166 +328,6 @@ class GpuRunner : public Runner {
     return p;
   }
 
-  void prepare_proxy() {
-    const int hq = sw_.model.num_q_heads, g = m_.groups, d = sw_.model.head_dim;
-    const size_t es = dtype_size(dt_);
-    const size_t nb = nb_;
-    ck(qg_.allocate(size_t(g) * n_ * d * es), "alloc proxy q");
-    ck(kg_.allocate(size_t(g) * n_ * d * es), "alloc proxy k");
-    ck(lse_g_.allocate(size_t(g) * n_ * 4), "alloc proxy lse");
-    ck(scores_.allocate(size_t(g) * nb * nb * 4), "alloc proxy scores");
-    ck(mass_.allocate(size_t(hq) * nb * 4), "alloc last-block mass");
-    ck(kout_.allocate(size_t(hq) * 4), "alloc budgets");
-    ck(kscaled_.allocate(size_t(hq) * 4), "alloc scaled budgets");
-    ck(indptr_.allocate((size_t(hq) * nb + 1) * 4), "alloc mask indptr");
-    ck(indices_.allocate(size_t(hq) * nb * (nb + 1) / 2 * 4), "alloc mask indices");
-    kscaled_ok_ = false;
-    const bool proxyattn = m_.family == Family::proxyattn;
-    const double gamma = proxyattn ? m_.gamma : 0.95;
-    stage_info_["proxy"] = {{"groups", g}, {"query_stride", m_.query_stride}, {"pool", "mean"}};
-    stage_info_["budget"] = {{"kind", "dynamic"}, {"gamma", gamma}, {"k_min", sw_.k_min}, {"mode", "constant"}};
-
-    // Untimed first run: warms the kernels, gives the budgets and the mask.
-    run_proxy_estimation(kout_.as<int32_t>());
-    ck(kn::synchronize(), "synchronize (proxy calibration)");
-    std::vector<int32_t> k(hq);
-    ck(kout_.download(k.data(), 4 * k.size()), "download budgets");
-    ck(kn::synchronize(), "synchronize");
-    double mean_k = 0;
-    for (int32_t x : k) mean_k += x;
-    stage_info_["budget"]["mean_k"] = mean_k / hq;
-    if (proxyattn && m_.target_density) {
-      double achieved = 0;
-      const std::vector<int32_t> ks = scale_budgets(k, m_.density, nb_, &achieved);
-      ck(kscaled_.upload(ks.data(), 4 * ks.size()), "upload scaled budgets");
-      kscaled_ok_ = true;
-      double mean_ks = 0;
-      for (int32_t x : ks) mean_ks += x;
-      stage_info_["budget"]["scaled_to_density"] = m_.density;
-      stage_info_["budget"]["scaled_mean_k"] = mean_ks / hq;
-      run_proxy_estimation(kscaled_.as<int32_t>());
-      ck(kn::synchronize(), "synchronize (scaled selection)");
-    }
-    // The mask the timed runs select (deterministic), read back and validated by BlockMask.
-    std::vector<int32_t> indptr(size_t(hq) * nb_ + 1);
-    ck(indptr_.download(indptr.data(), 4 * indptr.size()), "download mask indptr");
-    ck(kn::synchronize(), "synchronize");
-    std::vector<int32_t> indices(static_cast<size_t>(std::max(0, indptr.back())));
-    if (!indices.empty()) ck(indices_.download(indices.data(), 4 * indices.size()), "download mask indices");
-    ck(kn::synchronize(), "synchronize");
-    mask_ = BlockMask(hq, n_, sw_.block, std::move(indptr), std::move(indices));
-  }
-
-  // The one-pass scores' workspace, allocated by the first (untimed, prepare) estimation and
-  // kept for the timed ones: a stream-ordered allocation per call would be timed too.
-  void use_workspace(kn::FusedScoreParams& f) {
-    const size_t need = kn::fused_block_scores_workspace(f);
-    if (need > ws_.bytes()) ck(ws_.allocate(need), "alloc fused_block_scores workspace");
-    f.workspace = ws_.data();
-    f.workspace_bytes = ws_.bytes();
-  }
-
-  void run_proxy_estimation(const int32_t* head_k) {
-    const int hq = sw_.model.num_q_heads, hkv = sw_.model.num_kv_heads, g = m_.groups, d = sw_.model.head_dim;
-    const int r = hq / hkv, per = hq / g;
-    const kn::ElemType et = elem(dt_);
-    s_scores_.start();
-    kn::PoolHeadsParams pq;
-    pq.src = q_.data();
-    pq.dst = qg_.data();
-    pq.type = et;
-    pq.heads = hq;
-    pq.head_dim = d;
-    pq.groups = g;
-    pq.seq_len = n_;
-    kn::PoolHeadsParams pk = pq;
-    pk.src = k_.data();
-    pk.dst = kg_.data();
-    pk.heads = hkv;
-    for (int gi = 0; gi < g; ++gi) {
-      pq.head_begin[gi] = gi * per;
-      pq.head_end[gi] = (gi + 1) * per;
-      // The distinct KV heads the group's query heads read.
-      pk.head_begin[gi] = (gi * per) / r;
-      pk.head_end[gi] = ((gi + 1) * per - 1) / r + 1;
-    }
-    ck(kn::pool_heads(pq), "pool_heads (q)");
-    ck(kn::pool_heads(pk), "pool_heads (k)");
-    // The proxy heads' LSE and max-pool: one pass over Q K^T where the Hopper kernels apply.
-    bool one_pass = false;
-    kn::FusedScoreParams fs;
-    kn::BlockScoreParams& bs = fs.scores;
-    bs.q = qg_.data();
-    bs.k = kg_.data();
-    bs.out = scores_.as<float>();
-    bs.in_type = et;
-    bs.q_heads = bs.kv_heads = g;
-    bs.head_dim = d;
-    bs.seq_len = n_;
-    bs.block = sw_.block;
-    bs.query_stride = m_.query_stride;
-    bs.reduce = kn::BlockReduce::max;
-    fs.lse_out = lse_g_.as<float>();
-    fs.one_pass = &one_pass;
-    use_workspace(fs);
-    ck(kn::fused_block_scores(fs), "fused_block_scores (proxy max-pool)");
-    s_scores_.stop();
-    stage_info_["proxy"]["passes"] = one_pass ? 1 : 2;
-
-    s_budget_.start();
-    // The last query block's mass per key block (one pass on Hopper, keys split over CTAs).
-    kn::FusedScoreParams fm;
-    kn::BlockScoreParams& ms = fm.scores;
-    ms.q = q_.data();
-    ms.k = k_.data();
-    ms.out = mass_.as<float>();
-    ms.in_type = et;
-    ms.q_heads = hq;
-    ms.kv_heads = hkv;
-    ms.head_dim = d;
-    ms.seq_len = n_;
-    ms.block = sw_.block;
-    ms.row_block_begin = nb_ - 1;
-    ms.reduce = kn::BlockReduce::mean_sum;
-    fm.one_pass = &one_pass;
-    use_workspace(fm);
-    ck(kn::fused_block_scores(fm), "fused_block_scores (last-block mass)");
-    kn::BudgetParams bp;
-    bp.mass = mass_.as<float>();
-    bp.heads = hq;
-    bp.num_blocks = nb_;
-    bp.gamma = m_.family == Family::proxyattn ? m_.gamma : 0.95;
-    bp.k_min = sw_.k_min;
-    bp.k_out = kout_.as<int32_t>();
-    ck(kn::dynamic_budget(bp), "dynamic_budget");
-    s_budget_.stop();
-    stage_info_["budget"]["passes"] = one_pass ? 1 : 2;
-
-    s_select_.start();
-    kn::SelectParams sp;
-    sp.scores = scores_.as<float>();
-    sp.score_heads = g;
-    sp.heads = hq;
-    sp.num_blocks = nb_;
-    sp.head_k = head_k;
-    sp.mode = 0;
-    sp.indptr = indptr_.as<int32_t>();
-    sp.indices = indices_.as<int32_t>();
-    ck(kn::select_counts(sp), "select_counts");
-    ck(kn::select_fill(sp), "select_fill");
-    s_select_.stop();
-  }
-
-  // How the runner times an estimator, from its registry traits: ProxyAttn's staged pipeline
-  // (grouped), the oracle's mass passes (exact_mass), a one-launch device estimate, or none.
-  enum class EstKind { proxy, oracle, device, none };
-  static EstKind kind_of(const std::string& name) {
-    const MethodInfo& m = find_method(name);
-    if (m.grouped()) return EstKind::proxy;
-    if (m.exact_mass) return EstKind::oracle;
-    if (m.estimate_device) return EstKind::device;
-    return EstKind::none;
-  }
   // The estimators run with their defaults (what the bench times), at the sweep's block.
   EstimatorConfig bench_config() const {
     EstimatorConfig ec;
@@ -569,81 +343,46 @@ class GpuRunner : public Runner {
     return s;
   }
 
-  void prepare_peer() {
-    const int hq = sw_.model.num_q_heads;
-    const size_t nb = nb_, cells = size_t(hq) * nb * nb;
-    ck(scores_.allocate(4 * cells), "alloc peer scores");
-    ck(bitmap_.allocate(cells), "alloc peer bitmap");
-    ck(counts_.allocate(4 * size_t(hq) * nb), "alloc peer row counts");
-    ck(indptr_.allocate((size_t(hq) * nb + 1) * 4), "alloc mask indptr");
-    ck(indices_.allocate(size_t(hq) * nb * (nb + 1) / 2 * 4), "alloc mask indices");
-    const MethodInfo& info = find_method(m_.estimator);
-    const EstimatorConfig ec = bench_config();
-    nlohmann::json cfg = info.config_json(ec);
-    if (info.device_native) cfg["coverage"] = info.device_native(ec).threshold;
-    stage_info_[m_.estimator] = cfg;
-    stage_info_["budget"] = "native";
-    stage_info_["timed"] = info.device_timed;
-    // Untimed first run: warms the kernels and gives the mask.
-    run_peer();
-    ck(kn::synchronize(), "synchronize (peer warm-up)");
-    std::vector<int32_t> indptr(size_t(hq) * nb_ + 1);
-    ck(indptr_.download(indptr.data(), 4 * indptr.size()), "download mask indptr");
-    std::vector<int32_t> indices(static_cast<size_t>(std::max(0, indptr.back())));
-    if (!indices.empty()) ck(indices_.download(indices.data(), 4 * indices.size()), "download mask indices");
-    ck(kn::synchronize(), "synchronize");
-    mask_ = BlockMask(hq, n_, sw_.block, std::move(indptr), std::move(indices));
+  // Which cases run the device pipeline: ProxyAttn end to end and every estimate but the
+  // oracle's mass passes (timed as row_lse + block_scores).
+  static bool uses_pipeline(const Method& m) {
+    return m.family == Family::proxyattn || (m.family == Family::estimate && !find_method(m.estimator).exact_mass);
   }
-
-  // The device pipeline's estimate stage (MethodInfo::estimate_device, the same launches the
-  // analysis runs through CudaLayer), then the native rule on the device and the CSR.
-  void run_peer() {
-    const MethodInfo& info = find_method(m_.estimator);
-    const EstimatorConfig ec = bench_config();
-    DeviceEstimate d;
-    d.q = q_.data();
-    d.k = k_.data();
-    d.elem = static_cast<int>(elem(dt_));
-    d.q_heads = sw_.model.num_q_heads;
-    d.kv_heads = sw_.model.num_kv_heads;
-    d.head_dim = sw_.model.head_dim;
-    d.seq_len = n_;
-    d.config = &ec;
-    d.scores = scores_.as<float>();
-    d.bitmap = bitmap_.as<uint8_t>();
-    d.row_counts = counts_.as<int32_t>();
-    s_scores_.start();
-    info.estimate_device(d);
-    s_scores_.stop();
-    s_select_.start();
-    if (!info.device_native_bitmap) {
-      const DeviceNative rule = info.device_native(ec);
-      kn::NativeSelectParams ns;
-      ns.scores = scores_.as<float>();
-      ns.heads = d.q_heads;
-      ns.num_blocks = nb_;
-      ns.bitmap = bitmap_.as<uint8_t>();
-      ns.row_counts = counts_.as<int32_t>();
-      ns.rule = rule.rule == DeviceNativeRule::cumulative ? kn::NativeRule::cumulative : kn::NativeRule::xattn;
-      ns.threshold = rule.threshold;
-      ck(kn::native_select(ns), "native_select");
-    }
-    kn::CsrParams cp;
-    cp.bitmap = bitmap_.as<uint8_t>();
-    cp.row_counts = counts_.as<int32_t>();
-    cp.heads = d.q_heads;
-    cp.num_blocks = nb_;
-    cp.indptr = indptr_.as<int32_t>();
-    cp.indices = indices_.as<int32_t>();
-    ck(kn::csr_indptr(cp), "csr_indptr");
-    ck(kn::csr_fill(cp), "csr_fill");
-    s_select_.stop();
+  PipelineSpec pipeline_spec(const Method& m) const {
+    PipelineSpec p;
+    const bool proxyattn = m.family == Family::proxyattn;
+    p.method = proxyattn ? &proxyattn_method() : &find_method(m.estimator);
+    p.block = sw_.block;
+    p.groups = m.groups;
+    p.query_stride = m.query_stride;
+    p.gamma = proxyattn ? m.gamma : 0.95;
+    p.k_min = sw_.k_min;
+    if (proxyattn && m.target_density) p.density = m.density;
+    p.scale_once = true;
+    p.config = bench_config();
+    return p;
   }
-
-  void proxy_stage_times(Timing& t) {
-    t.stages["scores_ms"] = s_scores_.ms();
-    t.stages["budget_ms"] = s_budget_.ms();
-    t.stages["select_ms"] = s_select_.ms();
+  DeviceOperands operands() const {
+    DeviceOperands x;
+    x.q = q_.data();
+    x.k = k_.data();
+    x.v = v_.data();
+    x.o = o_.data();
+    x.lse = lse_.as<float>();
+    x.elem = static_cast<int>(elem(dt_));
+    x.q_heads = sw_.model.num_q_heads;
+    x.kv_heads = sw_.model.num_kv_heads;
+    x.head_dim = sw_.model.head_dim;
+    x.seq_len = n_;
+    return x;
+  }
+  // The pipeline's stage times into the row; budget_ms only where the method has that stage.
+  PipelineTimes stage_times(Timing& t) {
+    const PipelineTimes pt = pipeline_->times();
+    t.stages["scores_ms"] = pt.scores_ms;
+    if (pipeline_spec(m_).method->grouped()) t.stages["budget_ms"] = pt.budget_ms;
+    t.stages["select_ms"] = pt.select_ms;
+    return pt;
   }
 
   void run_oracle() {
@@ -674,13 +413,13 @@ class GpuRunner : public Runner {
   DType dt_ = DType::bf16;
   int nb_ = 0;
   std::string inputs_kind_;
-  kn::DeviceBuffer q_, k_, v_, o_, lse_, ws_;
+  kn::DeviceBuffer q_, k_, v_, o_, lse_;
   Method m_;
   std::optional<BlockMask> mask_;
   nlohmann::json stage_info_ = nlohmann::json::object();
-  kn::DeviceBuffer indptr_, indices_, qg_, kg_, lse_g_, scores_, mass_, kout_, kscaled_, bitmap_, counts_;
-  bool kscaled_ok_ = false;
-  EventPair total_, kern_, s_scores_, s_budget_, s_select_;
+  kn::DeviceBuffer indptr_, indices_, scores_;  // sparse@ masks; the oracle's mass
+  std::optional<DevicePipeline> pipeline_;
+  EventPair total_;
 };
 
 }  // namespace

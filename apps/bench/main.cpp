@@ -4,6 +4,7 @@
 //   proxyattn-bench --sweep configs/sweeps/fig4_speedup.json --out results/fig4 --export-masks masks/
 //   proxyattn-bench --device cpu --lengths 512,1000 --methods full,sparse@0.2 --model configs/models/smollm2-135m.json
 //   mpirun -np 8 proxyattn-bench --sweep ... --out DIR     # cases split over 8 ranks / GPUs
+//   proxyattn-bench prefill --sweep configs/sweeps/prefill.json --out DIR   # whole-model TTFT
 //
 // Flags --benchmark_* go to Google Benchmark (e.g. --benchmark_out=gb.json); everything else is ours.
 #include <fcntl.h>
@@ -32,6 +33,7 @@
 #include "cli_common.hpp"
 #include "distribute.hpp"
 #include "masks.hpp"
+#include "prefill.hpp"
 #include "proxyattn/attention.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/distributed.hpp"
@@ -201,6 +203,11 @@ struct CapturedMask {
 
 int run(int argc, char** argv, const Distributed& dist) {
   const bool multi = dist.size() > 1, root = dist.is_root();
+  // The whole-model mode has its own flags (prefill.cpp); one process, one GPU.
+  if (argc > 1 && std::string(argv[1]) == "prefill") {
+    if (multi) throw Error("prefill: runs as one process (no mpirun)");
+    return prefill_main(argc - 1, argv + 1);
+  }
   // Google Benchmark takes its own --benchmark_* flags; CLI11 gets the rest. Under mpirun each
   // rank other than 0 writes --benchmark_out=F to F.rankR (its own cases).
   static char gb_name[] = "proxyattn-bench";  // GB prints errors as "<argv0>: error: ..."

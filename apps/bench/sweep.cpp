@@ -324,6 +324,8 @@ Sweep load_sweep(const std::string& path, const SweepOverrides& o) {
       throw Error(path + ": invalid JSON: " + one_line(e.what()));
     }
     if (!j.is_object()) throw Error(path + ": expected a JSON object at the top level");
+    if (j.contains("kind") && j["kind"] == "prefill")
+      throw Error(path + ": a whole-model prefill sweep: run it with `proxyattn-bench prefill --sweep " + path + "`");
     for (auto it = j.begin(); it != j.end(); ++it)
       if (!kKeys.count(it.key()))
         throw Error(fmt::format("{}: unknown key '{}' (valid: {})", path, it.key(), fmt::join(kKeys, ", ")));

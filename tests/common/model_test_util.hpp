@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,67 @@ inline std::string write_temp(const std::vector<uint8_t>& bytes, const std::stri
   std::ofstream f(p, std::ios::binary | std::ios::trunc);
   f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   return p.string();
+}
+
+}  // namespace proxyattn::test
+
+namespace proxyattn::test {
+
+// A tiny random Llama-family GGUF (F32 tensors, N(0, sigma) projections, unit-scale embeddings,
+// norms near 1), written in C++ so that tests need no Python: the GPU tests use it on the
+// device machine. Shapes ne0 first, as llama.cpp writes them.
+struct TinyLlama {
+  int layers = 3, embd = 96, heads = 6, kv_heads = 2, head_dim = 64, ff = 160, vocab = 211, ctx = 4096;
+  float sigma = 0.08f;
+  uint64_t seed = 7;
+};
+inline std::string write_tiny_llama(const TinyLlama& t, const std::string& name) {
+  std::vector<std::pair<std::string, std::vector<uint64_t>>> tensors;
+  const uint64_t E = t.embd, V = t.vocab, Q = uint64_t(t.heads) * t.head_dim, K = uint64_t(t.kv_heads) * t.head_dim;
+  tensors.push_back({"token_embd.weight", {E, V}});
+  tensors.push_back({"output_norm.weight", {E}});
+  for (int l = 0; l < t.layers; ++l) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    tensors.push_back({p + "attn_norm.weight", {E}});
+    tensors.push_back({p + "ffn_norm.weight", {E}});
+    tensors.push_back({p + "attn_q.weight", {E, Q}});
+    tensors.push_back({p + "attn_k.weight", {E, K}});
+    tensors.push_back({p + "attn_v.weight", {E, K}});
+    tensors.push_back({p + "attn_output.weight", {Q, E}});
+    tensors.push_back({p + "ffn_gate.weight", {E, uint64_t(t.ff)}});
+    tensors.push_back({p + "ffn_up.weight", {E, uint64_t(t.ff)}});
+    tensors.push_back({p + "ffn_down.weight", {uint64_t(t.ff), E}});
+  }
+  GgufBytes g;
+  g.header(tensors.size(), 8)
+      .kv_str("general.architecture", "llama")
+      .kv_u32("llama.embedding_length", t.embd)
+      .kv_u32("llama.attention.head_count", t.heads)
+      .kv_u32("llama.attention.head_count_kv", t.kv_heads)
+      .kv_u32("llama.attention.key_length", t.head_dim)
+      .kv_u32("llama.block_count", t.layers)
+      .kv_u32("llama.feed_forward_length", t.ff)
+      .kv_u32("llama.context_length", t.ctx);
+  uint64_t offset = 0;
+  std::vector<uint64_t> sizes;
+  for (const auto& [n, shape] : tensors) {
+    uint64_t e = 1;
+    for (uint64_t d : shape) e *= d;
+    g.tensor_info(n, shape, 0, offset);
+    sizes.push_back(e);
+    offset += (e * 4 + 31) / 32 * 32;
+  }
+  g.align();
+  std::mt19937_64 rng(t.seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string& n = tensors[i].first;
+    const bool norm = n.find("norm") != std::string::npos, emb = n == "token_embd.weight";
+    for (uint64_t j = 0; j < sizes[i]; ++j)
+      g.put<float>(norm ? 1.0f + 0.1f * nd(rng) : (emb ? 1.0f : t.sigma) * nd(rng));
+    g.align();
+  }
+  return write_temp(g.b, name);
 }
 
 }  // namespace proxyattn::test

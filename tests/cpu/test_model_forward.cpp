@@ -13,7 +13,9 @@
 #include "model_test_util.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/model/gguf.hpp"
+#include "proxyattn/kernels.h"
 #include "proxyattn/model/model.hpp"
+#include "proxyattn/model_config.hpp"
 #include "test_util.hpp"
 
 namespace proxyattn::test {
@@ -256,6 +258,38 @@ TEST(ModelForward, BadInputIsOneError) {
     ADD_FAILURE() << "incomplete model accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("gguf " + p2 + ": "), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace proxyattn::test
+
+namespace proxyattn::test {
+namespace {
+
+// The C++-written tiny GGUF (model_test_util.hpp, what the GPU tests load) is a valid model;
+// the CUDA back end without a device is one clear error.
+TEST(ModelForward, TinyWrittenInCppLoadsAndCudaNeedsADevice) {
+  const TinyLlama t;
+  const std::string path = write_tiny_llama(t, "tiny_cpp.gguf");
+  auto m = model::load_model(path);
+  EXPECT_EQ(m->config().n_layers, t.layers);
+  EXPECT_EQ(m->config().vocab_size, t.vocab);
+  std::vector<int32_t> toks(300);
+  for (size_t i = 0; i < toks.size(); ++i) toks[i] = int32_t((i * 37) % t.vocab);
+  const double ppl = m->perplexity(toks);
+  EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0);
+  if (kernels::device_count() == 0) {
+    model::LoadOptions lo;
+    lo.backend = model::Backend::cuda;
+    try {
+      model::load_model(path, lo);
+      ADD_FAILURE() << "loaded without a device";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("no CUDA device"), std::string::npos) << e.what();
+    }
+    ModelConfig shape = load_model_config(std::string(PROXYATTN_SOURCE_DIR) + "/configs/models/llama-3.1-8b.json");
+    EXPECT_THROW(model::random_model(shape, 1, lo), Error);
   }
 }
 

@@ -238,6 +238,8 @@ def test_shipped_sweeps_parse(tmp_path):
     files = sorted((SRC / "configs" / "sweeps").glob("*.json"))
     assert files
     for f in files:
+        if json.loads(f.read_text()).get("kind") == "prefill":
+            continue  # proxyattn-bench prefill's (test_prefill_sweep_parses)
         out = tmp_path / f.stem
         p = run("--sweep", f, "--device", "cpu", "--cpu-max-len", 1, "--out", out, "--quiet")
         assert p.returncode == 0, (f, p.stderr)
@@ -248,6 +250,32 @@ def test_shipped_sweeps_parse(tmp_path):
         plan = bench_peers.plan(sw, str(f), type("A", (), {"lengths": None, "methods": None, "reps": None,
                                                            "warmup": None})())
         assert plan["lengths"] and plan["methods"]
+
+
+def test_prefill_sweep_parses_and_needs_a_gpu(tmp_path):
+    """The shipped prefill sweep parses (its errors come before the device check); the plain
+    bench points at the prefill mode; bad prefill input is one line, no report."""
+    f = SRC / "configs" / "sweeps" / "prefill.json"
+    p = run("--sweep", f, "--device", "cpu")
+    assert p.returncode != 0 and "proxyattn-bench prefill" in p.stderr
+    if shutil.which("nvidia-smi") is None:
+        out = tmp_path / "prefill_out"
+        p = run("prefill", "--sweep", f, "--out", out, "--quiet")
+        assert p.returncode != 0 and "CUDA device" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not out.exists()
+    for args, needle in [(["--methods", "full,proxyattn@density=2"], "(0, 1]"),
+                         (["--methods", "flexprefill"], "no GPU kernel"),
+                         (["--methods", "magic"], "unknown method"),
+                         (["--models", str(SRC / "configs" / "models" / "nope.json")], "nope.json"),
+                         (["--lengths", "1"], "too short"),
+                         (["--reps", "0"], "--reps")]:
+        p = run("prefill", "--sweep", f, *args, "--quiet")
+        assert p.returncode != 0 and needle in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    bad = tmp_path / "bad_prefill.json"
+    bad.write_text(json.dumps({"kind": "prefill", "models": ["x"], "lengths": ["8K"], "methods": ["full"], "colour": 1}))
+    p = run("prefill", "--sweep", bad)
+    assert p.returncode != 0 and "'colour'" in p.stderr
 
 
 def test_peer_plan_rejects_unknown_methods():

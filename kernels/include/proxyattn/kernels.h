@@ -428,4 +428,95 @@ struct ProxyExactParams {
 };
 Status proxy_scores_exact(const ProxyExactParams& p) noexcept;
 
+
+// =============================================================================================
+// ---- model runtime (model_ops.cu, gemm.cu) --------------------------------------------------
+// The pieces of a Llama-family forward around attention. Activations are row-major [tokens,
+// features]; the residual stream is float32, GEMM operands bf16, accumulation fp32.
+
+// y[M, N] = alpha * x[M, K] . w[N, K]^T + beta * y (cuBLAS, bf16 operands, fp32 compute).
+// x, w bf16 row-major (leading dims K); y bf16 or f32 row-major with leading dim ldy (0 = N).
+// beta != 0 needs y_type f32 (the residual stream accumulates in place).
+struct GemmParams {
+  const void* x = nullptr;
+  const void* w = nullptr;
+  void* y = nullptr;
+  ElemType y_type = ElemType::bf16;
+  int64_t m = 0, n = 0, k = 0, ldy = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  Stream stream = nullptr;
+};
+Status gemm(const GemmParams& p) noexcept;
+
+// Seeded N(0, std) values (a counter-based hash of (seed, index), so the same seed gives the same
+// tensor whatever the GPU or launch shape), written as `type` (bf16 or f32).
+Status fill_normal(void* dst, ElemType type, int64_t n, uint64_t seed, float std, Stream s = nullptr) noexcept;
+
+// out[i, :] = table[tokens[i], :] as float32 (table bf16 [vocab, E]); tokens checked in [0, vocab)
+// by the caller.
+Status embed_rows(const void* table, const int32_t* tokens, float* out, int64_t rows, int64_t dim,
+                  Stream s = nullptr) noexcept;
+
+// out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (float64 sum of squares, as the CPU back
+// end); x float32 [rows, dim] (row stride ldx, 0 = dim), w float32 [dim], out bf16 [rows, dim].
+Status rms_norm_rows(const float* x, const float* w, void* out, int64_t rows, int64_t dim, float eps,
+                     int64_t ldx = 0, Stream s = nullptr) noexcept;
+
+// RoPE tables for positions [pos0, pos0 + rows): angle = float(pos) * inv_freq[j] (float32),
+// cos/sin in float64 rounded to float32 (the CPU back end's and capture_qk.py's order).
+Status rope_table(const float* inv_freq, int half, int64_t pos0, int64_t rows, float* cos_out, float* sin_out,
+                  Stream s = nullptr) noexcept;
+
+// Splits the fused projection qkv bf16 [rows, (Hq + 2 Hkv) d] (+ bias float32 [(Hq + 2 Hkv) d] when
+// given) into q [Hq, *, d], k and v [Hkv, *, d] (bf16, token r written at row row0 + r of each
+// head, head strides q/kv_head_stride elements, token stride d), rotating q and k by the tables
+// (rotate_half layout: pairs (j, j + d/2)).
+struct RopeSplitParams {
+  const void* qkv = nullptr;
+  const float* bias = nullptr;
+  const float* cos = nullptr;  // [rows, d/2]
+  const float* sin = nullptr;
+  void* q = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
+  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t rows = 0, row0 = 0;
+  int64_t q_head_stride = 0, kv_head_stride = 0;  // elements
+  Stream stream = nullptr;
+};
+Status rope_split(const RopeSplitParams& p) noexcept;
+
+// act[r, :F] = silu(gu[r, :F]) * gu[r, F:2F] (bf16 in and out, fp32 math).
+Status silu_mul(const void* gu, void* act, int64_t rows, int64_t ff, Stream s = nullptr) noexcept;
+
+// Attention output o bf16 [heads, *, d] (head stride o_head_stride elements, rows row0..row0+rows)
+// -> rows bf16 [rows, heads * d] (the input of the output projection).
+Status heads_to_rows(const void* o, void* rows_out, int heads, int64_t rows, int head_dim, int64_t o_head_stride,
+                     int64_t row0 = 0, Stream s = nullptr) noexcept;
+
+// Per row r of logits float32 [rows, vocab]: nll[r] = logsumexp(row) - row[target[r]] (float64)
+// and argmax[r] (first maximum), each optional.
+Status logits_rows(const float* logits, int64_t rows, int64_t vocab, const int32_t* target, double* nll,
+                   int32_t* argmax, Stream s = nullptr) noexcept;
+
+// Events recorded on a stream, read after it is synchronised: the model runtime's stage clock.
+class EventLog {
+ public:
+  EventLog() = default;
+  ~EventLog();
+  EventLog(const EventLog&) = delete;
+  EventLog& operator=(const EventLog&) = delete;
+  // Records event i (created on first use); i <= size().
+  Status record(size_t i, Stream s = nullptr) noexcept;
+  // Milliseconds from event a to event b (both recorded; synchronises on b).
+  Status elapsed_ms(size_t a, size_t b, float* ms) noexcept;
+  size_t size() const noexcept { return n_; }
+
+ private:
+  void** events_ = nullptr;
+  size_t n_ = 0, cap_ = 0;
+};
+// Bytes of device memory in use (cudaMemGetInfo: total - free, so other processes count too).
+Status device_memory_used(size_t* used) noexcept;
+
 }  // namespace proxyattn::kernels

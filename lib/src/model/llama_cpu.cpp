@@ -118,23 +118,20 @@ class CpuLlama final : public Model {
       load_into(p + "attn_q.weight", L.wqkv.data());
       load_into(p + "attn_k.weight", L.wqkv.data() + nq * c.n_embd);
       load_into(p + "attn_v.weight", L.wqkv.data() + (nq + nk) * c.n_embd);
-      unpermute_rope_rows(L.wqkv, 0, c.n_head, D);
-      unpermute_rope_rows(L.wqkv, nq, c.n_head_kv, D);
+      unpermute_rope_rows(L.wqkv.data(), c.n_embd, 0, c.n_head, D);
+      unpermute_rope_rows(L.wqkv.data(), c.n_embd, nq, c.n_head_kv, D);
       L.wo = load(p + "attn_output.weight");
       L.wgu.resize(2 * int64_t{c.n_ff}, c.n_embd);
       load_into(p + "ffn_gate.weight", L.wgu.data());
       load_into(p + "ffn_up.weight", L.wgu.data() + int64_t{c.n_ff} * c.n_embd);
       L.wd = load(p + "ffn_down.weight");
     }
-    // RoPE inverse frequencies exactly as capture_qk.rope_cos_sin: float64, then float32.
-    Vec factors;
-    if (c.rope_freq_factors) factors = load_vec("rope_freqs.weight");
-    inv_freq_.resize(D / 2);
-    for (int j = 0; j < D / 2; ++j) {
-      double inv = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * j) / D);
-      if (c.rope_freq_factors) inv /= static_cast<double>(factors[j]);
-      inv_freq_[j] = static_cast<float>(inv / c.rope_linear_factor);
+    std::vector<float> factors;
+    if (c.rope_freq_factors) {
+      const Vec f = load_vec("rope_freqs.weight");
+      factors.assign(f.data(), f.data() + f.size());
     }
+    inv_freq_ = rope_inv_freq(c, factors);
   }
 
   const ModelConfig& config() const override { return cfg_; }
@@ -161,25 +158,7 @@ class CpuLlama final : public Model {
     load_into(name, v.data());
     return v;
   }
-  void load_into(const std::string& name, float* out) {
-    const gguf::TensorInfo& t = file_.tensor(name);
-    const int64_t rows = t.rows(), cols = t.cols(), per = 64;
-    file_.dequantize_rows(t, 0, 0, out);  // type and range checks (throws) outside the parallel loop
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t r0 = 0; r0 < rows; r0 += per)
-      file_.dequantize_rows(t, r0, std::min(per, rows - r0), out + r0 * cols);
-  }
-  // Undo llama.cpp's converter permutation of the rows [row0, row0 + heads * d) of w: GGUF row
-  // (2j + s) of a head is HF row (s * d/2 + j).
-  static void unpermute_rope_rows(MatRM& w, int64_t row0, int heads, int d) {
-    MatRM tmp(d, w.cols());
-    for (int h = 0; h < heads; ++h) {
-      const int64_t base = row0 + int64_t{h} * d;
-      for (int j = 0; j < d / 2; ++j)
-        for (int s = 0; s < 2; ++s) tmp.row(s * (d / 2) + j) = w.row(base + 2 * j + s);
-      w.middleRows(base, d) = tmp;
-    }
-  }
+  void load_into(const std::string& name, float* out) { dequantize_tensor(file_, name, out); }
 
   void attend_cached(ConstView q, ConstView k, ConstView v, int64_t offset, Tensor3& o) const;
 
@@ -234,21 +213,7 @@ ForwardResult CpuLlama::forward(std::span<const int32_t> tokens, const ForwardOp
     if (!cache) throw Error("forward: the KV cache belongs to another back end");
   }
   const int64_t offset = cache ? cache->n : 0;
-  for (int64_t i = 0; i < N; ++i)
-    if (tokens[i] < 0 || tokens[i] >= V)
-      throw Error("token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
-                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
-  if (offset + N > c.n_ctx && !opt.allow_overlength)
-    throw Error(std::to_string(offset + N) + " tokens exceed the model's context length " + std::to_string(c.n_ctx));
-  for (int64_t p : opt.logits_at)
-    if (p < 0 || p >= N)
-      throw Error("logits position " + std::to_string(p) + " outside [0, " + std::to_string(N) + ")");
-  if (opt.nll_begin < -1 || opt.nll_begin > N - 1)
-    throw Error("nll_begin " + std::to_string(opt.nll_begin) + " outside [-1, " + std::to_string(N - 1) + "]");
-  if (opt.stop_after_layer < -1 || opt.stop_after_layer >= c.n_layers)
-    throw Error("stop_after_layer " + std::to_string(opt.stop_after_layer) + " outside [-1, " +
-                std::to_string(c.n_layers) + ")");
-  if (opt.stop_after_layer >= 0 && cache) throw Error("forward: stop_after_layer cannot be used with a KV cache");
+  check_forward_args(c, tokens, opt, offset, cache != nullptr);
   const int last = opt.stop_after_layer >= 0 ? opt.stop_after_layer : c.n_layers - 1;
   if (cache) cache->grow(offset + N, c.n_layers);
   ForwardResult res;

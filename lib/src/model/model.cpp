@@ -9,7 +9,9 @@
 #include "model_internal.hpp"
 #include "proxyattn/attention.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/methods.hpp"
 #include "proxyattn/model/gguf.hpp"
+#include "proxyattn/model_config.hpp"
 
 namespace proxyattn::model {
 
@@ -118,6 +120,62 @@ ModelConfig read_llama_config(const gguf::File& f) {
 }
 
 // ------------------------------------------------------------------------------------------
+namespace detail {
+
+void check_forward_args(const ModelConfig& c, std::span<const int32_t> tokens, const ForwardOptions& opt,
+                        int64_t offset, bool has_cache) {
+  const int64_t N = static_cast<int64_t>(tokens.size()), V = c.vocab_size;
+  if (N == 0) throw Error("forward: no tokens");
+  for (int64_t i = 0; i < N; ++i)
+    if (tokens[i] < 0 || tokens[i] >= V)
+      throw Error("token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  if (offset + N > c.n_ctx && !opt.allow_overlength)
+    throw Error(std::to_string(offset + N) + " tokens exceed the model's context length " + std::to_string(c.n_ctx));
+  for (int64_t p : opt.logits_at)
+    if (p < 0 || p >= N)
+      throw Error("logits position " + std::to_string(p) + " outside [0, " + std::to_string(N) + ")");
+  if (opt.nll_begin < -1 || opt.nll_begin > N - 1)
+    throw Error("nll_begin " + std::to_string(opt.nll_begin) + " outside [-1, " + std::to_string(N - 1) + "]");
+  if (opt.stop_after_layer < -1 || opt.stop_after_layer >= c.n_layers)
+    throw Error("stop_after_layer " + std::to_string(opt.stop_after_layer) + " outside [-1, " +
+                std::to_string(c.n_layers) + ")");
+  if (opt.stop_after_layer >= 0 && has_cache) throw Error("forward: stop_after_layer cannot be used with a KV cache");
+}
+
+void unpermute_rope_rows(float* w, int64_t cols, int64_t row0, int heads, int d) {
+  std::vector<float> tmp(static_cast<size_t>(d) * cols);
+  for (int h = 0; h < heads; ++h) {
+    float* base = w + (row0 + int64_t{h} * d) * cols;
+    for (int j = 0; j < d / 2; ++j)
+      for (int s = 0; s < 2; ++s)
+        std::copy_n(base + (2 * j + s) * cols, cols, tmp.data() + (s * (d / 2) + j) * cols);
+    std::copy(tmp.begin(), tmp.end(), base);
+  }
+}
+
+void dequantize_tensor(const gguf::File& f, const std::string& name, float* out) {
+  const gguf::TensorInfo& t = f.tensor(name);
+  const int64_t rows = t.rows(), cols = t.cols(), per = 64;
+  f.dequantize_rows(t, 0, 0, out);  // type and range checks (throws) outside the parallel loop
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t r0 = 0; r0 < rows; r0 += per) f.dequantize_rows(t, r0, std::min(per, rows - r0), out + r0 * cols);
+}
+
+std::vector<float> rope_inv_freq(const ModelConfig& c, const std::vector<float>& factors) {
+  const int D = c.head_dim;
+  std::vector<float> inv_freq(D / 2);
+  for (int j = 0; j < D / 2; ++j) {
+    double inv = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * j) / D);
+    if (!factors.empty()) inv /= static_cast<double>(factors[j]);
+    inv_freq[j] = static_cast<float>(inv / c.rope_linear_factor);
+  }
+  return inv_freq;
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------------------
 Tensor3 FullAttention::attend(int, ConstView q, ConstView k, ConstView v) { return full_attention_cpu(q, k, v).o; }
 
 BlockMaskAttention::BlockMaskAttention(MaskFn mask_for, std::vector<int> dense_layers)
@@ -125,19 +183,41 @@ BlockMaskAttention::BlockMaskAttention(MaskFn mask_for, std::vector<int> dense_l
   if (!mask_for_) throw Error("block-sparse attention: no mask function");
 }
 
-Tensor3 BlockMaskAttention::attend(int layer, ConstView q, ConstView k, ConstView v) {
+std::optional<BlockMask> BlockMaskAttention::mask(int layer, ConstView q, ConstView k) {
   std::optional<BlockMask> mask;
   if (std::find(dense_.begin(), dense_.end(), layer) == dense_.end()) mask = mask_for_(layer, q, k);
   if (!mask) {
     densities_.push_back({layer, 1.0, 1.0});
-    return full_attention_cpu(q, k, v).o;
+    return mask;
   }
   if (mask->heads() != q.heads || mask->seq_len() != q.tokens)
     throw Error("layer " + std::to_string(layer) + ": mask is for " + std::to_string(mask->heads()) + " heads x " +
                 std::to_string(mask->seq_len()) + " tokens, the layer has " + std::to_string(q.heads) + " x " +
                 std::to_string(q.tokens));
   densities_.push_back({layer, mask->density(), mask->element_density()});
-  return sparse_attention_cpu(q, k, v, *mask).o;
+  return mask;
+}
+
+Tensor3 BlockMaskAttention::attend(int layer, ConstView q, ConstView k, ConstView v) {
+  const std::optional<BlockMask> m = mask(layer, q, k);
+  return m ? sparse_attention_cpu(q, k, v, *m).o : full_attention_cpu(q, k, v).o;
+}
+
+DevicePipelineAttention::DevicePipelineAttention(PipelineSpec spec, std::vector<int> dense_layers)
+    : spec_(std::move(spec)), dense_(std::move(dense_layers)) {
+  if (const std::string why = DevicePipeline::unsupported_reason(spec_); !why.empty())
+    throw Error("device attention: " + why);
+}
+
+Tensor3 DevicePipelineAttention::attend(int, ConstView, ConstView, ConstView) {
+  throw Error("attention '" + name() + "' runs on the cuda back end only (the cpu back end takes its masks from the "
+              "CPU estimators: BlockMaskAttention)");
+}
+
+std::string DevicePipelineAttention::name() const { return "device:" + (spec_.method ? spec_.method->name : std::string("full")); }
+
+bool DevicePipelineAttention::dense(int layer) const {
+  return !spec_.method || std::find(dense_.begin(), dense_.end(), layer) != dense_.end();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -181,10 +261,38 @@ std::vector<int32_t> Model::generate(std::span<const int32_t> prompt, int max_ne
 std::unique_ptr<Model> load_model(const std::string& gguf_path, const LoadOptions& opt) {
   switch (opt.backend) {
     case Backend::cpu: return detail::load_cpu_llama(gguf_path, opt);
-    case Backend::cuda:
-      throw Error("model back end 'cuda' is not implemented yet (use cpu)");
+    case Backend::cuda: return detail::load_cuda_llama(gguf_path, opt);
   }
   throw Error("unknown back end");
+}
+
+std::unique_ptr<Model> random_model(const proxyattn::ModelConfig& shape, uint64_t seed, const LoadOptions& opt) {
+  if (!shape.has_full_shape())
+    throw Error("model config '" + shape.name + "' has no hidden_size / intermediate_size / vocab_size (needed for a "
+                "whole-model forward)");
+  if (opt.backend != Backend::cuda) throw Error("random_model: random weights are generated on the cuda back end only");
+  ModelConfig c;
+  c.arch = "llama";
+  c.name = shape.name + " (random weights, seed " + std::to_string(seed) + ")";
+  c.n_layers = shape.num_layers;
+  c.n_embd = shape.hidden_size;
+  c.n_ff = shape.intermediate_size;
+  c.n_head = shape.num_q_heads;
+  c.n_head_kv = shape.num_kv_heads;
+  c.head_dim = shape.head_dim;
+  c.n_ctx = shape.max_context;
+  c.vocab_size = shape.vocab_size;
+  c.rope_theta = shape.rope_theta;
+  c.rms_eps = shape.rms_norm_eps;
+  c.qkv_bias = shape.qkv_bias;
+  return detail::random_cuda_llama(c, seed, opt);
+}
+
+double model_weight_bytes(const proxyattn::ModelConfig& s) {
+  const double E = s.hidden_size, F = s.intermediate_size, V = double(s.vocab_size);
+  const double W = double(s.num_q_heads + 2 * s.num_kv_heads) * s.head_dim;
+  const double per_layer = 2 * (W * E + double(s.num_q_heads) * s.head_dim * E + 3 * E * F) + 4 * (2 * E + W);
+  return s.num_layers * per_layer + 2 * 2 * V * E + 4 * E;
 }
 
 }  // namespace proxyattn::model

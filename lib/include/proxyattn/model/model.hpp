@@ -5,8 +5,9 @@
 // un-permuted at load), GQA causal attention, SwiGLU MLP, final RMSNorm, logits (tied to the
 // embedding when the file has no output.weight).
 //
-// One interface, several back ends (Backend): the CPU one (Eigen + OpenMP) exists; a GPU one
-// (cuBLAS + our kernels) plugs in behind the same Model interface later.
+// One interface, two back ends (Backend): CPU (float32, Eigen + OpenMP; the spec) and CUDA
+// (bf16 weights and activations with fp32 accumulation and a float32 residual stream: cuBLAS
+// GEMMs, our attention kernels and the device pipeline, model_ops.cu for the rest).
 //
 // Token ids come from the Python tokenizer; the runtime never tokenises.
 #include <cstdint>
@@ -19,8 +20,12 @@
 #include <vector>
 
 #include "proxyattn/block_mask.hpp"
+#include "proxyattn/device_pipeline.hpp"
 #include "proxyattn/tensor.hpp"
 
+namespace proxyattn {
+struct ModelConfig;
+}
 namespace proxyattn::gguf {
 class File;
 }
@@ -41,6 +46,7 @@ struct ModelConfig {
   double rope_theta = 10000.0, rms_eps = 1e-5, rope_linear_factor = 1.0;
   bool tied_embeddings = false;  // lm_head = token_embd (no output.weight)
   bool rope_freq_factors = false;  // rope_freqs.weight present (llama3-style)
+  bool qkv_bias = false;           // Q/K/V projection biases (random_model of a Qwen2 shape only)
   int group() const { return n_head / n_head_kv; }
 };
 ModelConfig read_llama_config(const gguf::File& f);
@@ -65,22 +71,46 @@ class FullAttention final : public AttentionPolicy {
 // Block-sparse attention driven by a per-layer BlockMask (sparse_attention_cpu). mask_for is
 // asked for each layer not in dense_layers; returning std::nullopt runs that layer dense.
 // The block density each layer used is recorded (1.0 for dense layers).
+// (layer, block density, element density) of each attention call, in call order.
+struct LayerDensity {
+  int layer;
+  double block_density, element_density;
+};
+
 class BlockMaskAttention final : public AttentionPolicy {
  public:
   using MaskFn = std::function<std::optional<BlockMask>(int layer, ConstView q, ConstView k)>;
   explicit BlockMaskAttention(MaskFn mask_for, std::vector<int> dense_layers = {});
   Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) override;
   std::string name() const override { return "block-sparse"; }
-  // (layer, block density, element density) of each call, in call order.
-  struct LayerDensity {
-    int layer;
-    double block_density, element_density;
-  };
+  // The mask of a layer (std::nullopt: dense), its density recorded: what attend() runs, for a
+  // back end that runs the attention itself (CUDA).
+  std::optional<BlockMask> mask(int layer, ConstView q, ConstView k);
+  using LayerDensity = model::LayerDensity;
   const std::vector<LayerDensity>& densities() const { return densities_; }
   void clear() { densities_.clear(); }
 
  private:
   MaskFn mask_for_;
+  std::vector<int> dense_;
+  std::vector<LayerDensity> densities_;
+};
+
+// Block-sparse attention selected on the GPU by the device pipeline (device_pipeline.hpp) in
+// every layer not in dense_layers: the CUDA back end's fast path (proxyattn-bench's prefill).
+// The CPU back end refuses it (its masks come from BlockMaskAttention + run_method).
+class DevicePipelineAttention final : public AttentionPolicy {
+ public:
+  explicit DevicePipelineAttention(PipelineSpec spec, std::vector<int> dense_layers = {});
+  Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) override;  // throws Error
+  std::string name() const override;
+  const PipelineSpec& spec() const { return spec_; }
+  bool dense(int layer) const;
+  // Block density per layer of the last forward (element density not measured: NaN).
+  std::vector<LayerDensity>& densities() { return densities_; }
+
+ private:
+  PipelineSpec spec_;
   std::vector<int> dense_;
   std::vector<LayerDensity> densities_;
 };
@@ -112,6 +142,14 @@ struct ForwardOptions {
   bool allow_overlength = false;
 };
 
+// Device time of the parts of one forward call (CUDA back end; CUDA events between the launches),
+// milliseconds; linear_flops counts the projections and MLP (2 m n k per GEMM), logits apart.
+struct DeviceStages {
+  double linear_ms = 0, elementwise_ms = 0, estimation_ms = 0, attention_ms = 0, logits_ms = 0, total_ms = 0;
+  double linear_flops = 0;
+  size_t peak_bytes = 0;  // device memory in use at its highest sample (after each layer)
+};
+
 // Wall seconds of the parts of one forward call.
 struct ForwardTiming {
   double embed = 0, qkv = 0, attention = 0, mlp = 0, logits = 0;  // mlp includes the output projection
@@ -121,6 +159,7 @@ struct ForwardTiming {
 struct ForwardResult {
   int64_t vocab = 0;
   ForwardTiming timing;
+  DeviceStages device;  // CUDA back end only
   std::vector<float> logits;  // [logits_at.size(), vocab], row-major
   std::vector<double> nll;    // [n - 1 - nll_begin]
   std::span<const float> logits_row(size_t i) const {
@@ -153,8 +192,19 @@ class Model {
 struct LoadOptions {
   Backend backend = Backend::cpu;
   int threads = 0;  // CPU threads (0 = OpenMP default); > 0 sets OpenMP's and Eigen's process-wide count
+  int64_t token_chunk = 0;  // CUDA: rows per projection/MLP chunk (0 = 16384)
 };
-// Opens and validates the GGUF file, dequantises its weights to float32 (CPU back end).
+// Opens and validates the GGUF file, dequantises its weights (float32 on the CPU, bf16 on the GPU).
 std::unique_ptr<Model> load_model(const std::string& gguf_path, const LoadOptions& opt = {});
+// A model of this shape (configs/models/*.json with the whole-model fields) with seeded random
+// weights: N(0, 0.02) projections, embeddings and biases, unit norms; CUDA back end only (the
+// prefill benchmark: no file needed). Error when the config lacks the whole-model fields or the
+// weights do not fit the GPU.
+std::unique_ptr<Model> random_model(const proxyattn::ModelConfig& shape, uint64_t seed, const LoadOptions& opt = {});
+// Device bytes of random_model's weights for this shape (bf16), for memory checks.
+double model_weight_bytes(const proxyattn::ModelConfig& shape);
+// Device bytes a CUDA forward of n tokens allocates beyond the weights (token_chunk rows per
+// projection chunk; 0 = the default), attention pipeline excluded (DevicePipeline::bytes).
+double forward_workspace_bytes(const proxyattn::ModelConfig& shape, int64_t n, int64_t token_chunk = 0);
 
 }  // namespace proxyattn::model
