@@ -27,6 +27,7 @@
 
 #include "cli_common.hpp"
 #include "prefill.hpp"
+#include "report.hpp"
 #include "proxyattn/device_pipeline.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
@@ -117,7 +118,7 @@ PrefillSweep load_prefill_sweep(const std::string& path) {
     }
     return v;
   };
-  s.model_paths = strings("models");
+  for (const std::string& m : strings("models")) s.model_paths.push_back(resolve_path(m, path));
   for (const std::string& l : strings("lengths")) s.lengths.push_back(parse_length(l, path + ": lengths"));
   s.methods = strings("methods");
   auto integer = [&](const char* k, int64_t lo, int64_t hi, auto& out) {
@@ -171,15 +172,6 @@ PrefillMethod parse_prefill_method(const std::string& label, int block) {
     throw Error("method '" + label + "': " + why);
   m.spec = spec;
   return m;
-}
-
-std::string utc_now() {
-  const std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
 }
 
 void ck(kn::Status s, const std::string& what) {

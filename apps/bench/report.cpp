@@ -1,4 +1,5 @@
 // Rows -> JSON / CSV / Markdown, and the derived columns (TFLOP/s, speedup, % of full).
+#include <ctime>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <unistd.h>
@@ -237,6 +238,15 @@ void write_reports(const std::string& dir, const std::vector<Row>& rows, const j
     throw;
   }
   if (lock >= 0) ::close(lock);
+}
+
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
 }
 
 }  // namespace proxyattn::bench

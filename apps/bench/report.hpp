@@ -20,4 +20,7 @@ std::string rows_to_markdown(const std::vector<Row>& rows, const nlohmann::json&
 void write_reports(const std::string& dir, const std::vector<Row>& rows, const nlohmann::json& context,
                    const nlohmann::json& config);
 
+// Current UTC time, ISO 8601 ("2026-12-03T12:00:00Z"), for report contexts.
+std::string utc_now();
+
 }  // namespace proxyattn::bench

@@ -68,19 +68,6 @@ std::string read_file_text(const std::string& path) {
   return ss.str();
 }
 
-// Relative paths inside a sweep file resolve against the working directory, then the sweep
-// file's folder, then the project root two levels above it (configs/sweeps/..).
-std::string resolve_path(const std::string& p, const std::string& sweep_file) {
-  std::error_code ec;
-  if (p.empty() || fs::path(p).is_absolute() || fs::exists(p, ec)) return p;
-  if (!sweep_file.empty()) {
-    const fs::path dir = fs::path(sweep_file).parent_path();
-    for (const fs::path& c : {dir / p, dir / ".." / ".." / p})
-      if (fs::exists(c, ec)) return c.lexically_normal().string();
-  }
-  return p;
-}
-
 // A field that must be a list; a scalar is accepted as a one-element list.
 json as_list(const json& j, const std::string& where, const char* key) {
   const json& v = j.at(key);
@@ -286,6 +273,18 @@ void expand_method(const std::string& tok, const Axes& ax, const std::string& wh
 }
 
 }  // namespace
+
+std::string resolve_path(const std::string& p, const std::string& sweep_file) {
+  std::error_code ec;
+  if (p.empty() || fs::path(p).is_absolute() || fs::exists(p, ec)) return p;
+  if (!sweep_file.empty()) {
+    const fs::path dir = fs::path(sweep_file).parent_path();
+    for (const fs::path& c : {dir / p, dir / ".." / ".." / p})
+      if (fs::exists(c, ec)) return c.lexically_normal().string();
+  }
+  return p;
+}
+
 
 int64_t parse_length(const std::string& s, const std::string& what) {
   std::string t;

@@ -46,6 +46,10 @@ Sweep load_sweep(const std::string& path, const SweepOverrides& overrides);
 
 // "4096", "4K", "128k", "1M" (binary multiples) -> tokens; Error naming `what` otherwise.
 int64_t parse_length(const std::string& s, const std::string& what);
+// Relative paths inside a sweep file resolve against the working directory, then the sweep
+// file's folder, then the project root two levels above it (configs/sweeps/..).
+std::string resolve_path(const std::string& p, const std::string& sweep_file);
+
 // Shortest label of a length: 131072 -> "128K", 1000 -> "1000".
 std::string length_label(int64_t n);
 
