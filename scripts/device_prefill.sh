@@ -47,6 +47,13 @@ timeout $(tl 60) "$BUILD/apps/proxyattn-bench" prefill --sweep "$ROOT/configs/sw
   --models "$MODELS" --lengths "$LENGTHS" --methods "$METHODS" --reps "$REPS" --warmup 1 \
   --out "$OUT/prefill" >"$OUT/prefill.log" 2>&1
 echo "prefill rc=$?"; cat "$OUT/prefill.log" | tail -40
+# The evaluation model's shape (SmolLM2-135M's GGUF cannot reach this machine): issue 15's
+# GPU-vs-CPU budget, measured with random weights of the same shape.
+stamp "proxyattn-bench prefill (smollm2-135m shape)"
+timeout $(tl 40) "$BUILD/apps/proxyattn-bench" prefill --models "$ROOT/configs/models/smollm2-135m.json" \
+  --lengths 8K --methods full,proxyattn@density=0.1 --reps 5 --warmup 2 --quiet \
+  --out "$OUT/prefill_smollm2" >"$OUT/prefill_smollm2.log" 2>&1
+echo "prefill smollm2 rc=$?"; tail -8 "$OUT/prefill_smollm2.log"
 if grep -q -- "--prefill" "$ROOT/scripts/bench_peers.py" 2>/dev/null; then
   stamp "bench_peers.py --prefill"
   timeout $(tl 5) python3 "$ROOT/scripts/bench_peers.py" --prefill --sweep "$ROOT/configs/sweeps/prefill.json" \
