@@ -295,7 +295,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
                         q_.bytes() + k_.bytes() + v_.bytes() + o_.bytes() + orow_.bytes() + gu_.bytes() + act_.bytes() +
                         cs_.bytes() + sn_.bytes() + lg_.bytes());
     double need = workspace_bytes(c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, N, C);
-    if (device_policy && !device_policy->dense(0) && !(pipeline_for_ == device_policy && pipeline_n_ >= N)) {
+    if (device_policy && device_policy->spec().method && !(pipeline_for_ == device_policy && pipeline_n_ >= N)) {
       AttentionShape s{int(Hq), int(Hkv), int(D), N};
       need += DevicePipeline::bytes(device_policy->spec(), s);
     }
