@@ -16,6 +16,7 @@
 #include "proxyattn/dtype.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/kernels.h"
+#include "proxyattn/methods.hpp"
 #include "proxyattn/model/gguf.hpp"
 #include "proxyattn/model/model.hpp"
 #include "proxyattn/model_config.hpp"
@@ -116,6 +117,18 @@ void upload_heads(const Tensor3& t, void* p, int64_t head_stride, int64_t row0) 
        "upload attention output");
     ck(kn::synchronize(), "synchronize");
   }
+}
+
+// What a built pipeline depends on: a policy object can be reused (a benchmark's std::optional)
+// with another spec at the same address.
+std::string spec_key(const PipelineSpec& p) {
+  if (!p.method) return "full";
+  EstimatorConfig c = p.config;
+  c.block = p.block;
+  return p.method->name + "|" + std::to_string(p.block) + "|" + std::to_string(p.groups) + "|" +
+         std::to_string(p.query_stride) + "|" + std::to_string(p.gamma) + "|" + std::to_string(p.k_min) + "|" +
+         (p.density ? std::to_string(*p.density) : "-") + "|" + std::to_string(p.scale_once) + "|" +
+         p.method->config_json(c).dump();
 }
 
 // A device buffer that only grows.
@@ -256,7 +269,7 @@ class CudaLlama final : public Model {
   kn::DeviceBuffer x_, hn_, qkv_, q_, k_, v_, o_, orow_, gu_, act_, cs_, sn_, tok_, lg_, nll_, sel_, counts_;
   kn::DeviceBuffer mask_indptr_, mask_indices_;
   std::optional<DevicePipeline> pipeline_;
-  const DevicePipelineAttention* pipeline_for_ = nullptr;
+  std::string pipeline_key_;  // spec_key of the built pipeline
   int64_t pipeline_n_ = 0;
   kn::EventLog events_;
 };
@@ -295,7 +308,8 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
                         q_.bytes() + k_.bytes() + v_.bytes() + o_.bytes() + orow_.bytes() + gu_.bytes() + act_.bytes() +
                         cs_.bytes() + sn_.bytes() + lg_.bytes());
     double need = workspace_bytes(c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, N, C);
-    if (device_policy && device_policy->spec().method && !(pipeline_for_ == device_policy && pipeline_n_ >= N)) {
+    if (device_policy && device_policy->spec().method &&
+        !(pipeline_key_ == spec_key(device_policy->spec()) && pipeline_n_ >= N)) {
       AttentionShape s{int(Hq), int(Hkv), int(D), N};
       need += DevicePipeline::bytes(device_policy->spec(), s);
     }
@@ -326,10 +340,11 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
   }
   if (device_policy) {
     device_policy->densities().clear();
-    if (!(pipeline_for_ == device_policy && pipeline_n_ >= N)) {
+    const std::string key = spec_key(device_policy->spec());
+    if (!(pipeline_ && pipeline_key_ == key && pipeline_n_ >= N)) {
       pipeline_.reset();
       pipeline_.emplace(device_policy->spec(), AttentionShape{int(Hq), int(Hkv), int(D), N});
-      pipeline_for_ = device_policy;
+      pipeline_key_ = key;
       pipeline_n_ = N;
     }
   }
