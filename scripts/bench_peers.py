@@ -23,6 +23,19 @@ Writes OUT/peers.json, OUT/peers.csv, OUT/peers.md with the row schema of proxya
 (apps/bench/bench.hpp). speedup_vs_full / pct_of_full are relative to sdpa_flash at the same N.
 
   python3 scripts/bench_peers.py --sweep configs/sweeps/fig4_speedup.json --masks M --check C --out R
+
+Prefill (a sweep of kind "prefill", or --prefill): the peer of proxyattn-bench's prefill mode, the
+same random-weight model (configs/models/*.json with the whole-model fields; Llama family:
+embeddings, RMSNorm, RoPE, GQA attention, SwiGLU MLP, final norm, lm_head of the last token) as a
+plain torch forward, batch 1, bf16, attention by SDPA causal with the cuDNN (torch_sdpa_cudnn) or
+flash (torch_sdpa_flash) backend. Time to first token (CUDA events, median/min/max of the whole
+forward) with its stages (linear, elementwise, attention, logits: events between the ops of the
+same runs; attention per layer in the JSON), the projections' TFLOP/s beside a cuBLAS GEMM ceiling
+measured in the same run, and peak memory. Shapes that do not fit are skipped before allocating.
+Writes OUT/prefill_peers.{json,csv,md} with the columns of proxyattn-bench's prefill.csv.
+--device cpu runs it on the CPU with SDPA's math backend (the tests' tiny models).
+
+  python3 scripts/bench_peers.py --sweep configs/sweeps/prefill.json --out R
 """
 from __future__ import annotations
 
@@ -98,21 +111,25 @@ def load_json(path: str) -> dict:
     return j
 
 
-def load_model(sweep: dict, sweep_path: str) -> dict:
-    m = sweep.get("model", "configs/models/llama-3.1-8b.json")
+def model_config(m, sweep_path: str) -> dict:
+    """A model config: an inline object, or a file path as given, beside the sweep or from the
+    repository root (configs/models/NAME.json)."""
     if isinstance(m, dict):
-        return {"name": m.get("name", "inline"), "num_q_heads": int(m["num_q_heads"]),
-                "num_kv_heads": int(m["num_kv_heads"]), "head_dim": int(m["head_dim"])}
+        return {"name": "inline", **m}
     cands = [Path(m)]
     if sweep_path:
         d = Path(sweep_path).parent
         cands += [d / m, d / ".." / ".." / m]
     for c in cands:
         if c.exists():
-            j = load_json(str(c))
-            return {"name": j["name"], "num_q_heads": int(j["num_q_heads"]),
-                    "num_kv_heads": int(j["num_kv_heads"]), "head_dim": int(j["head_dim"])}
+            return load_json(str(c))
     raise PeerError(f"{sweep_path or 'sweep'}: model file {m!r} not found")
+
+
+def load_model(sweep: dict, sweep_path: str) -> dict:
+    j = model_config(sweep.get("model", "configs/models/llama-3.1-8b.json"), sweep_path)
+    return {"name": j["name"], "num_q_heads": int(j["num_q_heads"]),
+            "num_kv_heads": int(j["num_kv_heads"]), "head_dim": int(j["head_dim"])}
 
 
 def read_mask(path: str) -> dict:
@@ -273,13 +290,13 @@ def new_row(model: dict, family: str, method: str, n: int, block: int, dtype="bf
     return r
 
 
-def rows_to_csv(rows) -> str:
+def rows_to_csv(rows, columns=COLUMNS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    w.writerow(columns)
     for r in rows:
         w.writerow(["" if r.get(c) is None else (f"{r[c]:.9g}" if isinstance(r[c], float) else r[c])
-                     for c in COLUMNS])
+                     for c in columns])
     return buf.getvalue()
 
 
@@ -334,32 +351,217 @@ def nvidia_smi() -> str:
         return ""
 
 
-def plan(sweep: dict, sweep_path: str, args) -> dict:
-    """Axes of the peer run from the sweep's 'peers' section and the command line."""
+def _axes(sweep: dict, sweep_path: str, args, default_methods: list, valid: list) -> dict:
+    """Lengths, peer methods, repetitions and warmup from the command line, else the sweep's
+    'peers' section, else the sweep itself."""
     peers = sweep.get("peers", {})
     if not isinstance(peers, dict):
         raise PeerError(f"{sweep_path}: 'peers' must be an object")
-    lengths = args.lengths or peers.get("lengths") or sweep.get("lengths")
+    lengths = getattr(args, "lengths", None) or peers.get("lengths") or sweep.get("lengths")
     if not lengths:
         raise PeerError(f"{sweep_path or 'command line'}: no lengths")
     lengths = sorted({parse_length(x) for x in (lengths if isinstance(lengths, list) else [lengths])})
-    methods = args.methods or peers.get("methods") or ["sdpa_flash", "sdpa_cudnn"]
+    methods = getattr(args, "methods", None) or peers.get("methods") or default_methods
     if not methods:
         raise PeerError("no peer methods")
     for m in methods:
-        if m not in PEER_METHODS:
-            raise PeerError(f"unknown peer method {m!r} (valid: {', '.join(PEER_METHODS)})")
-    flex_lengths = peers.get("flex_lengths")
-    flex_lengths = sorted({parse_length(x) for x in flex_lengths}) if flex_lengths else lengths
-    reps = args.reps or int(peers.get("repetitions", sweep.get("repetitions", 5)))
-    warmup = args.warmup if args.warmup is not None else int(peers.get("warmup", sweep.get("warmup", 1)))
+        if m not in valid:
+            raise PeerError(f"unknown peer method {m!r} (valid: {', '.join(valid)})")
+    reps = getattr(args, "reps", None) or int(peers.get("repetitions", sweep.get("repetitions", 5)))
+    warmup = getattr(args, "warmup", None)
+    warmup = warmup if warmup is not None else int(peers.get("warmup", sweep.get("warmup", 1)))
     if reps < 1 or warmup < 0:
         raise PeerError("repetitions must be >= 1 and warmup >= 0")
+    return {"peers": peers, "lengths": lengths, "methods": list(methods), "reps": reps, "warmup": warmup}
+
+
+def is_prefill(sweep: dict, args=None) -> bool:
+    return sweep.get("kind") == "prefill" or bool(getattr(args, "prefill", False))
+
+
+def plan(sweep: dict, sweep_path: str, args) -> dict:
+    """Axes of the peer run from the sweep's 'peers' section and the command line (a sweep of
+    kind "prefill": prefill_plan)."""
+    if is_prefill(sweep, args):
+        return prefill_plan(sweep, sweep_path, args)
+    a = _axes(sweep, sweep_path, args, ["sdpa_flash", "sdpa_cudnn"], PEER_METHODS)
+    peers, lengths = a.pop("peers"), a["lengths"]
+    flex_lengths = peers.get("flex_lengths")
+    flex_lengths = sorted({parse_length(x) for x in flex_lengths}) if flex_lengths else lengths
     strides = [int(s) for s in peers.get("xattn_strides", [8])]
-    return {"lengths": lengths, "methods": methods, "flex_lengths": flex_lengths,
+    return {**a, "kind": "attention", "flex_lengths": flex_lengths,
             "flex_masks": list(peers.get("flex_masks", ["sparse@", "proxyattn@"])),
-            "reps": reps, "warmup": warmup, "xattn_strides": strides,
-            "block": int(sweep.get("block", 128)), "seed": int(sweep.get("seed", 1))}
+            "xattn_strides": strides, "block": int(sweep.get("block", 128)), "seed": int(sweep.get("seed", 1))}
+
+
+# ---------------------------------------------------------------- prefill: the whole model (torch-free)
+#
+# The peer of proxyattn-bench's prefill mode: the same random-weight model (Llama family:
+# embeddings, RMSNorm, RoPE, GQA attention, SwiGLU MLP, final norm, lm_head of the last token)
+# as a plain torch forward with SDPA, batch 1, bf16. Columns as prefill.csv of proxyattn-bench.
+
+PREFILL_COLUMNS = [
+    "source", "device", "model", "method", "n", "dtype", "layers", "density", "ttft_ms", "ttft_ms_min",
+    "ttft_ms_max", "reps", "linear_ms", "elementwise_ms", "estimation_ms", "attention_ms", "logits_ms",
+    "linear_tflops", "gemm_ceiling_tflops", "linear_pct_of_ceiling", "peak_mem_gib", "speedup_vs_full",
+    "status", "reason",
+]
+PREFILL_STAGES = ["linear", "elementwise", "estimation", "attention", "logits"]
+PREFILL_PEER_METHODS = ["torch_sdpa_cudnn", "torch_sdpa_flash"]
+PREFILL_MODEL_FIELDS = ["num_layers", "num_q_heads", "num_kv_heads", "head_dim", "hidden_size",
+                        "intermediate_size", "vocab_size"]
+
+
+def prefill_model(spec, sweep_path: str) -> dict:
+    """A model config with the whole-model fields the prefill needs, checked."""
+    j = model_config(spec, sweep_path)
+    name = j.get("name", "inline")
+    missing = [k for k in PREFILL_MODEL_FIELDS if k not in j]
+    if missing:
+        raise PeerError(f"model {name}: no {', '.join(missing)} (the prefill needs the whole-model fields)")
+    m = {"name": str(name)}
+    for k in PREFILL_MODEL_FIELDS:
+        v = j[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PeerError(f"model {name}: {k} = {v!r} must be a positive integer")
+        m[k] = v
+    if m["num_q_heads"] % m["num_kv_heads"]:
+        raise PeerError(f"model {name}: num_kv_heads {m['num_kv_heads']} does not divide "
+                        f"num_q_heads {m['num_q_heads']}")
+    m["rope_theta"] = float(j.get("rope_theta", 10000.0))
+    m["rms_norm_eps"] = float(j.get("rms_norm_eps", 1e-5))
+    m["qkv_bias"] = bool(j.get("qkv_bias", False))
+    if not (m["rope_theta"] > 0 and m["rms_norm_eps"] > 0):
+        raise PeerError(f"model {name}: rope_theta and rms_norm_eps must be positive")
+    return m
+
+
+def prefill_plan(sweep: dict, sweep_path: str, args) -> dict:
+    """Models, lengths, peer methods and timing of the prefill peer run."""
+    a = _axes(sweep, sweep_path, args, PREFILL_PEER_METHODS, PREFILL_PEER_METHODS)
+    a.pop("peers")
+    models = getattr(args, "model", None)
+    models = models.split(",") if models else (sweep.get("models") or
+                                               ([sweep["model"]] if "model" in sweep else None))
+    if not models or not isinstance(models, list):
+        raise PeerError(f"{sweep_path or 'command line'}: no models (a list 'models' or --model)")
+    chunk = getattr(args, "mlp_chunk", None)
+    chunk = chunk if chunk is not None else sweep.get("mlp_chunk", 16384)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise PeerError(f"mlp_chunk {chunk!r} must be a positive integer (tokens)")
+    device = getattr(args, "device", None) or "cuda"
+    if device not in ("cuda", "cpu"):
+        raise PeerError(f"device {device!r} must be cuda or cpu")
+    max_mem = getattr(args, "max_mem_gib", None)
+    if max_mem is not None and not max_mem > 0:
+        raise PeerError(f"--max-mem-gib {max_mem} must be positive")
+    return {**a, "kind": "prefill", "models": [prefill_model(m, sweep_path) for m in models],
+            "mlp_chunk": chunk, "seed": int(sweep.get("seed", 1)), "device": device, "max_mem_gib": max_mem}
+
+
+def _layer_linear_params(m: dict) -> int:
+    h, d = m["hidden_size"], m["head_dim"]
+    qkv = h * (m["num_q_heads"] + 2 * m["num_kv_heads"]) * d
+    return qkv + m["num_q_heads"] * d * h + 3 * h * m["intermediate_size"]
+
+
+def prefill_param_count(m: dict) -> int:
+    """Parameters of the model as built here: untied embeddings and lm_head, fused QKV (+ bias)."""
+    h = m["hidden_size"]
+    bias = (m["num_q_heads"] + 2 * m["num_kv_heads"]) * m["head_dim"] if m["qkv_bias"] else 0
+    return 2 * m["vocab_size"] * h + h + m["num_layers"] * (_layer_linear_params(m) + bias + 2 * h)
+
+
+def prefill_linear_flops(m: dict, n: int) -> float:
+    """FLOPs of every projection over N tokens (QKV, O, gate/up, down); the lm_head is in logits."""
+    return 2.0 * n * _layer_linear_params(m) * m["num_layers"]
+
+
+def prefill_memory_bytes(m: dict, n: int, mlp_chunk: int) -> tuple[int, int]:
+    """(weights, activations) in bytes of the torch forward at N tokens, bf16: a generous bound
+    (the activations of one layer all live at once, GQA's expanded K/V included, MLP on chunks of
+    mlp_chunk tokens), plus 1 GiB for the library workspaces."""
+    h, d, hq, hkv = m["hidden_size"], m["head_dim"], m["num_q_heads"], m["num_kv_heads"]
+    c = min(n, mlp_chunk)
+    weights = 2 * prefill_param_count(m)
+    act = 2 * (3 * n * h                      # residual, normed input, O projection
+               + n * (hq + 2 * hkv) * d       # fused QKV
+               + 3 * n * hq * d + n * hkv * d  # Q, K after RoPE and RoPE's temporaries
+               + 2 * n * hq * d               # K/V expanded to the query heads (if SDPA cannot do GQA)
+               + n * hq * d                   # attention output
+               + 2 * n * d                    # cos/sin
+               + c * (4 * m["intermediate_size"] + 2 * h))  # MLP chunk: gate/up, activation, down, norm
+    act += 4 * hq * n + 4 * n * d             # softmax statistics, float32 angles
+    return weights, act + (1 << 30)
+
+
+def prefill_fit(m: dict, n: int, mlp_chunk: int, avail_bytes: float) -> str:
+    """'' when the case fits in 90 % of avail_bytes, else the reason it is skipped."""
+    w, a = prefill_memory_bytes(m, n, mlp_chunk)
+    if w + a <= 0.9 * avail_bytes:
+        return ""
+    return (f"would not fit memory: needs {(w + a) / 2**30:.1f} GiB (weights {w / 2**30:.1f}, activations "
+            f"{a / 2**30:.1f}), {avail_bytes / 2**30:.1f} GiB available")
+
+
+def prefill_row(m: dict, method: str, n: int, device: str) -> dict:
+    r = {c: None for c in PREFILL_COLUMNS}
+    r.update(source="bench_peers", device=device, model=m["name"], method=method, n=n, dtype="bf16",
+             layers=m["num_layers"], density=1.0, reps=0, status="ok", reason="")
+    return r
+
+
+def fill_prefill_row(r: dict, m: dict, totals: list, stages: list, ceiling=None, peak_bytes=None) -> None:
+    """TTFT median/min/max of the repetitions, the median of each stage (stages: one dict per
+    repetition, stage -> ms), linear TFLOP/s and its share of the GEMM ceiling."""
+    r["reps"] = len(totals)
+    r["ttft_ms"], r["ttft_ms_min"], r["ttft_ms_max"] = float(np.median(totals)), float(min(totals)), float(max(totals))
+    for st in PREFILL_STAGES:
+        vals = [s[st] for s in stages if s.get(st) is not None]
+        r[f"{st}_ms"] = float(np.median(vals)) if vals else None
+    if r["linear_ms"]:
+        r["linear_tflops"] = prefill_linear_flops(m, r["n"]) / (r["linear_ms"] * 1e-3) / 1e12
+    if ceiling:
+        r["gemm_ceiling_tflops"] = ceiling
+        if r["linear_tflops"]:
+            r["linear_pct_of_ceiling"] = 100.0 * r["linear_tflops"] / ceiling
+    if peak_bytes is not None:
+        r["peak_mem_gib"] = peak_bytes / 2**30
+
+
+def prefill_markdown(rows, ctx) -> str:
+    def f(v, spec="{:.1f}"):
+        return "–" if v is None else spec.format(v)
+    out = [f"# bench_peers prefill: {ctx.get('sweep', 'run')}\n",
+           f"Device: {ctx.get('device_name', '?')} · torch {ctx.get('torch', '?')} · {ctx.get('date', '?')} · "
+           f"timing: {ctx.get('timing', '?')}\n",
+           "| model | method | N | TTFT ms (min–max) | linear ms | elementwise ms | attention ms | logits ms | "
+           "linear TFLOP/s (% of GEMM ceiling) | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    skipped = []
+    for r in rows:
+        if r["status"] != "ok":
+            skipped.append(r)
+            continue
+        pct = f" ({r['linear_pct_of_ceiling']:.0f} %)" if r["linear_pct_of_ceiling"] is not None else ""
+        out.append(f"| {r['model']} | {r['method']} | {length_label(r['n'])} | {r['ttft_ms']:.1f} "
+                   f"({r['ttft_ms_min']:.1f}–{r['ttft_ms_max']:.1f}) | {f(r['linear_ms'])} | "
+                   f"{f(r['elementwise_ms'])} | {f(r['attention_ms'])} | {f(r['logits_ms'], '{:.2f}')} | "
+                   f"{f(r['linear_tflops'])}{pct} | {f(r['peak_mem_gib'])} |")
+    if skipped:
+        out.append("\nNot run:\n")
+        out += [f"- {r['model']} {r['method']} N={length_label(r['n'])}: {r['status']} — {r['reason']}"
+                for r in skipped]
+    return "\n".join(out) + "\n"
+
+
+def write_prefill(out: Path, doc: dict) -> str:
+    """prefill_peers.{json,csv,md} in out, each written atomically; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "prefill_peers.json", json.dumps(doc, indent=2, default=float) + "\n")
+    write_atomic(out / "prefill_peers.csv", rows_to_csv(doc["rows"], PREFILL_COLUMNS))
+    md = prefill_markdown(doc["rows"], doc["context"])
+    write_atomic(out / "prefill_peers.md", md)
+    return md
 
 
 # ---------------------------------------------------------------- torch part (GPU machine)
@@ -648,19 +850,332 @@ def xattn_estimate_torch(torch, F, q, k, stride, block, tau, chunk_bytes=2 << 30
     return sel
 
 
+# ---------------------------------------------------------------- prefill: torch part
+
+class StageTimer:
+    """Marks inside one forward; the time since the previous mark goes to the named stage. CUDA
+    events on a GPU (read after the forward's last event completes, so timing adds no
+    synchronisation), perf_counter on the CPU (its ops are synchronous)."""
+
+    def __init__(self, torch, cuda: bool):
+        self.torch, self.cuda = torch, cuda
+        self.marks = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = self.torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def start(self):
+        self.marks = [(None, None, self._now())]
+
+    def mark(self, stage: str, layer=None):
+        self.marks.append((stage, layer, self._now()))
+
+    def read(self) -> tuple[float, dict, dict]:
+        """(total ms, stage -> ms, layer -> attention ms)."""
+        if self.cuda:
+            self.marks[-1][2].synchronize()
+            ms = lambda a, b: a.elapsed_time(b)  # noqa: E731
+        else:
+            ms = lambda a, b: (b - a) * 1e3  # noqa: E731
+        stages, per_layer = {}, {}
+        for (_, _, t0), (stage, layer, t1) in zip(self.marks, self.marks[1:]):
+            dt = ms(t0, t1)
+            stages[stage] = stages.get(stage, 0.0) + dt
+            if stage == "attention":
+                per_layer[layer] = per_layer.get(layer, 0.0) + dt
+        return ms(self.marks[0][2], self.marks[-1][2]), stages, per_layer
+
+
+class _NoTimer:
+    def start(self):
+        pass
+
+    def mark(self, stage, layer=None):
+        pass
+
+
+def prefill_weights(torch, m: dict, device, seed: int) -> dict:
+    """Seeded random bf16 weights, nn.Linear layout [out, in]: N(0, 0.02) everywhere, norm weights
+    1 (activations stay finite at any depth). Untied embeddings and lm_head, fused QKV and
+    gate/up projections."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    h, d, i = m["hidden_size"], m["head_dim"], m["intermediate_size"]
+    qkv_out = (m["num_q_heads"] + 2 * m["num_kv_heads"]) * d
+
+    def normal(*shape):
+        return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen)
+
+    def ones(*shape):
+        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+
+    w = {"embed": normal(m["vocab_size"], h), "norm": ones(h), "lm_head": normal(m["vocab_size"], h), "layers": []}
+    for _ in range(m["num_layers"]):
+        w["layers"].append({"attn_norm": ones(h), "qkv": normal(qkv_out, h),
+                            "qkv_bias": normal(qkv_out) if m["qkv_bias"] else None,
+                            "o": normal(h, m["num_q_heads"] * d), "mlp_norm": ones(h),
+                            "gate_up": normal(2 * i, h), "down": normal(h, i)})
+    return w
+
+
+def prefill_forward(torch, F, w: dict, m: dict, tokens, attend, timer=None, mlp_chunk: int = 16384,
+                    layers=None):
+    """The whole model on tokens [N] (batch 1), logits [1, vocab] of the last token. attend(q, k, v)
+    takes [1, Hq, N, d] and [1, Hkv, N, d] and returns [1, Hq, N, d]. layers: the layers to run
+    (default all; warm-up runs one: every layer has the same shapes)."""
+    timer = timer or _NoTimer()
+    n, hq, hkv, d = tokens.numel(), m["num_q_heads"], m["num_kv_heads"], m["head_dim"]
+    eps = m["rms_norm_eps"]
+
+    def rms(x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    x = w["embed"][tokens]  # [N, H]
+    inv = 1.0 / (m["rope_theta"] ** (torch.arange(0, d, 2, device=tokens.device, dtype=torch.float32) / d))
+    ang = torch.outer(torch.arange(n, device=tokens.device, dtype=torch.float32), inv)
+    ang = torch.cat((ang, ang), dim=-1)[:, None, :]  # [N, 1, d]
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    del ang
+
+    def rope(t):  # [N, H, d], HF's rotate_half
+        t1, t2 = t[..., : d // 2], t[..., d // 2:]
+        return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+    def attention_block(li, lw):
+        h = rms(x, lw["attn_norm"])
+        timer.mark("elementwise")
+        qkv = F.linear(h, lw["qkv"], lw["qkv_bias"])
+        del h
+        timer.mark("linear")
+        q = rope(qkv[:, : hq * d].view(n, hq, d))
+        k = rope(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d))
+        v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+        timer.mark("elementwise")
+        o = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        del q, k, v, qkv
+        timer.mark("attention", li)
+        o = o[0].transpose(0, 1).reshape(n, hq * d)  # a view when SDPA's output is token-major
+        timer.mark("elementwise")
+        o = F.linear(o, lw["o"])
+        timer.mark("linear")
+        x.add_(o)
+        timer.mark("elementwise")
+
+    def mlp_block(lw):
+        for s in range(0, n, mlp_chunk):
+            xs = x[s:s + mlp_chunk]
+            h = rms(xs, lw["mlp_norm"])
+            timer.mark("elementwise")
+            gu = F.linear(h, lw["gate_up"])
+            timer.mark("linear")
+            g, u = gu.chunk(2, dim=-1)
+            a = F.silu(g) * u
+            del gu, g, u
+            timer.mark("elementwise")
+            dn = F.linear(a, lw["down"])
+            del a
+            timer.mark("linear")
+            xs.add_(dn)
+            timer.mark("elementwise")
+
+    timer.mark("elementwise")  # embeddings and the RoPE table
+    for li in (range(m["num_layers"]) if layers is None else layers):
+        attention_block(li, w["layers"][li])
+        mlp_block(w["layers"][li])
+    logits = F.linear(rms(x[-1:], w["norm"]), w["lm_head"])
+    timer.mark("logits")
+    return logits
+
+
+def make_attend(torch, F, notes: dict):
+    """torch SDPA, causal, GQA through enable_gqa; where the active backend refuses that, K/V
+    expanded to the query heads (repeat_interleave, what a user would do next), noted in notes."""
+    notes.setdefault("gqa", "enable_gqa")
+
+    def attend(q, k, v):
+        if notes["gqa"] == "enable_gqa" or q.shape[1] == k.shape[1]:
+            try:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            except RuntimeError as e:
+                if q.shape[1] == k.shape[1]:
+                    raise
+                notes["gqa"] = "expanded K/V (repeat_interleave)"
+                notes["gqa_refused"] = str(e).splitlines()[0][:300]
+        r = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1),
+                                              is_causal=True)
+    return attend
+
+
+def gemm_ceiling(torch, m: dict, dev, reps: int = 10) -> dict:
+    """Plain cuBLAS bf16 GEMMs (torch.nn.functional.linear, as the projections) in the same run:
+    8192^3 and the model's gate/up projection at 16384 tokens; the ceiling is the faster."""
+    best = {"tflops": 0.0}
+    for mm, kk, nn in ((8192, 8192, 8192), (16384, m["hidden_size"], 2 * m["intermediate_size"])):
+        a = torch.randn(mm, kk, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(nn, kk, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            torch.nn.functional.linear(a, b)
+        ts = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            torch.nn.functional.linear(a, b)
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1))
+        tf = 2.0 * mm * kk * nn / (float(np.median(ts)) * 1e-3) / 1e12
+        if tf > best["tflops"]:
+            best = {"tflops": tf, "m": mm, "k": kk, "n": nn, "ms": float(np.median(ts))}
+        del a, b
+    return best
+
+
+def available_bytes(torch, cuda: bool) -> int:
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_prefill(args, sweep: dict, p: dict) -> int:
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:
+        raise PeerError(f"the prefill peer needs torch ({e})")
+    cuda = p["device"] == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise PeerError("no CUDA device visible to torch (--device cpu runs the forward on the CPU)")
+    dev = torch.device(p["device"])
+    backends = {"torch_sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "torch_sdpa_flash": SDPBackend.FLASH_ATTENTION}
+    if not cuda:  # the CPU has neither: the code path is tested with the math backend
+        backends = {k: SDPBackend.MATH for k in backends}
+    props = torch.cuda.get_device_properties(0) if cuda else None
+    ctx = {"tool": "bench_peers", "kind": "prefill",
+           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "host": socket.gethostname(), "command": " ".join(sys.argv), "git_sha": git_sha(),
+           "device": p["device"], "device_name": props.name if cuda else "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if cuda else None,
+           "nvidia_smi_start": nvidia_smi() if cuda else "", "sweep": sweep.get("name", "cli"),
+           "models": [mm["name"] for mm in p["models"]], "mlp_chunk": p["mlp_chunk"], "seed": p["seed"],
+           "sdpa_backends": {k: v.name for k, v in backends.items()},
+           "timing": ("CUDA events" if cuda else "perf_counter") + f", median of {p['reps']} repetitions of the "
+                     f"whole forward after {p['warmup']} warm-up run(s) of one layer (+ logits) at the same shapes; "
+                     "stages from marks between the ops of the same runs",
+           "model_build": "torch forward: fused QKV (+ bias) and gate/up linears, F.rms_norm, RoPE rotate_half, "
+                          "SDPA causal (enable_gqa), SwiGLU, MLP in chunks of mlp_chunk tokens, final norm + "
+                          "lm_head of the last token; bf16 weights N(0, 0.02), norms 1, untied lm_head; "
+                          "embedding lookup and RoPE table counted as elementwise",
+           "gemm_ceiling": {}}
+    if cuda:
+        ctx["global_mem_gib"] = props.total_memory / 2**30
+    rows = []
+    t_start = time.time()
+    for m in p["models"]:
+        avail = p["max_mem_gib"] * 2**30 if p["max_mem_gib"] else available_bytes(torch, cuda)
+        reasons = {n: prefill_fit(m, n, p["mlp_chunk"], avail) for n in p["lengths"]}
+        for n in p["lengths"]:
+            if reasons[n]:
+                for meth in p["methods"]:
+                    r = prefill_row(m, meth, n, p["device"])
+                    r["status"], r["reason"] = "skipped", reasons[n]
+                    rows.append(r)
+        if all(reasons.values()):
+            continue
+        print(f"bench_peers: prefill {m['name']}: weights ({prefill_param_count(m) / 1e6:.1f} M parameters)",
+              file=sys.stderr, flush=True)
+        w = prefill_weights(torch, m, dev, p["seed"])
+        ceiling = None
+        if cuda:
+            ctx["gemm_ceiling"][m["name"]] = gemm_ceiling(torch, m, dev)
+            ceiling = ctx["gemm_ceiling"][m["name"]]["tflops"]
+        gen = torch.Generator(device=dev)
+        for n in p["lengths"]:
+            if reasons[n]:
+                continue
+            gen.manual_seed(p["seed"] * 1000003 + n)
+            tokens = torch.randint(0, m["vocab_size"], (n,), device=dev, generator=gen)
+            for meth in p["methods"]:
+                print(f"bench_peers: prefill {m['name']} {meth} N={length_label(n)}", file=sys.stderr, flush=True)
+                r = prefill_row(m, meth, n, p["device"])
+                notes = {"sdpa_backend": backends[meth].name}
+                attend = make_attend(torch, F, notes)
+                try:
+                    with torch.inference_mode(), sdpa_kernel(backends[meth]):
+                        for _ in range(p["warmup"]):
+                            prefill_forward(torch, F, w, m, tokens, attend, mlp_chunk=p["mlp_chunk"], layers=[0])
+                        if cuda:
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                        totals, stages, layer_ms = [], [], []
+                        for _ in range(p["reps"]):
+                            timer = StageTimer(torch, cuda)
+                            timer.start()
+                            prefill_forward(torch, F, w, m, tokens, attend, timer, p["mlp_chunk"])
+                            tot, st, per_layer = timer.read()
+                            totals.append(tot)
+                            stages.append(st)
+                            layer_ms.append([per_layer[i] for i in sorted(per_layer)])
+                    fill_prefill_row(r, m, totals, stages, ceiling,
+                                     torch.cuda.max_memory_allocated() if cuda else None)
+                    notes["attention_ms_per_layer"] = [float(x) for x in np.median(np.array(layer_ms), axis=0)]
+                except Exception as e:  # a backend may refuse a shape, memory may run out: record, go on
+                    r["status"], r["reason"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                r["extra"] = notes
+                rows.append(r)
+                if cuda:
+                    torch.cuda.empty_cache()
+            del tokens
+        del w
+        if cuda:
+            torch.cuda.empty_cache()
+    ctx["elapsed_s"] = time.time() - t_start
+    ctx["nvidia_smi_end"] = nvidia_smi() if cuda else ""
+    doc = {"schema_version": 1, "tool": "bench_peers", "kind": "prefill", "context": ctx,
+           "config": {"sweep": sweep, "plan": p}, "columns": PREFILL_COLUMNS, "rows": rows}
+    print(write_prefill(Path(args.out), doc))
+    if any(r["status"] == "error" for r in rows):
+        print("bench_peers: error: some prefill cases failed (reasons in prefill_peers.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", help="sweep file (configs/sweeps/NAME.json); its 'peers' section is read")
-    ap.add_argument("--model", help="model config (overrides the sweep's)")
+    ap.add_argument("--model", help="model config (overrides the sweep's; prefill: a comma-separated list)")
     ap.add_argument("--lengths", type=lambda s: [x for x in s.split(",") if x], help="e.g. 4K,32K,131072")
-    ap.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x], help=", ".join(PEER_METHODS))
+    ap.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x],
+                    help=f"{', '.join(PEER_METHODS)}; prefill: {', '.join(PREFILL_PEER_METHODS)}")
+    ap.add_argument("--prefill", action="store_true", help="the whole model's prefill (also a sweep of kind "
+                                                           "\"prefill\"): prefill_peers.{json,csv,md}")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="prefill only: cpu runs the forward on the CPU "
+                                                             "with SDPA's math backend (tests)")
+    ap.add_argument("--mlp-chunk", type=int, help="prefill: MLP over chunks of this many tokens (the sweep's "
+                                                  "mlp_chunk, default 16384)")
+    ap.add_argument("--max-mem-gib", type=float, help="prefill: memory to plan for instead of what the device "
+                                                      "reports free")
     ap.add_argument("--masks", help="proxyattn-bench --export-masks directory (for flex_sparse)")
     ap.add_argument("--check", help="proxyattn-bench --export-check directory (numerical check)")
     ap.add_argument("--check-only", action="store_true", help="only run the check (numpy reference, no torch needed "
                                                               "unless FlexAttention is requested)")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--warmup", type=int)
-    ap.add_argument("--out", help="output directory (peers.json, peers.csv, peers.md)")
+    ap.add_argument("--out", help="output directory (peers.json, peers.csv, peers.md; prefill_peers.*)")
     args = ap.parse_args(argv)
     try:
         if args.check_only:
@@ -670,6 +1185,13 @@ def main(argv=None) -> int:
             print(json.dumps(res, indent=2))
             return 0 if res["passed"] else 1
         sweep = load_json(args.sweep) if args.sweep else {}
+        if is_prefill(sweep, args):
+            p = prefill_plan(sweep, args.sweep or "", args)
+            if not args.out:
+                raise PeerError("--out DIR is required")
+            return run_prefill(args, sweep, p)
+        if args.device or args.mlp_chunk is not None or args.max_mem_gib is not None:
+            raise PeerError("--device, --mlp-chunk and --max-mem-gib are for the prefill (--prefill)")
         if args.model:
             sweep["model"] = args.model
         model = load_model(sweep, args.sweep or "")

@@ -238,18 +238,18 @@ def test_shipped_sweeps_parse(tmp_path):
     files = sorted((SRC / "configs" / "sweeps").glob("*.json"))
     assert files
     for f in files:
-        if json.loads(f.read_text()).get("kind") == "prefill":
+        sw = json.loads(f.read_text())
+        # The peer script accepts the same file (a prefill sweep: its prefill plan).
+        plan = bench_peers.plan(sw, str(f), type("A", (), {"lengths": None, "methods": None, "reps": None,
+                                                           "warmup": None})())
+        assert plan["lengths"] and plan["methods"]
+        if sw.get("kind") == "prefill":
             continue  # proxyattn-bench prefill's (test_prefill_sweep_parses)
         out = tmp_path / f.stem
         p = run("--sweep", f, "--device", "cpu", "--cpu-max-len", 1, "--out", out, "--quiet")
         assert p.returncode == 0, (f, p.stderr)
         rows = read_csv(out / "bench.csv")
         assert rows and all(r["status"] == "skipped" for r in rows)
-        sw = json.loads(f.read_text())
-        # The peer script accepts the same file.
-        plan = bench_peers.plan(sw, str(f), type("A", (), {"lengths": None, "methods": None, "reps": None,
-                                                           "warmup": None})())
-        assert plan["lengths"] and plan["methods"]
 
 
 def test_prefill_sweep_parses_and_needs_a_gpu(tmp_path):
