@@ -7,9 +7,16 @@
   Fig. 5b analogue fig5b_estimation.{png,pdf}: estimation latency at 128K (or the longest length
                    measured) as a percentage of our full causal attention, per estimator.
   p_targets.md     the P1-P4 rows of PERFORMANCE.md with the measured values, device, date, command.
+  prefill_MODEL.{png,pdf}  whole-model prefill (issue 16): time to first token vs N per method
+                   (log-log, torch peers dashed), and the stages (linear, elementwise, estimation,
+                   attention, logits) of our full attention and ProxyAttn at density 0.1 as stacked
+                   bars, in % of our full-attention TTFT at each N.
+  prefill_table.md per model: TTFT per method vs N with the speedup over our full attention, torch
+                   SDPA's TTFT, the linear layers' % of the GEMM ceiling, and issue 16's targets.
 
-Input: directories holding bench.csv / peers.csv (searched recursively) plus their .json twins
-(for the context: device, date, command). Hook for scripts/plot_figures.py:
+Input: directories holding bench.csv / peers.csv and prefill.csv / prefill_peers.csv (searched
+recursively) plus their .json twins (for the context: device, date, command). Hook for
+scripts/plot_figures.py:
 
   from bench_figures import bench_figures
   bench_figures(["results/bench"], "figures")     # returns the paths written
@@ -26,6 +33,9 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_peers import PREFILL_COLUMNS, PREFILL_PEER_METHODS, PREFILL_STAGES  # noqa: E402
+
 NUM = {"n", "q_heads", "kv_heads", "head_dim", "block", "density_target", "density", "element_density", "gamma",
        "estimation_ms", "kernel_ms", "total_ms", "total_ms_min", "total_ms_max", "reps", "tflops_done",
        "tflops_effective", "speedup_vs_full", "pct_of_full"}
@@ -41,16 +51,27 @@ def _num(v):
     return x if math.isfinite(x) else None
 
 
-def load_rows(dirs) -> tuple[list, list]:
-    """All rows of bench.csv / peers.csv under dirs, and the contexts of their .json twins."""
+PREFILL_NUM = set(PREFILL_COLUMNS) - {"source", "device", "model", "method", "dtype", "status", "reason"}
+PREFILL_FILES = ("prefill.csv", "prefill_peers.csv")
+KERNEL_FILES = ("bench.csv", "peers.csv")
+
+
+def load_rows(dirs, kind="kernel") -> tuple[list, list]:
+    """All rows of bench.csv / peers.csv (kind "prefill": prefill.csv / prefill_peers.csv) under
+    dirs, and the contexts of their .json twins. A CSV named directly is taken when it is of the
+    kind (prefill files by their names, any other CSV as a kernel file)."""
+    names, num = (PREFILL_FILES, PREFILL_NUM) if kind == "prefill" else (KERNEL_FILES, NUM)
     rows, ctxs = [], []
     for d in dirs:
         d = Path(d)
-        files = [d] if d.is_file() else sorted(list(d.rglob("bench.csv")) + list(d.rglob("peers.csv")))
+        if d.is_file():
+            files = [d] if (d.name in PREFILL_FILES) == (kind == "prefill") else []
+        else:
+            files = sorted(f for name in names for f in d.rglob(name))
         for f in files:
             with open(f, newline="", encoding="utf-8") as fh:
                 for r in csv.DictReader(fh):
-                    for k in NUM:
+                    for k in num:
                         if k in r:
                             r[k] = _num(r[k])
                     if r.get("n") is not None:
@@ -236,45 +257,229 @@ def p_table(rows, ctxs, n=131072) -> str:
         f"{fmt(pa['total_ms'] if pa else None, '{:.2f}')} ms: {fmt(s_flash, '{:.2f}')}× over SDPA flash, "
         f"{fmt(s_full, '{:.2f}')}× over our full | ≥ 12× over flash, ≥ 8× over our full | "
         f"{'yes' if s_flash and s_full and s_flash >= 12 and s_full >= 8 else ('no' if s_flash or s_full else 'n/a')} |")
-    out = "\n".join(lines) + "\n"
-    if ctxs:
-        out += "\nMeasured in one run:\n\n"
-        seen = set()
-        for c in ctxs:
-            key = (c.get("tool"), c.get("command"))
-            if key in seen:
-                continue
-            seen.add(key)
-            dev = c.get("device_name", "?")
-            extra = f", torch {c['torch']}" if c.get("torch") else ""
-            smi = c.get("nvidia_smi_start") or ""
-            out += (f"- {c.get('tool', '?')} on {dev}{extra}, {c.get('date', '?')}, git {c.get('git_sha', '?')}"
-                    f"{(', nvidia-smi: ' + smi) if smi else ''}: `{c.get('command', '?')}`\n")
+    return "\n".join(lines) + "\n" + provenance(ctxs)
+
+
+def provenance(ctxs) -> str:
+    """Where the numbers come from: one line per tool run (device, torch, date, git, command)."""
+    if not ctxs:
+        return ""
+    out = "\nMeasured in one run:\n\n"
+    seen = set()
+    for c in ctxs:
+        key = (c.get("tool"), c.get("command"))
+        if key in seen:
+            continue
+        seen.add(key)
+        dev = c.get("device_name", "?")
+        extra = f", torch {c['torch']}" if c.get("torch") else ""
+        smi = c.get("nvidia_smi_start") or ""
+        out += (f"- {c.get('tool', '?')} on {dev}{extra}, {c.get('date', '?')}, git {c.get('git_sha', '?')}"
+                f"{(', nvidia-smi: ' + smi) if smi else ''}: `{c.get('command', '?')}`\n")
     return out
+
+
+# ---------------------------------------------------------------- prefill (issue 16)
+
+OUR_PREFILL_ORDER = ["full", "proxyattn@density=0.1", "proxyattn@density=0.05", "proxyattn@gamma=0.95",
+                     "pooled", "xattn", "vslash"]
+STAGE_COLORS = {"linear": "tab:blue", "elementwise": "tab:gray", "estimation": "tab:orange",
+                "attention": "tab:red", "logits": "tab:green"}
+
+
+def _pok(rows):
+    return [r for r in rows if r.get("status") == "ok" and r.get("ttft_ms")]
+
+
+def _prow(rows, model, method, n, near=None):
+    """The ok row of (model, method, n); with `near`, one from the same directory when there is one
+    (our full attention and torch in one run: bench and bench_peers write to the same --out)."""
+    found = [r for r in _pok(rows) if r["model"] == model and r["method"] == method and r["n"] == n]
+    if near is not None:
+        same = [r for r in found if Path(r["_file"]).parent == Path(near["_file"]).parent]
+        if same:
+            return same[0]
+    return found[0] if found else None
+
+
+def _prefill_methods(rows, model) -> list:
+    """Ours in the sweep's order (others as they come), then the torch peers."""
+    seen = []
+    for r in rows:
+        if r["model"] == model and r["method"] not in seen:
+            seen.append(r["method"])
+    ours = [m for m in OUR_PREFILL_ORDER if m in seen] + [
+        m for m in seen if m not in OUR_PREFILL_ORDER and m not in PREFILL_PEER_METHODS]
+    return ours + [m for m in PREFILL_PEER_METHODS if m in seen]
+
+
+def _models(rows) -> list:
+    out = []
+    for r in rows:
+        if r["model"] not in out:
+            out.append(r["model"])
+    return out
+
+
+def prefill_speedup(rows, r):
+    """Our full-attention TTFT / this row's TTFT at the same (model, N)."""
+    full = _prow(rows, r["model"], "full", r["n"], r)
+    return full["ttft_ms"] / r["ttft_ms"] if full and r.get("ttft_ms") else None
+
+
+def fig_prefill(rows, out_dir: Path) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    matplotlib.rcParams["pdf.fonttype"] = 42
+    import matplotlib.pyplot as plt
+
+    ok = _pok(rows)
+    paths = []
+    for model in _models(ok):
+        lengths = sorted({r["n"] for r in ok if r["model"] == model})
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.5))
+        cmap = plt.get_cmap("tab10")
+        for i, m in enumerate(_prefill_methods(ok, model)):
+            pts = [(n, _prow(ok, model, m, n)) for n in lengths]
+            pts = [(n, r["ttft_ms"] / 1e3) for n, r in pts if r]
+            if not pts:
+                continue
+            peer = m in PREFILL_PEER_METHODS
+            ax.plot([n for n, _ in pts], [t for _, t in pts], "--" if peer else "-", marker="^" if peer else "o",
+                    lw=2.4 if m.startswith("proxyattn@density=0.1") else 1.4, ms=4, color=cmap(i % 10),
+                    label=m + (" (torch)" if peer else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([_label_len(n) for n in lengths])
+        ax.set_xlabel("prompt length N (tokens)")
+        ax.set_ylabel("time to first token (s), batch 1")
+        ax.set_title(f"{model}: prefill time vs N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        # Stages of our full attention and ProxyAttn at density 0.1, in % of full's TTFT at each N.
+        width, top = 0.38, 100.0
+        for j, (m, hatch) in enumerate((("full", ""), ("proxyattn@density=0.1", "//"))):
+            for x, n in enumerate(lengths):
+                r, full = _prow(ok, model, m, n), _prow(ok, model, "full", n)
+                if not r or not full:
+                    continue
+                bottom = 0.0
+                for st in PREFILL_STAGES:
+                    v = 100.0 * (r.get(f"{st}_ms") or 0.0) / full["ttft_ms"]
+                    bx.bar(x + (j - 0.5) * width, v, width, bottom=bottom, color=STAGE_COLORS[st], hatch=hatch,
+                           edgecolor="white", lw=0.5, label=st if (j, x) == (0, 0) else None)
+                    bottom += v
+                bx.text(x + (j - 0.5) * width, bottom, f"{r['ttft_ms'] / 1e3:.3g} s", ha="center", va="bottom",
+                        fontsize=6)
+                top = max(top, bottom)
+        bx.bar(0, 0, 0, color="white", edgecolor="black", hatch="//", label="proxyattn@density=0.1 (hatched)")
+        bx.set_xticks(range(len(lengths)))
+        bx.set_xticklabels([_label_len(n) for n in lengths])
+        bx.set_xlabel("prompt length N (left: full, right: proxyattn@density=0.1)")
+        bx.set_ylabel("% of our full-attention TTFT at that N")
+        bx.set_title(f"{model}: where the prefill time goes")
+        bx.set_ylim(0, 1.3 * top)  # room for the legend above the bars
+        bx.legend(fontsize=7, loc="upper center", ncol=3)
+        bx.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        stem = "prefill_" + "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+        for ext in ("png", "pdf"):
+            p = out_dir / f"{stem}.{ext}"
+            fig.savefig(p, dpi=150)
+            paths.append(str(p))
+        plt.close(fig)
+    return paths
+
+
+def prefill_table(rows, ctxs) -> str:
+    """Per model: TTFT (ms) per method vs N with the speedup over our full attention, the linear
+    layers' % of the GEMM ceiling, and issue 16's targets."""
+    def fmt(x, spec="{:.1f}"):
+        return "n/a" if x is None else spec.format(x)
+
+    out = []
+    for model in _models(rows):
+        lengths = sorted({r["n"] for r in rows if r["model"] == model})
+        out += [f"### {model}: time to first token (ms, batch 1), in parentheses the speedup over our full "
+                "attention\n",
+                "| method | " + " | ".join(_label_len(n) for n in lengths) + " |",
+                "|---|" + "---|" * len(lengths)]
+        for m in _prefill_methods(rows, model):
+            cells = []
+            for n in lengths:
+                r = _prow(rows, model, m, n)
+                if r is None:
+                    st = next((x["status"] for x in rows if x["model"] == model and x["method"] == m
+                               and x["n"] == n), "")
+                    cells.append(st or "")
+                    continue
+                sp = prefill_speedup(rows, r)
+                cells.append(f"{r['ttft_ms']:.1f}" + (f" ({sp:.2f}×)" if m != "full" and sp else ""))
+            out.append(f"| {m}{' (torch)' if m in PREFILL_PEER_METHODS else ''} | " + " | ".join(cells) + " |")
+        pct = [_prow(rows, model, "full", n) for n in lengths]
+        out.append("| linear % of GEMM ceiling (our full) | " + " | ".join(
+            fmt(r.get("linear_pct_of_ceiling") if r else None, "{:.0f} %") for r in pct) + " |")
+        # Issue 16's targets.
+        fulls = [r for r in pct if r]
+        pcts = [r["linear_pct_of_ceiling"] for r in fulls if r.get("linear_pct_of_ceiling") is not None]
+        vs = [(r["n"], r["ttft_ms"] / c["ttft_ms"]) for r in fulls
+              for c in [_prow(rows, model, "torch_sdpa_cudnn", r["n"], r)] if c]
+        worst = max(vs, key=lambda x: x[1]) if vs else None
+        sp = {n: prefill_speedup(rows, r) for n in lengths
+              for r in [_prow(rows, model, "proxyattn@density=0.1", n)] if r}
+        n128 = 131072 if 131072 in sp else None
+        out += ["", "| target | measured | met |", "|---|---|---|",
+                f"| linear layers ≥ 90 % of the GEMM ceiling | lowest {fmt(min(pcts) if pcts else None, '{:.1f} %')} "
+                f"over {len(pcts)} length(s) | {'n/a' if not pcts else ('yes' if min(pcts) >= 90 else 'no')} |",
+                f"| our full-attention TTFT ≤ torch + SDPA cuDNN at every N | worst ratio "
+                f"{fmt(worst[1] if worst else None, '{:.2f}')}"
+                f"{(' at ' + _label_len(worst[0])) if worst else ''} over {len(vs)} length(s) | "
+                f"{'n/a' if not vs else ('yes' if worst[1] <= 1 else 'no')} |",
+                f"| ProxyAttn at density 0.1: ≥ 2.4× over our full at 128K | "
+                f"{fmt(sp.get(131072), '{:.2f}×')} (256K: {fmt(sp.get(262144), '{:.2f}×')}) | "
+                f"{'n/a' if n128 is None or sp[n128] is None else ('yes' if sp[n128] >= 2.4 else 'no')} |", ""]
+        bad = [r for r in rows if r["model"] == model and r.get("status") not in ("ok", None)]
+        if bad:
+            out.append("Not run: " + "; ".join(f"{r['method']} {_label_len(r['n'])}: {r['status']} "
+                                               f"({r.get('reason', '')})" for r in bad) + "\n")
+    return "\n".join(out) + provenance(ctxs)
+
+
+def _write_atomic(p: Path, text: str) -> None:
+    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
 
 
 def bench_figures(dirs, out_dir) -> list:
     rows, ctxs = load_rows(dirs)
+    prows, pctxs = load_rows(dirs, "prefill")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     try:
         paths += fig4(rows, out)
         paths += fig5b(rows, out)
-    except ImportError as e:  # matplotlib missing: the table still comes
+        paths += fig_prefill(prows, out)
+    except ImportError as e:  # matplotlib missing: the tables still come
         print(f"bench_figures: no figures ({e})", file=sys.stderr)
-    table = p_table(rows, ctxs)
-    p = out / "p_targets.md"
-    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
-    tmp.write_text("# P1–P4 (PERFORMANCE.md), measured\n\n" + table, encoding="utf-8")
-    os.replace(tmp, p)
-    paths.append(str(p))
+    if rows or not prows:
+        p = out / "p_targets.md"
+        _write_atomic(p, "# P1–P4 (PERFORMANCE.md), measured\n\n" + p_table(rows, ctxs))
+        paths.append(str(p))
+    if prows:
+        p = out / "prefill_table.md"
+        _write_atomic(p, "## Prefill: time to first token of the whole model (issue 16)\n\n" + prefill_table(prows, pctxs))
+        paths.append(str(p))
     return paths
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Fig. 4 / Fig. 5b analogues and the P1-P4 table")
-    ap.add_argument("results", nargs="+", help="directories (or CSV files) with bench.csv / peers.csv")
+    ap = argparse.ArgumentParser(description="Fig. 4 / Fig. 5b analogues, the P1-P4 table, the prefill figure "
+                                             "and table")
+    ap.add_argument("results", nargs="+", help="directories (or CSV files) with bench.csv / peers.csv / "
+                                               "prefill.csv / prefill_peers.csv")
     ap.add_argument("--out", required=True, help="output directory")
     a = ap.parse_args(argv)
     for d in a.results:
