@@ -1085,6 +1085,15 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
         ctx["global_mem_gib"] = props.total_memory / 2**30
     rows = []
     t_start = time.time()
+
+    def save() -> str:
+        """The files as they stand (after every case: a run cut short keeps what it measured)."""
+        ctx["elapsed_s"] = time.time() - t_start
+        return write_prefill(Path(args.out), {
+            "schema_version": 1, "tool": "bench_peers", "kind": "prefill", "context": ctx,
+            "config": {"sweep": sweep, "plan": p}, "columns": PREFILL_COLUMNS, "rows": rows})
+
+    ctx["complete"] = False
     for m in p["models"]:
         avail = p["max_mem_gib"] * 2**30 if p["max_mem_gib"] else available_bytes(torch, cuda)
         reasons = {n: prefill_fit(m, n, p["mlp_chunk"], avail) for n in p["lengths"]}
@@ -1137,17 +1146,16 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
                     r["status"], r["reason"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 r["extra"] = notes
                 rows.append(r)
+                save()
                 if cuda:
                     torch.cuda.empty_cache()
             del tokens
         del w
         if cuda:
             torch.cuda.empty_cache()
-    ctx["elapsed_s"] = time.time() - t_start
+    ctx["complete"] = True
     ctx["nvidia_smi_end"] = nvidia_smi() if cuda else ""
-    doc = {"schema_version": 1, "tool": "bench_peers", "kind": "prefill", "context": ctx,
-           "config": {"sweep": sweep, "plan": p}, "columns": PREFILL_COLUMNS, "rows": rows}
-    print(write_prefill(Path(args.out), doc))
+    print(save())
     if any(r["status"] == "error" for r in rows):
         print("bench_peers: error: some prefill cases failed (reasons in prefill_peers.json)", file=sys.stderr)
         return 1
