@@ -4,8 +4,9 @@
   scripts/plot_figures.py REPORT_DIR... --out FIGDIR [--layers 0,14,29]
 
 Reads only what the tools wrote: report.json of `proxyattn-analyze` (its tables are the same
-data as the CSV files beside it) and, for the kernel figures, the bench.csv / peers.csv files of
-`proxyattn-bench` / scripts/bench_peers.py (drawn by scripts/bench_figures.py). A figure whose
+data as the CSV files beside it) and, for the kernel and prefill figures, the bench.csv / peers.csv
+and prefill.csv / prefill_peers.csv files of `proxyattn-bench` / scripts/bench_peers.py (drawn by
+scripts/bench_figures.py). A figure whose
 data is absent is skipped with a note on stderr; the paths written are printed on stdout.
 
   fig1_recall_vs_sparsity   Fig. 1 analogue: mass recall vs sparsity, every method on one plot
@@ -20,7 +21,8 @@ data is absent is skipped with a note on stderr; the paths written are printed o
                             of proxy groups g.
   fig5c_budgets             Fig. 5c analogue: mass recall and output error vs sparsity for the
                             dynamic, uniform and token budgets (ProxyAttn's scores).
-  fig4_* / fig5b_*          kernel figures (scripts/bench_figures.py), when bench data is given.
+  fig4_* / fig5b_* / prefill_*  kernel and prefill figures (scripts/bench_figures.py), when bench
+                            data is given.
 
 One function per figure (fig1, fig2, fig2b, fig5a, fig5c, bench); each returns the paths it
 wrote, or [] after a note when its data is missing.
@@ -383,10 +385,12 @@ def fig5c(reports: list, out_dir: Path) -> list:
 
 
 def bench(dirs: list, out_dir: Path) -> list:
-    """Fig. 4 / 5b from proxyattn-bench CSVs, through scripts/bench_figures.py."""
-    has = any(Path(d).is_dir() and (any(Path(d).rglob("bench.csv")) or any(Path(d).rglob("peers.csv"))) for d in dirs)
+    """Fig. 4 / 5b and the prefill figures from proxyattn-bench CSVs, through scripts/bench_figures.py."""
+    names = ("bench.csv", "peers.csv", "prefill.csv", "prefill_peers.csv")
+    has = any(Path(d).is_dir() and any(any(Path(d).rglob(n)) for n in names) for d in dirs)
     if not has:
-        note("fig4/fig5b: no bench.csv / peers.csv in the given folders; skipped")
+        note("fig4/fig5b/prefill: no bench.csv / peers.csv / prefill.csv / prefill_peers.csv in the given folders; "
+             "skipped")
         return []
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:

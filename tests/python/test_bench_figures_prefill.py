@@ -129,3 +129,10 @@ def test_prefill_figures_command_line(results, tmp_path):
     p = subprocess.run([sys.executable, str(SRC / "scripts" / "bench_figures.py"), str(tmp_path / "none"),
                         "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "no such file" in p.stderr
+
+
+def test_plot_figures_draws_the_prefill_figures(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot_figures
+    paths = plot_figures.bench([results], tmp_path / "all")
+    assert {"prefill_llama-3.1-8b.png", "prefill_table.md"} <= {Path(p).name for p in paths}
