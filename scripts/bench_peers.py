@@ -1076,7 +1076,8 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
            "timing": ("CUDA events" if cuda else "perf_counter") + f", median of {p['reps']} repetitions of the "
                      f"whole forward after {p['warmup']} warm-up run(s) of one layer (+ logits) at the same shapes; "
                      "stages from marks between the ops of the same runs",
-           "model_build": "torch forward: fused QKV (+ bias) and gate/up linears, F.rms_norm, RoPE rotate_half, "
+           "model_build": "torch forward: fused QKV (+ bias) and gate/up linears, F.rms_norm, RoPE rotate_half "
+                          "(theta from the config, no frequency scaling), "
                           "SDPA causal (enable_gqa), SwiGLU, MLP in chunks of mlp_chunk tokens, final norm + "
                           "lm_head of the last token; bf16 weights N(0, 0.02), norms 1, untied lm_head; "
                           "embedding lookup and RoPE table counted as elementwise",
