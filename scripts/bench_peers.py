@@ -445,10 +445,10 @@ def prefill_plan(sweep: dict, sweep_path: str, args) -> dict:
                                                ([sweep["model"]] if "model" in sweep else None))
     if not models or not isinstance(models, list):
         raise PeerError(f"{sweep_path or 'command line'}: no models (a list 'models' or --model)")
-    chunk = getattr(args, "mlp_chunk", None)
-    chunk = chunk if chunk is not None else sweep.get("mlp_chunk", 16384)
+    chunk = getattr(args, "token_chunk", None)
+    chunk = chunk if chunk is not None else sweep.get("token_chunk", 16384)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise PeerError(f"mlp_chunk {chunk!r} must be a positive integer (tokens)")
+        raise PeerError(f"token_chunk {chunk!r} must be a positive integer (tokens)")
     device = getattr(args, "device", None) or "cuda"
     if device not in ("cuda", "cpu"):
         raise PeerError(f"device {device!r} must be cuda or cpu")
@@ -456,7 +456,7 @@ def prefill_plan(sweep: dict, sweep_path: str, args) -> dict:
     if max_mem is not None and not max_mem > 0:
         raise PeerError(f"--max-mem-gib {max_mem} must be positive")
     return {**a, "kind": "prefill", "models": [prefill_model(m, sweep_path) for m in models],
-            "mlp_chunk": chunk, "seed": int(sweep.get("seed", 1)), "device": device, "max_mem_gib": max_mem}
+            "token_chunk": chunk, "seed": int(sweep.get("seed", 1)), "device": device, "max_mem_gib": max_mem}
 
 
 def _layer_linear_params(m: dict) -> int:
@@ -1011,28 +1011,23 @@ def make_attend(torch, F, notes: dict):
     return attend
 
 
-def gemm_ceiling(torch, m: dict, dev, reps: int = 10) -> dict:
-    """Plain cuBLAS bf16 GEMMs (torch.nn.functional.linear, as the projections) in the same run:
-    8192^3 and the model's gate/up projection at 16384 tokens; the ceiling is the faster."""
-    best = {"tflops": 0.0}
-    for mm, kk, nn in ((8192, 8192, 8192), (16384, m["hidden_size"], 2 * m["intermediate_size"])):
-        a = torch.randn(mm, kk, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(nn, kk, device=dev, dtype=torch.bfloat16)
-        for _ in range(3):
-            torch.nn.functional.linear(a, b)
-        ts = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            torch.nn.functional.linear(a, b)
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        tf = 2.0 * mm * kk * nn / (float(np.median(ts)) * 1e-3) / 1e12
-        if tf > best["tflops"]:
-            best = {"tflops": tf, "m": mm, "k": kk, "n": nn, "ms": float(np.median(ts))}
-        del a, b
-    return best
+def gemm_ceiling(torch, dev, size: int = 8192, reps: int = 10) -> dict:
+    """A plain cuBLAS bf16 GEMM in the same run (torch.nn.functional.linear, as the projections),
+    m = n = k = 8192, median of 10: proxyattn-bench prefill's ceiling."""
+    a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.nn.functional.linear(a, b)
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        torch.nn.functional.linear(a, b)
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    ms = float(np.median(ts))
+    return {"tflops": 2.0 * size ** 3 / (ms * 1e-3) / 1e12, "m": size, "n": size, "k": size, "ms": ms}
 
 
 def available_bytes(torch, cuda: bool) -> int:
@@ -1071,14 +1066,14 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
            "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if cuda else None,
            "nvidia_smi_start": nvidia_smi() if cuda else "", "sweep": sweep.get("name", "cli"),
-           "models": [mm["name"] for mm in p["models"]], "mlp_chunk": p["mlp_chunk"], "seed": p["seed"],
+           "models": [mm["name"] for mm in p["models"]], "token_chunk": p["token_chunk"], "seed": p["seed"],
            "sdpa_backends": {k: v.name for k, v in backends.items()},
            "timing": ("CUDA events" if cuda else "perf_counter") + f", median of {p['reps']} repetitions of the "
                      f"whole forward after {p['warmup']} warm-up run(s) of one layer (+ logits) at the same shapes; "
                      "stages from marks between the ops of the same runs",
            "model_build": "torch forward: fused QKV (+ bias) and gate/up linears, F.rms_norm, RoPE rotate_half "
                           "(theta from the config, no frequency scaling), "
-                          "SDPA causal (enable_gqa), SwiGLU, MLP in chunks of mlp_chunk tokens, final norm + "
+                          "SDPA causal (enable_gqa), SwiGLU, MLP in chunks of token_chunk tokens, final norm + "
                           "lm_head of the last token; bf16 weights N(0, 0.02), norms 1, untied lm_head; "
                           "embedding lookup and RoPE table counted as elementwise",
            "gemm_ceiling": {}}
@@ -1097,7 +1092,7 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
     ctx["complete"] = False
     for m in p["models"]:
         avail = p["max_mem_gib"] * 2**30 if p["max_mem_gib"] else available_bytes(torch, cuda)
-        reasons = {n: prefill_fit(m, n, p["mlp_chunk"], avail) for n in p["lengths"]}
+        reasons = {n: prefill_fit(m, n, p["token_chunk"], avail) for n in p["lengths"]}
         for n in p["lengths"]:
             if reasons[n]:
                 for meth in p["methods"]:
@@ -1110,8 +1105,8 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
               file=sys.stderr, flush=True)
         w = prefill_weights(torch, m, dev, p["seed"])
         ceiling = None
-        if cuda:
-            ctx["gemm_ceiling"][m["name"]] = gemm_ceiling(torch, m, dev)
+        if cuda:  # measured again beside each model's runs
+            ctx["gemm_ceiling"][m["name"]] = gemm_ceiling(torch, dev)
             ceiling = ctx["gemm_ceiling"][m["name"]]["tflops"]
         gen = torch.Generator(device=dev)
         for n in p["lengths"]:
@@ -1127,7 +1122,7 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
                 try:
                     with torch.inference_mode(), sdpa_kernel(backends[meth]):
                         for _ in range(p["warmup"]):
-                            prefill_forward(torch, F, w, m, tokens, attend, mlp_chunk=p["mlp_chunk"], layers=[0])
+                            prefill_forward(torch, F, w, m, tokens, attend, mlp_chunk=p["token_chunk"], layers=[0])
                         if cuda:
                             torch.cuda.synchronize()
                             torch.cuda.reset_peak_memory_stats()
@@ -1135,7 +1130,7 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
                         for _ in range(p["reps"]):
                             timer = StageTimer(torch, cuda)
                             timer.start()
-                            prefill_forward(torch, F, w, m, tokens, attend, timer, p["mlp_chunk"])
+                            prefill_forward(torch, F, w, m, tokens, attend, timer, p["token_chunk"])
                             tot, st, per_layer = timer.read()
                             totals.append(tot)
                             stages.append(st)
@@ -1174,8 +1169,8 @@ def main(argv=None) -> int:
                                                            "\"prefill\"): prefill_peers.{json,csv,md}")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="prefill only: cpu runs the forward on the CPU "
                                                              "with SDPA's math backend (tests)")
-    ap.add_argument("--mlp-chunk", type=int, help="prefill: MLP over chunks of this many tokens (the sweep's "
-                                                  "mlp_chunk, default 16384)")
+    ap.add_argument("--token-chunk", type=int, help="prefill: the MLP over chunks of this many tokens (the "
+                                                    "sweep's token_chunk, default 16384)")
     ap.add_argument("--max-mem-gib", type=float, help="prefill: memory to plan for instead of what the device "
                                                       "reports free")
     ap.add_argument("--masks", help="proxyattn-bench --export-masks directory (for flex_sparse)")
@@ -1199,8 +1194,8 @@ def main(argv=None) -> int:
             if not args.out:
                 raise PeerError("--out DIR is required")
             return run_prefill(args, sweep, p)
-        if args.device or args.mlp_chunk is not None or args.max_mem_gib is not None:
-            raise PeerError("--device, --mlp-chunk and --max-mem-gib are for the prefill (--prefill)")
+        if args.device or args.token_chunk is not None or args.max_mem_gib is not None:
+            raise PeerError("--device, --token-chunk and --max-mem-gib are for the prefill (--prefill)")
         if args.model:
             sweep["model"] = args.model
         model = load_model(sweep, args.sweep or "")

@@ -25,7 +25,7 @@ TINY = {"name": "tiny", "num_layers": 2, "num_q_heads": 6, "num_kv_heads": 2, "h
 
 
 def args(**kw):
-    base = {"lengths": None, "methods": None, "reps": None, "warmup": None, "model": None, "mlp_chunk": None,
+    base = {"lengths": None, "methods": None, "reps": None, "warmup": None, "model": None, "token_chunk": None,
             "device": None, "max_mem_gib": None, "prefill": False}
     base.update(kw)
     return type("A", (), base)()
@@ -55,7 +55,7 @@ def test_peer_prefill_plan_of_the_shipped_sweep():
     assert [m["name"] for m in p["models"]] == ["llama-3.1-8b", "qwen2.5-7b"]
     assert p["lengths"] == [8192 << i for i in range(6)]
     assert p["methods"] == ["torch_sdpa_cudnn", "torch_sdpa_flash"]
-    assert (p["reps"], p["warmup"], p["seed"], p["mlp_chunk"]) == (3, 1, 1, 16384)
+    assert (p["reps"], p["warmup"], p["seed"], p["token_chunk"]) == (3, 1, 1, 16384)
     # The published parameter counts: the model built here has the real models' sizes.
     llama, qwen = p["models"]
     assert bp.prefill_param_count(llama) == 8_030_261_248
@@ -66,9 +66,9 @@ def test_peer_prefill_plan_of_the_shipped_sweep():
 def test_peer_prefill_plan_command_line_overrides(tmp_path):
     m = write_model(tmp_path)
     p = bp.prefill_plan({}, "", args(model=f"{m},{m}", lengths=["1K", "100"], methods=["torch_sdpa_flash"],
-                                     reps=2, warmup=0, mlp_chunk=64, device="cpu"))
+                                     reps=2, warmup=0, token_chunk=64, device="cpu"))
     assert len(p["models"]) == 2 and p["models"][0]["num_q_heads"] == 6
-    assert (p["lengths"], p["methods"], p["reps"], p["warmup"], p["mlp_chunk"], p["device"]) == (
+    assert (p["lengths"], p["methods"], p["reps"], p["warmup"], p["token_chunk"], p["device"]) == (
         [100, 1024], ["torch_sdpa_flash"], 2, 0, 64, "cpu")
 
 
@@ -77,7 +77,7 @@ def test_peer_prefill_plan_command_line_overrides(tmp_path):
     ({"models": ["@M"], "lengths": [64]}, {}, {"hidden_size": None}, "no hidden_size"),
     ({"models": ["@M"], "lengths": [64]}, {}, {"vocab_size": 0}, "vocab_size = 0"),
     ({"models": ["@M"], "lengths": [64]}, {}, {"num_kv_heads": 4}, "does not divide"),
-    ({"models": ["@M"], "lengths": [64], "mlp_chunk": 0}, {}, {}, "mlp_chunk 0"),
+    ({"models": ["@M"], "lengths": [64], "token_chunk": 0}, {}, {}, "token_chunk 0"),
     ({"models": ["nowhere.json"], "lengths": [64]}, {}, {}, "'nowhere.json' not found"),
     ({"lengths": [64]}, {}, {}, "no models"),
     ({"models": ["@M"]}, {}, {}, "no lengths"),
@@ -96,7 +96,7 @@ def test_peer_prefill_plan_bad_input(tmp_path, sweep, kw, fields, message):
 @pytest.mark.parametrize("flags,message", [
     (["--methods", "torch_magic"], "unknown peer method 'torch_magic'"),
     (["--model", "missing.json"], "'missing.json' not found"),
-    (["--mlp-chunk", "0"], "mlp_chunk 0"),
+    (["--token-chunk", "0"], "token_chunk 0"),
     (["--max-mem-gib", "-1"], "--max-mem-gib -1"),
 ])
 def test_peer_prefill_cli_bad_input_is_one_line(tmp_path, flags, message):
@@ -210,7 +210,7 @@ def test_peer_prefill_cpu_run(tmp_path):
     pytest.importorskip("torch", reason="torch is not in the project venv (the GPU machine has it)")
     model, out = write_model(tmp_path), tmp_path / "o"
     p = run_script("--prefill", "--model", model, "--lengths", "48,70", "--device", "cpu", "--reps", 1,
-                   "--warmup", 1, "--mlp-chunk", 32, "--out", out)
+                   "--warmup", 1, "--token-chunk", 32, "--out", out)
     assert p.returncode == 0, p.stderr
     rows = read_csv(out / "prefill_peers.csv")
     assert list(rows[0].keys()) == bp.PREFILL_COLUMNS
