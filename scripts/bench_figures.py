@@ -83,6 +83,7 @@ def load_rows(dirs, kind="kernel") -> tuple[list, list]:
                 try:
                     c = json.loads(js.read_text(encoding="utf-8")).get("context", {})
                     c["_file"] = str(js)
+                    c.setdefault("tool", rows[-1]["source"] if rows and rows[-1].get("_file") == str(f) else "?")
                     ctxs.append(c)
                 except (OSError, json.JSONDecodeError):
                     pass
@@ -274,8 +275,9 @@ def provenance(ctxs) -> str:
         dev = c.get("device_name", "?")
         extra = f", torch {c['torch']}" if c.get("torch") else ""
         smi = c.get("nvidia_smi_start") or ""
+        cmd = f": `{c['command']}`" if c.get("command") else f" ({c['_file']})" if c.get("_file") else ""
         out += (f"- {c.get('tool', '?')} on {dev}{extra}, {c.get('date', '?')}, git {c.get('git_sha', '?')}"
-                f"{(', nvidia-smi: ' + smi) if smi else ''}: `{c.get('command', '?')}`\n")
+                f"{(', nvidia-smi: ' + smi) if smi else ''}{cmd}\n")
     return out
 
 
