@@ -57,7 +57,7 @@ echo "prefill smollm2 rc=$?"; tail -8 "$OUT/prefill_smollm2.log"
 if grep -q -- "--prefill" "$ROOT/scripts/bench_peers.py" 2>/dev/null; then
   stamp "bench_peers.py --prefill"
   timeout $(tl 5) python3 "$ROOT/scripts/bench_peers.py" --prefill --sweep "$ROOT/configs/sweeps/prefill.json" \
-    --lengths "$LENGTHS" --out "$OUT/prefill_peers" >"$OUT/prefill_peers.log" 2>&1
+    --model "$MODELS" --lengths "$LENGTHS" --reps "$REPS" --out "$OUT/prefill_peers" >"$OUT/prefill_peers.log" 2>&1
   echo "peers rc=$?"; tail -20 "$OUT/prefill_peers.log"
 fi
 stamp "done"
