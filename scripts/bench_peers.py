@@ -1001,7 +1001,7 @@ def make_attend(torch, F, notes: dict):
             try:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
             except RuntimeError as e:
-                if q.shape[1] == k.shape[1]:
+                if q.shape[1] == k.shape[1] or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 notes["gqa"] = "expanded K/V (repeat_interleave)"
                 notes["gqa_refused"] = str(e).splitlines()[0][:300]

@@ -241,3 +241,27 @@ def test_peer_prefill_skips_before_allocating(tmp_path, monkeypatch, capsys):
     rows = read_csv(out / "prefill_peers.csv")
     assert len(rows) == 4 and all(r["status"] == "skipped" and "would not fit memory" in r["reason"] for r in rows)
     assert "Not run:" in capsys.readouterr().out
+
+
+def test_peer_prefill_gqa_fallback_expands_kv():
+    """A backend that refuses enable_gqa: K/V expanded to the query heads, same output, noted."""
+    torch = pytest.importorskip("torch", reason="torch is not in the project venv (the GPU machine has it)")
+    import torch.nn.functional as F
+
+    class NoGQA:
+        calls = []
+
+        @staticmethod
+        def scaled_dot_product_attention(q, k, v, is_causal, enable_gqa=False):
+            NoGQA.calls.append(enable_gqa)
+            if enable_gqa:
+                raise RuntimeError("No available kernel. Aborting execution.")
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 20, 8, generator=g) for h in (6, 2, 2))
+    notes = {}
+    out = bp.make_attend(torch, NoGQA, notes)(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    assert notes["gqa"].startswith("expanded") and "No available kernel" in notes["gqa_refused"]
+    bp.make_attend(torch, NoGQA, notes)(q, k, v)  # once refused, not tried again
+    assert NoGQA.calls == [True, False, False]
