@@ -1161,7 +1161,8 @@ def run_prefill(args, sweep: dict, p: dict) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", help="sweep file (configs/sweeps/NAME.json); its 'peers' section is read")
-    ap.add_argument("--model", help="model config (overrides the sweep's; prefill: a comma-separated list)")
+    ap.add_argument("--model", "--models", dest="model",
+                    help="model config (overrides the sweep's; prefill: a comma-separated list)")
     ap.add_argument("--lengths", type=lambda s: [x for x in s.split(",") if x], help="e.g. 4K,32K,131072")
     ap.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x],
                     help=f"{', '.join(PEER_METHODS)}; prefill: {', '.join(PREFILL_PEER_METHODS)}")

@@ -209,7 +209,7 @@ def test_peer_prefill_forward_matches_numpy_reference():
 def test_peer_prefill_cpu_run(tmp_path):
     pytest.importorskip("torch", reason="torch is not in the project venv (the GPU machine has it)")
     model, out = write_model(tmp_path), tmp_path / "o"
-    p = run_script("--prefill", "--model", model, "--lengths", "48,70", "--device", "cpu", "--reps", 1,
+    p = run_script("--prefill", "--models", model, "--lengths", "48,70", "--device", "cpu", "--reps", 1,
                    "--warmup", 1, "--token-chunk", 32, "--out", out)
     assert p.returncode == 0, p.stderr
     rows = read_csv(out / "prefill_peers.csv")
