@@ -8,7 +8,10 @@
 # PROXYATTN_SKIP_TESTS=1, PROXYATTN_SKIP_SANITIZERS=1, PREFILL_BUDGET (seconds, default 560).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$ROOT/out/device_prefill}
+# Logs and reports are written under $OUT/work and packed at the end into $OUT/device_prefill.tgz
+# (the device tool returns at most 8 files).
+DEST=${OUT:-$ROOT/out/device_prefill}
+OUT=$DEST/work
 mkdir -p "$OUT"
 BUILD=${PROXYATTN_DEVICE_BUILD:-$ROOT/build/device}
 START=$(date +%s)
@@ -61,3 +64,4 @@ if grep -q -- "--prefill" "$ROOT/scripts/bench_peers.py" 2>/dev/null; then
   echo "peers rc=$?"; tail -20 "$OUT/prefill_peers.log"
 fi
 stamp "done"
+tar -czf "$DEST/device_prefill.tgz" -C "$OUT" . && rm -rf "$OUT"
