@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The whole-model checks on the GPU machine (run from the repository root), logs under $OUT:
+# The whole-model checks on the GPU machine (run from the repository root):
 #   1. configure + build with ninja (CUDA, sm_90a)
-#   2. the GPU tests (ctest -L gpu), compute-sanitizer memcheck on the model runtime's test
-#   3. proxyattn-bench (the kernel cases the device pipeline serves) and proxyattn-bench prefill
-#   4. scripts/bench_peers.py --prefill (torch + SDPA) on the same sweep, when present
-# Env: PREFILL_LENGTHS (default 8K,32K,128K), PREFILL_METHODS, PREFILL_MODELS, PREFILL_REPS (2),
-# PROXYATTN_SKIP_TESTS=1, PROXYATTN_SKIP_SANITIZERS=1, PREFILL_BUDGET (seconds, default 560).
+#   2. the GPU tests (ctest -L gpu), compute-sanitizer memcheck on the model runtime's tests
+#   3. proxyattn-bench's kernel cases (the device pipeline the prefill runs), then
+#      proxyattn-bench prefill on PREFILL_MODELS x PREFILL_LENGTHS x PREFILL_METHODS, the long
+#      lengths (PREFILL_LONG, one repetition), and the SmolLM2-135M shape at 8K
+#   4. scripts/bench_peers.py --prefill (torch + SDPA cuDNN / flash) on the same models
+# Logs and reports are written under $OUT/work and packed at the end into $OUT/device_prefill.tgz
+# (the device tool returns at most 8 files). Each step gets what is left of PREFILL_BUDGET seconds.
+# Env: PREFILL_MODELS (comma list), PREFILL_LENGTHS (8K,32K,128K), PREFILL_METHODS, PREFILL_REPS (2),
+# PREFILL_LONG (e.g. 256K; empty = none), PREFILL_LONG_METHODS, PEER_LONG_METHODS,
+# PROXYATTN_CTEST_REGEX (default: every gpu test), PROXYATTN_SKIP_SANITIZERS=1,
+# PROXYATTN_SKIP_KERNEL_BENCH=1, PROXYATTN_SKIP_PEERS=1.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# Logs and reports are written under $OUT/work and packed at the end into $OUT/device_prefill.tgz
-# (the device tool returns at most 8 files).
 DEST=${OUT:-$ROOT/out/device_prefill}
 OUT=$DEST/work
 mkdir -p "$OUT"
@@ -18,20 +22,23 @@ START=$(date +%s)
 DEADLINE=$((START + ${PREFILL_BUDGET:-560}))
 tl() { local t=$((DEADLINE - $(date +%s) - $1)); [ $t -lt 10 ] && t=10; echo $t; }
 stamp() { echo "[$(($(date +%s) - START))s] $*"; }
+MODELS=${PREFILL_MODELS:-configs/models/llama-3.1-8b.json}
 LENGTHS=${PREFILL_LENGTHS:-8K,32K,128K}
 METHODS=${PREFILL_METHODS:-full,proxyattn@density=0.1,proxyattn@density=0.05,proxyattn@gamma=0.95,pooled,xattn,vslash}
-MODELS=${PREFILL_MODELS:-configs/models/llama-3.1-8b.json}
 REPS=${PREFILL_REPS:-2}
+LONG=${PREFILL_LONG:-}
+LONG_METHODS=${PREFILL_LONG_METHODS:-full,proxyattn@density=0.1}
+PEER_LONG_METHODS=${PEER_LONG_METHODS:-torch_sdpa_cudnn}
+BENCH="$BUILD/apps/proxyattn-bench"
 
 stamp "configure + build"
 { cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
   timeout $(tl 400) ninja -C "$BUILD"; echo "build rc=$?"; } >"$OUT/build.log" 2>&1
 tail -1 "$OUT/build.log"
-if [ "${PROXYATTN_SKIP_TESTS:-0}" != 1 ]; then
-  stamp "ctest -L gpu"
-  (cd "$BUILD" && timeout $(tl 330) ctest -L gpu --output-on-failure --timeout 300) >"$OUT/gpu_tests.log" 2>&1
-  grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/gpu_tests.log" | head -20
-fi
+stamp "ctest -L gpu"
+(cd "$BUILD" && timeout $(tl 330) ctest -L gpu -R "${PROXYATTN_CTEST_REGEX:-.}" --output-on-failure --timeout 300) \
+  >"$OUT/gpu_tests.log" 2>&1
+grep -E "tests passed|tests failed|Failed|Failure" "$OUT/gpu_tests.log" | head -20
 if [ "${PROXYATTN_SKIP_SANITIZERS:-0}" != 1 ] && command -v compute-sanitizer >/dev/null; then
   for t in gpu_test_model_cuda gpu_test_analysis_device; do
     stamp "compute-sanitizer memcheck $t"
@@ -40,28 +47,43 @@ if [ "${PROXYATTN_SKIP_SANITIZERS:-0}" != 1 ] && command -v compute-sanitizer >/
     echo "memcheck $t rc=$?"; grep -E "ERROR SUMMARY" "$OUT/sanitize_$t.log" | tail -1
   done
 fi
-stamp "proxyattn-bench (kernel cases)"
-timeout $(tl 200) "$BUILD/apps/proxyattn-bench" --device cuda --lengths 32768,131072 --reps 3 --warmup 1 --quiet \
-  --methods full,estimate:proxy,estimate:pooled,estimate:xattn,estimate:vslash,proxyattn@density=0.1 \
-  --out "$OUT/bench_kernels" >"$OUT/bench_kernels.log" 2>&1
-echo "bench rc=$?"; cat "$OUT/bench_kernels/bench.md" 2>/dev/null | head -30
+if [ "${PROXYATTN_SKIP_KERNEL_BENCH:-0}" != 1 ]; then
+  stamp "proxyattn-bench (kernel cases)"
+  timeout $(tl 200) "$BENCH" --device cuda --lengths 32768,131072 --reps 3 --warmup 1 --quiet \
+    --methods full,estimate:proxy,estimate:pooled,estimate:xattn,estimate:vslash,proxyattn@density=0.1 \
+    --out "$OUT/bench_kernels" >"$OUT/bench_kernels.log" 2>&1
+  echo "bench rc=$?"; head -30 "$OUT/bench_kernels/bench.md" 2>/dev/null
+fi
 stamp "proxyattn-bench prefill"
-timeout $(tl 60) "$BUILD/apps/proxyattn-bench" prefill --sweep "$ROOT/configs/sweeps/prefill.json" \
-  --models "$MODELS" --lengths "$LENGTHS" --methods "$METHODS" --reps "$REPS" --warmup 1 \
-  --out "$OUT/prefill" >"$OUT/prefill.log" 2>&1
-echo "prefill rc=$?"; cat "$OUT/prefill.log" | tail -40
+timeout $(tl 60) "$BENCH" prefill --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" \
+  --lengths "$LENGTHS" --methods "$METHODS" --reps "$REPS" --warmup 1 --quiet --out "$OUT/prefill" >"$OUT/prefill.log" 2>&1
+echo "prefill rc=$?"; cat "$OUT/prefill.log"
+if [ -n "$LONG" ]; then
+  stamp "proxyattn-bench prefill $LONG"
+  timeout $(tl 40) "$BENCH" prefill --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" \
+    --lengths "$LONG" --methods "$LONG_METHODS" --reps 1 --warmup 0 --quiet --out "$OUT/prefill_long" \
+    >"$OUT/prefill_long.log" 2>&1
+  echo "prefill long rc=$?"; cat "$OUT/prefill_long.log"
+fi
 # The evaluation model's shape (SmolLM2-135M's GGUF cannot reach this machine): issue 15's
 # GPU-vs-CPU budget, measured with random weights of the same shape.
 stamp "proxyattn-bench prefill (smollm2-135m shape)"
-timeout $(tl 40) "$BUILD/apps/proxyattn-bench" prefill --models "$ROOT/configs/models/smollm2-135m.json" \
+timeout $(tl 40) "$BENCH" prefill --models "$ROOT/configs/models/smollm2-135m.json" \
   --lengths 8K --methods full,proxyattn@density=0.1 --reps 5 --warmup 2 --quiet \
   --out "$OUT/prefill_smollm2" >"$OUT/prefill_smollm2.log" 2>&1
-echo "prefill smollm2 rc=$?"; tail -8 "$OUT/prefill_smollm2.log"
-if grep -q -- "--prefill" "$ROOT/scripts/bench_peers.py" 2>/dev/null; then
+echo "prefill smollm2 rc=$?"; tail -4 "$OUT/prefill_smollm2.log"
+if [ "${PROXYATTN_SKIP_PEERS:-0}" != 1 ]; then
   stamp "bench_peers.py --prefill"
-  timeout $(tl 5) python3 "$ROOT/scripts/bench_peers.py" --prefill --sweep "$ROOT/configs/sweeps/prefill.json" \
-    --model "$MODELS" --lengths "$LENGTHS" --reps "$REPS" --out "$OUT/prefill_peers" >"$OUT/prefill_peers.log" 2>&1
-  echo "peers rc=$?"; tail -20 "$OUT/prefill_peers.log"
+  PYTHONUNBUFFERED=1 timeout $(tl 40) python3 "$ROOT/scripts/bench_peers.py" --prefill \
+    --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" --lengths "$LENGTHS" --reps "$REPS" \
+    --out "$OUT/prefill_peers" >"$OUT/prefill_peers.log" 2>&1
+  echo "peers rc=$?"; tail -14 "$OUT/prefill_peers.log"
+  if [ -n "$LONG" ]; then
+    PYTHONUNBUFFERED=1 timeout $(tl 5) python3 "$ROOT/scripts/bench_peers.py" --prefill \
+      --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" --lengths "$LONG" --methods "$PEER_LONG_METHODS" \
+      --reps 1 --out "$OUT/prefill_peers_long" >"$OUT/prefill_peers_long.log" 2>&1
+    echo "peers long rc=$?"; tail -8 "$OUT/prefill_peers_long.log"
+  fi
 fi
 stamp "done"
 tar -czf "$DEST/device_prefill.tgz" -C "$OUT" . && rm -rf "$OUT"

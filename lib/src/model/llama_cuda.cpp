@@ -572,6 +572,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
   st.estimation_ms = ms[s_estimate];
   st.attention_ms = ms[s_attend];
   st.logits_ms = ms[s_logits];
+  st.host_ms = ms[s_host];
   st.total_ms = total;
   st.linear_flops = linear_flops;
   st.peak_bytes = peak;

@@ -146,6 +146,7 @@ struct ForwardOptions {
 // milliseconds; linear_flops counts the projections and MLP (2 m n k per GEMM), logits apart.
 struct DeviceStages {
   double linear_ms = 0, elementwise_ms = 0, estimation_ms = 0, attention_ms = 0, logits_ms = 0, total_ms = 0;
+  double host_ms = 0;  // transfers and host callbacks inside the forward (on_layer, a host policy)
   double linear_flops = 0;
   size_t peak_bytes = 0;  // device memory in use at its highest sample (after each layer)
 };
