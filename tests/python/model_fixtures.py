@@ -241,6 +241,11 @@ def main(argv=None) -> int:
     write_tiny(a.outdir, rng)
     rng.bit_generator.state = state  # the same weights, with a tokenizer
     write_tiny(a.outdir, rng, "tiny_tok.gguf", tokenizer=True, n_ctx=4096)
+    import prepare_eval  # an evaluation set for it (tests/cpu/test_model_eval.cpp)
+    if prepare_eval.main(["--gguf", str(a.outdir / "tiny_tok.gguf"), "--out", str(a.outdir / "tiny_eval.json"),
+                          "--niah-lengths", "384", "--depths", "0.3,0.7", "--ppl-length", "400", "--ppl-count", "1",
+                          "--last", "48", "-q"]):
+        return 1
     write_reference(a.outdir, rng)
     print(a.outdir)
     return 0
