@@ -279,7 +279,10 @@ TEST(EvalSweep, WholeSweepOnTheTinyModel) {
       gen[row.at("point").get<std::string>() + " " + row.at("case").get<std::string>()] = row.at("generated");
   for (const auto& cs : set.niah) {
     std::string want;
-    for (int32_t t : m->generate(cs.tokens, cs.max_new, set.stop_ids)) want += (want.empty() ? "" : " ") + std::to_string(t);
+    for (int32_t t : m->generate(cs.tokens, cs.max_new, set.stop_ids)) {
+      if (!want.empty()) want += ' ';
+      want += std::to_string(t);
+    }
     EXPECT_EQ(gen.at("full " + cs.id), want);
     EXPECT_EQ(gen.at("oracle/fixed/s0 " + cs.id), want);
   }
