@@ -28,7 +28,8 @@ data is absent is skipped with a note on stderr; the paths written are printed o
                             sparsities, open markers: native points, gray: full attention).
   fig_eval_vs_recall        with an analysis report of the same selections beside it: each sweep
                             point's end-to-end Δ perplexity and NIAH accuracy against the
-                            per-layer mass recall the analysis measured for the same selection id.
+                            per-layer mass recall (and output error, where the analysis has it)
+                            measured for the same selection id.
 
 One function per figure (fig1, fig2, fig2b, fig5a, fig5c, bench, fig_eval, fig_eval_recall); each
 returns the paths it wrote, or [] after a note when its data is missing.
@@ -460,28 +461,35 @@ def fig_eval(reports: list, out_dir: Path) -> list:
 
 
 def fig_eval_recall(sweeps: list, analyses: list, out_dir: Path) -> list:
-    """End-to-end Δ perplexity and NIAH accuracy vs the analysis' mass recall of the same selection."""
-    recall = {}
+    """End-to-end NIAH accuracy and Δ perplexity vs the analysis' per-layer mass recall and output
+    error of the same selection (rows: the two per-layer metrics; columns: the two end-to-end ones)."""
+    per_layer = {}
     for a in analyses:
         for r in a.table("recall_vs_sparsity"):
-            recall.setdefault(r["selection"], r["mass_recall_mean"])
-    rows = [r for s in sweeps for r in s.table("points") if r["point"] in recall and finite(recall[r["point"]])]
+            per_layer.setdefault(r["selection"], r)
+    rows = [r for s in sweeps for r in s.table("points") if r["point"] in per_layer]
     if not rows:
         note("fig_eval_vs_recall: no sweep point has an analysis row of the same selection id; skipped")
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, col, ylabel in ((axes[0], "niah_accuracy", "NIAH accuracy"), (axes[1], "delta_ppl", "Δ perplexity")):
-        for m in sorted({r["method"] for r in rows}, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
-            pts = [(recall[r["point"]], r[col]) for r in rows if r["method"] == m and finite(r[col])]
-            st = METHOD_STYLE.get(m, {})
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=m, color=st.get("color"),
-                       marker=st.get("marker", "o"), s=22)
-        ax.set_xlabel("per-layer mass recall (analysis, mean over layers and heads)")
-        ax.set_ylabel(ylabel)
-    if any(finite(r["delta_ppl"]) and r["delta_ppl"] > 0 for r in rows):
-        axes[1].set_yscale("symlog", linthresh=0.1)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Does per-layer recall predict end-to-end accuracy? (one marker per selection id)", fontsize=9)
+    metrics = [(k, label) for k, label in (("mass_recall_mean", "per-layer mass recall (analysis)"),
+                                           ("output_error_mean", "per-layer output error (analysis)"))
+               if any(finite(per_layer[r["point"]].get(k)) for r in rows)]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
+    methods = sorted({r["method"] for r in rows}, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    for (key, xlabel), axrow in zip(metrics, axes):
+        for ax, col, ylabel in ((axrow[0], "niah_accuracy", "NIAH accuracy"), (axrow[1], "delta_ppl", "Δ perplexity")):
+            for m in methods:
+                pts = [(per_layer[r["point"]][key], r[col]) for r in rows
+                       if r["method"] == m and finite(r[col]) and finite(per_layer[r["point"]].get(key))]
+                st = METHOD_STYLE.get(m, {})
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=m, color=st.get("color"),
+                           marker=st.get("marker", "o"), s=22)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if col == "delta_ppl" and any(finite(r["delta_ppl"]) and r["delta_ppl"] > 0 for r in rows):
+                ax.set_yscale("symlog", linthresh=0.1)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Does the per-layer metric predict end-to-end accuracy? (one marker per selection id)", fontsize=9)
     return save(fig, out_dir, "fig_eval_vs_recall")
 
 
