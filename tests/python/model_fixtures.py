@@ -94,7 +94,7 @@ def write_quant(out: Path, rng: np.random.Generator) -> None:
     w.close()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (the alphabet of byte-level BPE pieces)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -114,7 +114,7 @@ def tiny_tokenizer(vocab: int) -> tuple[list[str], list[str], list[int]]:
     from collections import Counter
 
     from tokenizers import pre_tokenizers
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     pieces = [b2u[b] for b in range(256)]
     pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
