@@ -216,6 +216,9 @@ int main(int argc, char** argv) {
         const model::ModelConfig mc = model::read_llama_config(f);
         ident = eval::identity_of(f, mc);
         q_heads = mc.n_head;
+        if (sw.dense_layers >= mc.n_layers)
+          throw cli::usage_error("--dense-layers", std::to_string(sw.dense_layers) + " leaves no sparse layer (the model has " +
+                                                       std::to_string(mc.n_layers) + ")");
       }
       eval::check_set_against_model(set, ident, sc.allow_overlength);
       const std::vector<eval::Point> points = eval::expand_points(sw, q_heads);
