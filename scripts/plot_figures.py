@@ -23,9 +23,16 @@ data is absent is skipped with a note on stderr; the paths written are printed o
                             dynamic, uniform and token budgets (ProxyAttn's scores).
   fig4_* / fig5b_* / prefill_*  kernel and prefill figures (scripts/bench_figures.py), when bench
                             data is given.
+  fig_eval_accuracy         from a `proxyattn-eval sweep` folder: NIAH accuracy and Δ perplexity
+                            vs sparsity per method (sparse attention in every layer; lines: fixed
+                            sparsities, open markers: native points, gray: full attention).
+  fig_eval_vs_recall        with an analysis report of the same selections beside it: each sweep
+                            point's end-to-end Δ perplexity and NIAH accuracy against the
+                            per-layer mass recall (and output error, where the analysis has it)
+                            measured for the same selection id.
 
-One function per figure (fig1, fig2, fig2b, fig5a, fig5c, bench); each returns the paths it
-wrote, or [] after a note when its data is missing.
+One function per figure (fig1, fig2, fig2b, fig5a, fig5c, bench, fig_eval, fig_eval_recall); each
+returns the paths it wrote, or [] after a note when its data is missing.
 """
 from __future__ import annotations
 
@@ -92,7 +99,7 @@ class Report:
         return self.tables.get(name, [])
 
 
-def load_reports(dirs) -> list:
+def load_reports(dirs, tool: str = "proxyattn-analyze") -> list:
     reports = []
     for d in dirs:
         d = Path(d)
@@ -103,7 +110,7 @@ def load_reports(dirs) -> list:
             except (OSError, ValueError, KeyError) as e:
                 note(f"{f}: unreadable report.json ({e}); skipped")
                 continue
-            if r.doc.get("tool") != "proxyattn-analyze":
+            if r.doc.get("tool") != tool:
                 continue
             reports.append(r)
     # Distinct labels when several folders share a name.
@@ -381,6 +388,111 @@ def fig5c(reports: list, out_dir: Path) -> list:
     return save(fig, out_dir, "fig5c_budgets")
 
 
+# ---- the whole model: proxyattn-eval sweep ---------------------------------------------------
+
+
+def eval_series(rep: Report) -> dict:
+    """{(method, groups): (fixed rows by target sparsity, native rows)} of a sweep's points table."""
+    out: dict = {}
+    for r in rep.table("points"):
+        if r["method"] == "full":
+            continue
+        fixed, nat = out.setdefault((r["method"], r["groups"]), ([], []))
+        (fixed if r["budget"] == "fixed" else nat).append(r)
+    for fixed, _ in out.values():
+        fixed.sort(key=lambda r: r["target_sparsity"])
+    return dict(sorted(out.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]) if kv[0][0] in METHOD_ORDER else 99,
+                                                     kv[0][1])))
+
+
+def eval_label(method: str, groups: int) -> str:
+    return f"ProxyAttn (g={groups})" if groups else method
+
+
+def eval_style(method: str, groups: int, groups_seen: list) -> dict:
+    """The method's colour and marker; a grouped method's second, third... group count dotted."""
+    s = dict(METHOD_STYLE.get(method, {}))
+    if groups and groups_seen.index(groups):
+        s["linestyle"] = LINESTYLES[groups_seen.index(groups) % len(LINESTYLES)]
+        s["marker"] = "P"
+    return s
+
+
+def fig_eval(reports: list, out_dir: Path) -> list:
+    """NIAH accuracy and Δ perplexity vs sparsity, per method, from each sweep folder."""
+    written = []
+    for rep in reports:
+        full = next((r for r in rep.table("points") if r["method"] == "full"), None)
+        series = eval_series(rep)
+        if full is None or not series:
+            note(f"fig_eval: {rep.folder}: no sweep points; skipped")
+            continue
+        groups_seen = sorted({g for (_, g) in series if g})
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        panels = (("niah_accuracy", "NIAH accuracy (greedy answer holds the needle)"),
+                  ("delta_ppl", "Δ perplexity vs full attention"))
+        for ax, (col, ylabel) in zip(axes, panels):
+            if finite(full[col]):
+                ax.axhline(full[col], color="gray", linewidth=1.0, linestyle="--", label="full attention")
+            for (m, g), (fixed, nat) in series.items():
+                style = eval_style(m, g, groups_seen)
+                pts = [(r["sparsity"], r[col]) for r in fixed if finite(r["sparsity"]) and finite(r[col])]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=eval_label(m, g), markersize=4,
+                            linewidth=1.2, **style)
+                npts = [(r["sparsity"], r[col]) for r in nat if finite(r["sparsity"]) and finite(r[col])]
+                if npts:
+                    ax.scatter([p[0] for p in npts], [p[1] for p in npts], s=30, facecolors="none",
+                               edgecolors=style.get("color", "gray"), marker=style.get("marker", "o"),
+                               linewidths=1.0, zorder=3)
+            ax.set_xlabel("sparsity (1 − block density, mean over sparse layers)")
+            ax.set_ylabel(ylabel)
+        if any(finite(r["delta_ppl"]) and r["delta_ppl"] > 0 for f, n in series.values() for r in f + n):
+            axes[1].set_yscale("symlog", linthresh=0.1)
+        axes[0].set_ylim(-0.05, 1.05)
+        ident = rep.doc.get("model", {}).get("identity", {})
+        cfg = rep.doc.get("config", {})
+        fig.suptitle(f"{ident.get('file', rep.label)}: sparse attention in every layer "
+                     f"(block {cfg.get('block')}, first {cfg.get('dense_layers', 0)} dense; open markers: native)",
+                     fontsize=9)
+        axes[0].legend(fontsize=7, loc="lower left")
+        written += save(fig, out_dir, "fig_eval_accuracy" + (f"_{rep.label}" if len(reports) > 1 else ""))
+    return written
+
+
+def fig_eval_recall(sweeps: list, analyses: list, out_dir: Path) -> list:
+    """End-to-end NIAH accuracy and Δ perplexity vs the analysis' per-layer mass recall and output
+    error of the same selection (rows: the two per-layer metrics; columns: the two end-to-end ones)."""
+    per_layer = {}
+    for a in analyses:
+        for r in a.table("recall_vs_sparsity"):
+            per_layer.setdefault(r["selection"], r)
+    rows = [r for s in sweeps for r in s.table("points") if r["point"] in per_layer]
+    if not rows:
+        note("fig_eval_vs_recall: no sweep point has an analysis row of the same selection id; skipped")
+        return []
+    metrics = [(k, label) for k, label in (("mass_recall_mean", "per-layer mass recall (analysis)"),
+                                           ("output_error_mean", "per-layer output error (analysis)"))
+               if any(finite(per_layer[r["point"]].get(k)) for r in rows)]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
+    methods = sorted({r["method"] for r in rows}, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    for (key, xlabel), axrow in zip(metrics, axes):
+        for ax, col, ylabel in ((axrow[0], "niah_accuracy", "NIAH accuracy"), (axrow[1], "delta_ppl", "Δ perplexity")):
+            for m in methods:
+                pts = [(per_layer[r["point"]][key], r[col]) for r in rows
+                       if r["method"] == m and finite(r[col]) and finite(per_layer[r["point"]].get(key))]
+                st = METHOD_STYLE.get(m, {})
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=m, color=st.get("color"),
+                           marker=st.get("marker", "o"), s=22)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if col == "delta_ppl" and any(finite(r["delta_ppl"]) and r["delta_ppl"] > 0 for r in rows):
+                ax.set_yscale("symlog", linthresh=0.1)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Does the per-layer metric predict end-to-end accuracy? (one marker per selection id)", fontsize=9)
+    return save(fig, out_dir, "fig_eval_vs_recall")
+
+
 # ---- kernel figures (other issue) ------------------------------------------------------------
 
 
@@ -435,9 +547,14 @@ def main(argv=None) -> int:
         print(f"plot_figures: error: --layers: cannot parse '{args.layers}'", file=sys.stderr)
         return 2
     reports = load_reports(args.dirs)
-    if not reports:
-        note("no proxyattn-analyze report.json in the given folders: analysis figures skipped")
+    sweeps = load_reports(args.dirs, "proxyattn-eval")
+    if not reports and not sweeps:
+        note("no proxyattn-analyze or proxyattn-eval report.json in the given folders: analysis figures skipped")
     written = []
+    if sweeps:
+        written += fig_eval(sweeps, out)
+        if reports:
+            written += fig_eval_recall(sweeps, reports, out)
     if reports:
         written += fig1(reports, out)
         written += fig2(reports, out, layers)

@@ -505,6 +505,10 @@ bool report_entry(const std::string& name, bool regular) {
 void check_report_dir(const std::string& dir) { require_output_dir_target(dir, "--out", report_entry); }
 
 std::vector<std::string> write_report(const json& report, const std::string& dir) {
+  return write_report(report, dir, render_markdown(report));
+}
+
+std::vector<std::string> write_report(const json& report, const std::string& dir, const std::string& markdown) {
   // Rendered first (a failure here creates nothing), then written into a fresh staging folder
   // that replaces dir in one step (AtomicDir): a reader never sees two runs' files mixed.
   std::vector<std::pair<std::string, std::string>> files;
@@ -514,7 +518,7 @@ std::vector<std::string> write_report(const json& report, const std::string& dir
         throw Error("report table name '" + name + "' is not a plain file name");
       files.emplace_back(name + ".csv", render_csv(table));
     }
-  files.emplace_back("report.md", render_markdown(report));
+  files.emplace_back("report.md", markdown);
   files.emplace_back("report.json", dump_report(report));
 
   AtomicDir out(dir, "--out", report_entry);

@@ -81,46 +81,6 @@ void add_options(CLI::App& sub, Args& a) {
   sub.add_flag("--allow-nonfinite", c.allow_nonfinite, "Read layers holding NaN/Inf instead of failing");
 }
 
-std::vector<std::string> split_list(const std::string& s, const std::string& flag) {
-  std::vector<std::string> out;
-  size_t pos = 0;
-  while (pos <= s.size()) {
-    const size_t comma = std::min(s.find(',', pos), s.size());
-    std::string item = s.substr(pos, comma - pos);
-    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
-    while (!item.empty() && item.back() == ' ') item.pop_back();
-    if (item.empty()) throw Error(flag + ": empty item in '" + s + "'");
-    out.push_back(item);
-    pos = comma + 1;
-  }
-  return out;
-}
-
-std::vector<double> number_list(const std::string& s, const std::string& flag) {
-  std::vector<double> out;
-  for (const std::string& item : split_list(s, flag)) {
-    size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != item.size()) throw Error(flag + ": '" + item + "' is not a number");
-    out.push_back(v);
-  }
-  return out;
-}
-
-std::vector<int> int_list(const std::string& s, const std::string& flag) {
-  std::vector<int> out;
-  for (double v : number_list(s, flag)) {
-    if (v != std::floor(v) || std::abs(v) > 1e9) throw Error(flag + ": '" + fmt::format("{:g}", v) + "' is not an integer");
-    out.push_back(static_cast<int>(v));
-  }
-  return out;
-}
-
 // A list flag given with an empty value ('--methods ""') is an error, not the default.
 void require_nonempty_values(const CLI::App& sub, const Args& a) {
   const std::pair<const char*, const std::string*> lists[] = {
@@ -189,11 +149,11 @@ int main(int argc, char** argv) {
     if (parsed) require_nonempty_values(*parsed, a);
     c.argv.assign(argv, argv + argc);
     if (!a.layers.empty()) c.layers = cli::parse_int_list(a.layers, 1 << 20, "--layers");
-    if (!a.methods.empty()) c.methods = split_list(a.methods, "--methods");
-    if (!a.sparsity.empty()) c.sparsity = number_list(a.sparsity, "--sparsity");
-    if (!a.gamma.empty()) c.gamma = number_list(a.gamma, "--gamma");
-    if (!a.groups.empty()) c.groups = int_list(a.groups, "--groups");
-    if (!a.topk.empty()) c.topk_fractions = number_list(a.topk, "--topk");
+    if (!a.methods.empty()) c.methods = cli::split_list(a.methods, "--methods");
+    if (!a.sparsity.empty()) c.sparsity = cli::number_list(a.sparsity, "--sparsity");
+    if (!a.gamma.empty()) c.gamma = cli::number_list(a.gamma, "--gamma");
+    if (!a.groups.empty()) c.groups = cli::int_list(a.groups, "--groups");
+    if (!a.topk.empty()) c.topk_fractions = cli::number_list(a.topk, "--topk");
     if (parsed) cli::apply_method_options(*parsed, a.method_options, c.estimator);
     c.budget.mode = parse_budget_mode(a.budget_mode);
     if (c.threads < 0) throw Error("--threads: must be >= 0");

@@ -11,6 +11,7 @@
 //     return proxyattn::cli::run_main(app, argc, argv, [&] { ...; return 0; });
 //   }
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -184,6 +185,52 @@ inline std::vector<int> parse_int_list(std::string_view s, int limit, const std:
   }
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+// "a, b,c" -> {"a", "b", "c"} (items trimmed); an empty item is an Error naming the flag.
+inline std::vector<std::string> split_list(const std::string& s, const std::string& flag) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    const size_t comma = std::min(s.find(',', pos), s.size());
+    std::string item = s.substr(pos, comma - pos);
+    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+    while (!item.empty() && item.back() == ' ') item.pop_back();
+    if (item.empty()) throw proxyattn::Error(flag + ": empty item in '" + s + "'");
+    out.push_back(item);
+    pos = comma + 1;
+  }
+  return out;
+}
+
+// "0.5,0.9" -> {0.5, 0.9}; an item that is not a whole number is an Error naming the flag.
+inline std::vector<double> number_list(const std::string& s, const std::string& flag) {
+  std::vector<double> out;
+  for (const std::string& item : split_list(s, flag)) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size()) throw proxyattn::Error(flag + ": '" + item + "' is not a number");
+    out.push_back(v);
+  }
+  return out;
+}
+
+inline std::vector<int> int_list(const std::string& s, const std::string& flag) {
+  std::vector<int> out;
+  for (double v : number_list(s, flag)) {
+    if (v != std::floor(v) || std::abs(v) > 1e9) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%g", v);
+      throw proxyattn::Error(flag + ": '" + buf + "' is not an integer");
+    }
+    out.push_back(static_cast<int>(v));
+  }
   return out;
 }
 

@@ -4,10 +4,12 @@
 //   proxyattn-eval generate --gguf M.gguf --tokens ids.txt [--max-new 30] [--stop 2,49152]
 //   proxyattn-eval compare --gguf M.gguf --store qk.h5 [--rtol 2e-3]
 //       (Q/K/V of every stored layer vs the runtime's, on the store's /tokens)
+//   proxyattn-eval sweep --gguf M.gguf --eval-set set.json --out DIR [--methods ...] [--sparsity ...]
+//       (accuracy with sparse attention in every layer: NIAH and perplexity per method x sparsity,
+//        report.json + CSV + report.md; sweep.hpp)
 //
 // Token files hold integers separated by white space or commas (scripts/model_tokens.py writes
-// them with the model's tokenizer). This is the first cut of issue #15's tool: full attention
-// only; methods × sparsities and the report come with the method registry.
+// them with the model's tokenizer); evaluation sets are JSON from scripts/prepare_eval.py.
 #include <optional>
 #include <map>
 #include <algorithm>
@@ -24,9 +26,13 @@
 #include "proxyattn/methods.hpp"
 #include "proxyattn/method.hpp"
 #include "cli_common.hpp"
+#include "eval_set.hpp"
+#include "proxyattn/analysis/report.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/model/gguf.hpp"
 #include "proxyattn/model/model.hpp"
 #include "proxyattn/store.hpp"
+#include "sweep.hpp"
 
 namespace {
 
@@ -66,27 +72,43 @@ std::vector<int32_t> read_tokens(const std::string& path) {
 
 struct Common {
   std::string gguf, tokens;
+  std::string backend = "cpu";
   int threads = 0;
   bool allow_overlength = false;
   bool quiet = false;
 };
 
-void add_common(CLI::App* s, Common& c) {
+// The options every subcommand has (--tokens where it reads token files).
+void add_model_options(CLI::App* s, Common& c) {
   s->add_option("--gguf", c.gguf, "Model file (Llama family GGUF)")->required();
-  s->add_option("--tokens", c.tokens, "Token ids (text: integers separated by white space or commas)")->required();
+  s->add_option("--backend", c.backend, "Model back end: cpu or cuda")->capture_default_str();
   s->add_option("--threads", c.threads, "CPU threads (0 = all)")->capture_default_str();
-  s->add_flag("--allow-overlength", c.allow_overlength, "Allow more tokens than the model's context length");
   s->add_flag("-q,--quiet", c.quiet, "No progress on stderr");
+}
+
+void add_common(CLI::App* s, Common& c) {
+  add_model_options(s, c);
+  s->add_option("--tokens", c.tokens, "Token ids (text: integers separated by white space or commas)")->required();
+  s->add_flag("--allow-overlength", c.allow_overlength, "Allow more tokens than the model's context length");
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+model::Backend backend_of(const Common& c) {
+  try {
+    return model::parse_backend(c.backend);
+  } catch (const Error& e) {
+    throw cli::usage_error("--backend", e.what());
+  }
+}
+
 std::unique_ptr<model::Model> open(const Common& c) {
   const auto t0 = std::chrono::steady_clock::now();
   model::LoadOptions lo;
   lo.threads = c.threads;
+  lo.backend = backend_of(c);
   auto m = model::load_model(c.gguf, lo);
   const auto& k = m->config();
   if (!c.quiet)
@@ -136,13 +158,82 @@ int main(int argc, char** argv) {
   std::string store_path;
   double rtol = 2e-3;
   auto* cmp = app.add_subcommand("compare", "Q/K/V of every layer of a capture_qk.py store vs the runtime's, on the store's tokens");
-  cmp->add_option("--gguf", cc.gguf, "Model file (Llama family GGUF)")->required();
+  add_model_options(cmp, cc);
   cmp->add_option("--store", store_path, "Q/K store written by scripts/capture_qk.py from the same model")->required();
   cmp->add_option("--rtol", rtol, "Limit on max|x - ref| / max|ref| per layer and tensor")->capture_default_str();
-  cmp->add_option("--threads", cc.threads, "CPU threads (0 = all)")->capture_default_str();
-  cmp->add_flag("-q,--quiet", cc.quiet, "No progress on stderr");
+
+  // The accuracy sweep: the flags of proxyattn-analyze where they mean the same.
+  Common sc;
+  std::string set_path, out_dir, s_methods = "proxy,pooled,xattn,flexprefill,vslash,oracle", s_sparsity = "0.5,0.8,0.9",
+                               s_gamma = "0.9,0.95", s_groups = "1", budget_mode = "constant";
+  eval::SweepConfig sw;
+  bool no_native = false;
+  std::map<std::string, std::string> sweep_options;
+  auto* swp = app.add_subcommand("sweep", "Accuracy with sparse attention in every layer: NIAH retrieval and perplexity "
+                                          "per method x sparsity (and native points), full attention as the baseline");
+  add_model_options(swp, sc);
+  swp->add_option("--eval-set", set_path, "Evaluation set (JSON) from scripts/prepare_eval.py for this model")->required();
+  swp->add_option("--out,-o", out_dir, "Output folder: report.json, points/niah/ppl/layers.csv, report.md")->required();
+  swp->add_option("--methods", s_methods, "Methods, comma-separated (" + method_name_list() + ")")->capture_default_str();
+  swp->add_option("--sparsity", s_sparsity, "Fixed sparsities in [0, 1), comma-separated")->capture_default_str();
+  swp->add_option("--gamma", s_gamma, "Coverages in (0, 1] of the native points; the largest drives the fixed-sparsity "
+                                      "selections")->capture_default_str();
+  swp->add_option("--groups", s_groups, "ProxyAttn group counts, comma-separated, each dividing Hq")->capture_default_str();
+  swp->add_flag("--no-native", no_native, "Only the fixed sparsities, not each method's own operating points");
+  swp->add_option("--block", sw.estimator.block, "Block size B (power of two)")->capture_default_str();
+  swp->add_option("--dense-layers", sw.dense_layers, "Keep the first L layers dense")->capture_default_str();
+  cli::add_method_options(*swp, sweep_options);
+  swp->add_option("--budget-mode", budget_mode, "dynamic/token/uniform budget across rows: constant or proportional")
+      ->capture_default_str();
+  swp->add_option("--k-min", sw.budget.k_min, "Lower clamp of the dynamic budget (blocks)")->capture_default_str();
+  swp->add_flag("--allow-overlength", sc.allow_overlength, "Allow prompts over the model's context length");
 
   return cli::run_main(app, argc, argv, [&]() -> int {
+    if (*swp) {
+      const std::pair<const char*, const std::string*> lists[] = {
+          {"--methods", &s_methods}, {"--sparsity", &s_sparsity}, {"--gamma", &s_gamma}, {"--groups", &s_groups}};
+      for (const auto& [flag, value] : lists)
+        if (value->find_first_not_of(" \t") == std::string::npos) throw Error(std::string(flag) + ": empty value");
+      sw.methods = cli::split_list(s_methods, "--methods");
+      sw.sparsities = cli::number_list(s_sparsity, "--sparsity");
+      sw.gammas = cli::number_list(s_gamma, "--gamma");
+      sw.groups = cli::int_list(s_groups, "--groups");
+      sw.native = !no_native;
+      cli::apply_method_options(*swp, sweep_options, sw.estimator);
+      sw.budget.mode = parse_budget_mode(budget_mode);
+      if (sc.threads < 0 || sc.threads > 4096) throw cli::usage_error("--threads", "must be in [0, 4096]");
+      if (sw.estimator.block < 16 || sw.estimator.block > 4096)
+        throw cli::usage_error("--block", std::to_string(sw.estimator.block) + " outside [16, 4096]");
+      backend_of(sc);
+      // Every check before the model's weights are read: the output folder, the set's structure,
+      // the set against the model's identity, the points against the registry.
+      analysis::check_report_dir(out_dir);
+      const eval::EvalSet set = eval::read_eval_set(set_path);
+      eval::ModelIdentity ident;
+      int q_heads = 0;
+      {
+        const gguf::File f(sc.gguf);
+        const model::ModelConfig mc = model::read_llama_config(f);
+        ident = eval::identity_of(f, mc);
+        q_heads = mc.n_head;
+        if (sw.dense_layers >= mc.n_layers)
+          throw cli::usage_error("--dense-layers", std::to_string(sw.dense_layers) + " leaves no sparse layer (the model has " +
+                                                       std::to_string(mc.n_layers) + ")");
+      }
+      eval::check_set_against_model(set, ident, sc.allow_overlength);
+      const std::vector<eval::Point> points = eval::expand_points(sw, q_heads);
+      auto m = open(sc);
+      eval::SweepOptions so;
+      so.allow_overlength = sc.allow_overlength;
+      so.quiet = sc.quiet;
+      nlohmann::json report = eval::run_sweep(*m, set, sw, points, so);
+      report["argv"] = std::vector<std::string>(argv, argv + argc);
+      const auto files = analysis::write_report(report, out_dir, eval::render_sweep_markdown(report));
+      if (!sc.quiet)
+        std::fprintf(stderr, "proxyattn-eval sweep: %zu points, %zu files in %s (%.1f s)\n", points.size(), files.size(),
+                     out_dir.c_str(), report["timing"]["total_seconds"].get<double>());
+      return 0;
+    }
     if (*cmp) {
       StoreReader st(store_path);
       if (!st.has_tokens()) throw Error("--store " + store_path + ": no /tokens dataset");

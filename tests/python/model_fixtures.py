@@ -9,6 +9,9 @@ OUTDIR/quant.gguf   one tensor per type, "x.<TYPE>" (random blocks, finite scale
                     type under "test.*" (the C++ test checks them)
 OUTDIR/tiny.gguf    a random Llama-architecture model (3 layers, 6 q / 2 kv heads, d 16,
                     mixed quantisations, tied embeddings)
+OUTDIR/tiny_tok.gguf the same random model with a byte-level BPE tokenizer (256 bytes, merges
+                    learnt from data/haystack/, an EOS piece; 301 pieces) and a 4096-token context:
+                    scripts/prepare_eval.py can build evaluation sets for it
 OUTDIR/tiny_ref.gguf  the spec's outputs on it (F32 tensors): "tokens" [N], per layer
                     "q.L" [Hq,N,d], "k.L", "v.L" [Hkv,N,d] (post-RoPE), "logits" [N, vocab];
                     metadata ref.ppl (float64), ref.generated (int32 array: greedy tokens
@@ -91,13 +94,65 @@ def write_quant(out: Path, rng: np.random.Generator) -> None:
     w.close()
 
 
-def write_tiny(out: Path, rng: np.random.Generator) -> None:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE pieces)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiny_tokenizer(vocab: int) -> tuple[list[str], list[str], list[int]]:
+    """(pieces, merges, token types) of a byte-level BPE of `vocab` pieces: the 256 bytes, merges
+    learnt greedily (most frequent pair, ties by the pair) on the bundled haystack text with the
+    "smollm" pre-tokenizer (digits split), and one EOS control piece last."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+    b2u = bytes_to_unicode()
+    pieces = [b2u[b] for b in range(256)]
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in sorted((SOURCE_DIR / "data" / "haystack").glob("*.txt")))
+    words = Counter(w for w, _ in pre.pre_tokenize_str(text))
+    seqs = {w: list(w) for w in words}
+    merges: list[str] = []
+    while len(pieces) < vocab - 1:
+        pairs: Counter = Counter()
+        for w, n in words.items():
+            s = seqs[w]
+            for a, b in zip(s, s[1:]):
+                pairs[(a, b)] += n
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        pieces.append(a + b)
+        for w, s in seqs.items():
+            i, t = 0, []
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                    t.append(a + b)
+                    i += 2
+                else:
+                    t.append(s[i])
+                    i += 1
+            seqs[w] = t
+    pieces.append("<|endoftext|>")
+    return pieces, merges, [1] * (len(pieces) - 1) + [3]
+
+
+def write_tiny(out: Path, rng: np.random.Generator, name: str = "tiny.gguf", tokenizer: bool = False,
+               n_ctx: int | None = None) -> None:
     c = TINY
     E, Hq, Hkv, D, F, V = c["n_embd"], c["n_head"], c["n_head_kv"], c["head_dim"], c["n_ff"], c["vocab"]
-    w = gguf.GGUFWriter(str(out / "tiny.gguf"), "llama")
+    w = gguf.GGUFWriter(str(out / name), "llama")
     w.add_name("tiny-random-llama")
     w.add_block_count(c["n_layers"])
-    w.add_context_length(c["n_ctx"])
+    w.add_context_length(n_ctx or c["n_ctx"])
     w.add_embedding_length(E)
     w.add_feed_forward_length(F)
     w.add_head_count(Hq)
@@ -105,6 +160,14 @@ def write_tiny(out: Path, rng: np.random.Generator) -> None:
     w.add_rope_dimension_count(D)
     w.add_rope_freq_base(c["rope_theta"])
     w.add_layer_norm_rms_eps(c["rms_eps"])
+    if tokenizer:
+        pieces, merges, types = tiny_tokenizer(V)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(pieces)
+        w.add_token_merges(merges)
+        w.add_token_types(types)
+        w.add_eos_token_id(len(pieces) - 1)
 
     def add(name: str, a: np.ndarray, qt: Q) -> None:
         a = a.astype(np.float32)
@@ -174,7 +237,15 @@ def main(argv=None) -> int:
     a.outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
     write_quant(a.outdir, rng)
+    state = rng.bit_generator.state
     write_tiny(a.outdir, rng)
+    rng.bit_generator.state = state  # the same weights, with a tokenizer
+    write_tiny(a.outdir, rng, "tiny_tok.gguf", tokenizer=True, n_ctx=4096)
+    import prepare_eval  # an evaluation set for it (tests/cpu/test_model_eval.cpp)
+    if prepare_eval.main(["--gguf", str(a.outdir / "tiny_tok.gguf"), "--out", str(a.outdir / "tiny_eval.json"),
+                          "--niah-lengths", "384", "--depths", "0.3,0.7", "--ppl-length", "400", "--ppl-count", "1",
+                          "--last", "48", "-q"]):
+        return 1
     write_reference(a.outdir, rng)
     print(a.outdir)
     return 0

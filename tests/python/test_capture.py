@@ -29,6 +29,9 @@ import capture_qk as C  # noqa: E402
 import gguf  # noqa: E402
 import proxyattn_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_fixtures import bytes_to_unicode  # noqa: E402
+
 Q = gguf.GGMLQuantizationType
 
 
@@ -89,19 +92,6 @@ def test_dequantize_refuses_other_types():
 
 # ----- a tiny random Llama GGUF and a float64 reference forward ---------------------------------
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 TINY = dict(E=64, F=96, H=4, HKV=2, D=16, L=2, ctx=64, theta=10000.0, eps=1e-5)
 TINY_QTYPES = {"ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_0, "ffn_down": Q.Q8_0, "attn_output": Q.F16}
 
@@ -116,7 +106,7 @@ def write_tiny_gguf(path, arch="llama", qtypes=TINY_QTYPES, seed=3):
     """Returns the HF-layout float64 weights the reference forward uses."""
     t = TINY
     rng = np.random.default_rng(seed)
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     tokens = ["<s>", "</s>"] + [b2u[b] for b in range(256)] + ["Ġt", "he", "Ġthe"]
     merges = ["Ġ t", "h e", "Ġt he"]
     V = len(tokens)

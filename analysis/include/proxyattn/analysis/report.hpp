@@ -53,6 +53,9 @@ std::string render_markdown(const nlohmann::json& report);
 // report's files (report.json, report.md, *.csv, figures/); anything else is an Error, never deleted.
 // Missing parents are created. Throws Error naming the path. Returns the paths written.
 std::vector<std::string> write_report(const nlohmann::json& report, const std::string& dir);
+// The same with the text of report.md given (a tool that renders its own, proxyattn-eval).
+std::vector<std::string> write_report(const nlohmann::json& report, const std::string& dir,
+                                      const std::string& markdown);
 // The checks of write_report (dir can be written and replaced), creating nothing; run before
 // the work so a bad --out fails in a second.
 void check_report_dir(const std::string& dir);
