@@ -9,7 +9,7 @@
 # Logs and reports are written under $OUT/work and packed at the end into $OUT/device_prefill.tgz
 # (the device tool returns at most 8 files). Each step gets what is left of PREFILL_BUDGET seconds.
 # Env: PREFILL_MODELS (comma list), PREFILL_LENGTHS (8K,32K,128K), PREFILL_METHODS, PREFILL_REPS (2),
-# PREFILL_LONG (e.g. 256K; empty = none), PREFILL_LONG_METHODS, PEER_LONG_METHODS,
+# PREFILL_LONG (e.g. 256K; empty = none), PREFILL_LONG_MODELS, PREFILL_LONG_METHODS, PEER_MODELS, PEER_LONG_METHODS,
 # PROXYATTN_CTEST_REGEX (default: every gpu test), PROXYATTN_SKIP_SANITIZERS=1,
 # PROXYATTN_SKIP_KERNEL_BENCH=1, PROXYATTN_SKIP_PEERS=1.
 set -uo pipefail
@@ -29,6 +29,8 @@ REPS=${PREFILL_REPS:-2}
 LONG=${PREFILL_LONG:-}
 LONG_METHODS=${PREFILL_LONG_METHODS:-full,proxyattn@density=0.1}
 PEER_LONG_METHODS=${PEER_LONG_METHODS:-torch_sdpa_cudnn}
+LONG_MODELS=${PREFILL_LONG_MODELS:-$MODELS}
+PEER_MODELS=${PEER_MODELS:-$MODELS}
 BENCH="$BUILD/apps/proxyattn-bench"
 
 stamp "configure + build"
@@ -60,7 +62,7 @@ timeout $(tl 60) "$BENCH" prefill --sweep "$ROOT/configs/sweeps/prefill.json" --
 echo "prefill rc=$?"; cat "$OUT/prefill.log"
 if [ -n "$LONG" ]; then
   stamp "proxyattn-bench prefill $LONG"
-  timeout $(tl 40) "$BENCH" prefill --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" \
+  timeout $(tl 40) "$BENCH" prefill --sweep "$ROOT/configs/sweeps/prefill.json" --models "$LONG_MODELS" \
     --lengths "$LONG" --methods "$LONG_METHODS" --reps 1 --warmup 0 --quiet --out "$OUT/prefill_long" \
     >"$OUT/prefill_long.log" 2>&1
   echo "prefill long rc=$?"; cat "$OUT/prefill_long.log"
@@ -75,12 +77,12 @@ echo "prefill smollm2 rc=$?"; tail -4 "$OUT/prefill_smollm2.log"
 if [ "${PROXYATTN_SKIP_PEERS:-0}" != 1 ]; then
   stamp "bench_peers.py --prefill"
   PYTHONUNBUFFERED=1 timeout $(tl 40) python3 "$ROOT/scripts/bench_peers.py" --prefill \
-    --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" --lengths "$LENGTHS" --reps "$REPS" \
+    --sweep "$ROOT/configs/sweeps/prefill.json" --models "$PEER_MODELS" --lengths "$LENGTHS" --reps "$REPS" \
     --out "$OUT/prefill_peers" >"$OUT/prefill_peers.log" 2>&1
   echo "peers rc=$?"; tail -14 "$OUT/prefill_peers.log"
   if [ -n "$LONG" ]; then
     PYTHONUNBUFFERED=1 timeout $(tl 5) python3 "$ROOT/scripts/bench_peers.py" --prefill \
-      --sweep "$ROOT/configs/sweeps/prefill.json" --models "$MODELS" --lengths "$LONG" --methods "$PEER_LONG_METHODS" \
+      --sweep "$ROOT/configs/sweeps/prefill.json" --models "$LONG_MODELS" --lengths "$LONG" --methods "$PEER_LONG_METHODS" \
       --reps 1 --out "$OUT/prefill_peers_long" >"$OUT/prefill_peers_long.log" 2>&1
     echo "peers long rc=$?"; tail -8 "$OUT/prefill_peers_long.log"
   fi
