@@ -191,25 +191,15 @@ const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& 
 
 BlockMask LayerRun::fixed_selection(const MethodInfo& method, const BlockScores& sc, double density,
                                     std::string& rule) {
+  if (cfg_.density_rule == "auto") {
+    rule = auto_density_name(method.auto_density);
+    return auto_density_mask(
+        method, sc, density, [&]() -> const Budgets& { return budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_)); },
+        [&]() -> const BlockMass& { return oracle_.mass; }, &order_of(sc));
+  }
   // The oracle needs no forced blocks: its fixed-density selection is the upper bound.
   SelectOptions opts;
   if (!method.forced_blocks) opts.sink = opts.diagonal = false;
-  if (cfg_.density_rule == "auto") {
-    rule = auto_density_name(method.auto_density);
-    switch (method.auto_density) {
-      case AutoDensity::scaled_dynamic: {
-        const Budgets& dyn = budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_));
-        // order_of is the order of the default options (sink and diagonal forced).
-        return opts.sink && opts.diagonal ? select_budgets_to_density(sc, order_of(sc), dyn, density)
-                                          : select_budgets_to_density(sc, dyn, density, opts);
-      }
-      case AutoDensity::layer_global:
-        return oracle_density_mask(oracle_.mass, density);
-      case AutoDensity::native_adjust:
-        break;
-    }
-    return select_to_density(sc, density, parse_density_rule(rule), opts);
-  }
   rule = cfg_.density_rule;
   return select_to_density(sc, density, parse_density_rule(rule), opts);
 }

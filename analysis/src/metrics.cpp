@@ -1,6 +1,9 @@
 // Metrics of block selections against the oracle block mass; see metrics.hpp for definitions.
 #include "proxyattn/analysis/metrics.hpp"
 
+#include "proxyattn/methods.hpp"
+#include "proxyattn/select.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -262,6 +265,24 @@ BlockMask oracle_density_mask(const BlockMass& mass, double density) {
   std::vector<uint8_t> bitmap(static_cast<size_t>(H) * nb * nb, 0);
   for (int64_t t = 0; t < T; ++t) bitmap[static_cast<size_t>(cells[static_cast<size_t>(t)].second)] = 1;
   return BlockMask::from_bitmap(H, mass.seq_len, mass.block, bitmap);
+}
+
+BlockMask auto_density_mask(const MethodInfo& method, const BlockScores& scores, double density,
+                            const std::function<const Budgets&()>& dynamic,
+                            const std::function<const BlockMass&()>& mass, const std::vector<int32_t>* order) {
+  SelectOptions opts;
+  if (!method.forced_blocks) opts.sink = opts.diagonal = false;
+  switch (method.auto_density) {
+    case AutoDensity::scaled_dynamic:
+      // The order is that of the default options (sink and diagonal forced).
+      return order && opts.sink && opts.diagonal ? select_budgets_to_density(scores, *order, dynamic(), density)
+                                                 : select_budgets_to_density(scores, dynamic(), density, opts);
+    case AutoDensity::layer_global:
+      return oracle_density_mask(mass(), density);
+    case AutoDensity::native_adjust:
+      break;
+  }
+  return select_to_density(scores, density, DensityRule::native_adjust, opts);
 }
 
 // ---- recall ----------------------------------------------------------------------------------

@@ -195,35 +195,28 @@ std::optional<BlockMask> point_mask(const Point& p, const SweepConfig& c, ConstV
   const EstimatorConfig e = config_for(p, c);
   const int block = c.estimator.block;
   if (p.budget == "fixed") {
-    // A fixed density the way proxyattn-analyze reaches it with --density-rule auto
-    // (analysis/src/layer_run.cpp, fixed_selection): the registry says which rule.
+    // A fixed density the way proxyattn-analyze reaches it with --density-rule auto: the
+    // registry says which rule (analysis::auto_density_mask). The model cannot take a query
+    // row without keys: a row the rule left empty gets its best block (counted).
     const double density = 1.0 - p.target_sparsity;
-    SelectOptions opts;
-    if (!m.forced_blocks) opts.sink = opts.diagonal = false;
-    switch (m.auto_density) {
-      case AutoDensity::scaled_dynamic: {
-        const BlockScores sc = m.estimate(q, k, e);
-        BudgetConfig bc = c.budget;
-        bc.gamma = c.gamma_ref();
-        const Budgets dyn = make_budget("dynamic")->compute(q, k, sc, bc);
-        return select_budgets_to_density(sc, dyn, density, opts);
-      }
-      case AutoDensity::layer_global: {
-        const BlockMass mass = block_mass_cpu(q, k, block);
-        BlockMask mask = analysis::oracle_density_mask(mass, density);
-        const int64_t n = fill_empty_rows(mask, mass);
-        if (filled_rows) *filled_rows += n;
-        return mask;
-      }
-      case AutoDensity::native_adjust: {
-        const BlockScores sc = m.estimate(q, k, e);
-        BlockMask mask = select_to_density(sc, density, DensityRule::native_adjust, opts);
-        const int64_t n = opts.sink && opts.diagonal ? 0 : fill_empty_rows(mask, sc);
-        if (filled_rows) *filled_rows += n;
-        return mask;
-      }
-    }
-    throw Error("internal: unknown density rule of method '" + m.name + "'");
+    std::optional<BlockScores> sc;
+    std::optional<Budgets> dyn;
+    std::optional<BlockMass> mass;
+    // The layer_global rule reads only the exact mass: no estimate is made for it.
+    if (m.auto_density != AutoDensity::layer_global) sc = m.estimate(q, k, e);
+    const BlockScores empty;
+    BlockMask mask = analysis::auto_density_mask(
+        m, sc ? *sc : empty, density,
+        [&]() -> const Budgets& {
+          BudgetConfig bc = c.budget;
+          bc.gamma = c.gamma_ref();
+          return dyn.emplace(make_budget("dynamic")->compute(q, k, *sc, bc));
+        },
+        [&]() -> const BlockMass& { return mass.emplace(block_mass_cpu(q, k, block)); });
+    const int64_t n = mass ? fill_empty_rows(mask, *mass)
+                           : (m.forced_blocks ? 0 : fill_empty_rows(mask, *sc));
+    if (filled_rows) *filled_rows += n;
+    return mask;
   }
   if (m.exact_mass) return analysis::oracle_gamma_mask(block_mass_cpu(q, k, block), p.gamma);
   MethodSpec spec;

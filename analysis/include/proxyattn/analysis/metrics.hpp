@@ -12,11 +12,18 @@
 //    with a relative slack of 1e-9 so gamma = 1 is reachable despite float rounding.
 //  - Percentiles interpolate linearly between order statistics (numpy's default).
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
 #include "proxyattn/attention.hpp"
 #include "proxyattn/block_mask.hpp"
+#include "proxyattn/budget.hpp"
+#include "proxyattn/estimator.hpp"
+
+namespace proxyattn {
+struct MethodInfo;
+}
 
 namespace proxyattn::analysis {
 
@@ -75,6 +82,19 @@ BlockMask oracle_gamma_mask(const BlockMass& mass, double gamma);
 // cells, so no selection with the same mean density over heads keeps more: the upper bound
 // every method is compared with at a fixed sparsity. density in (0, 1].
 BlockMask oracle_density_mask(const BlockMass& mass, double density);
+
+// A method's selection at a fixed block density under the "auto" density rule, as its registry
+// entry says (MethodInfo::auto_density): its dynamic budgets scaled to the density
+// (scaled_dynamic; `dynamic` gives the budgets at the reference gamma), the layer's globally
+// best blocks of the exact mass (layer_global; `mass`), or its native selection cut or grown by
+// score (native_adjust). Sink and diagonal forced unless the method says otherwise. `order`:
+// selection_order(scores) for the default options when the caller has it (a faster route to
+// the same mask). The callbacks are called only by the rule that needs them. What the analysis'
+// fixed-sparsity selections and proxyattn-eval's fixed-sparsity points both run.
+BlockMask auto_density_mask(const MethodInfo& method, const BlockScores& scores, double density,
+                            const std::function<const Budgets&()>& dynamic,
+                            const std::function<const BlockMass&()>& mass,
+                            const std::vector<int32_t>* order = nullptr);
 
 // ---- recall ----------------------------------------------------------------------------------
 
