@@ -20,6 +20,7 @@
 
 #include <fmt/format.h>
 
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/device_pipeline.hpp"
 #include "proxyattn/methods.hpp"
 #include "proxyattn/error.hpp"
@@ -35,11 +36,7 @@ namespace kn = proxyattn::kernels;
 
 namespace {
 
-void ck(kn::Status s, const std::string& what) {
-  if (s == kn::Status::ok) return;
-  const std::string detail = kn::last_error_detail();
-  throw Error(fmt::format("{}: {}{}", what, kn::status_string(s), detail.empty() ? "" : " (" + detail + ")"));
-}
+void ck(kn::Status s, const std::string& what) { throw_on_failure(s, what); }
 
 kn::ElemType elem(DType t) { return t == DType::f16 ? kn::ElemType::f16 : kn::ElemType::bf16; }
 

@@ -28,6 +28,7 @@
 #include "cli_common.hpp"
 #include "prefill.hpp"
 #include "report.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/device_pipeline.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
@@ -174,10 +175,7 @@ PrefillMethod parse_prefill_method(const std::string& label, int block) {
   return m;
 }
 
-void ck(kn::Status s, const std::string& what) {
-  if (s == kn::Status::ok) return;
-  throw Error(what + ": " + kn::status_string(s) + " (" + kn::last_error_detail() + ")");
-}
+void ck(kn::Status s, const std::string& what) { throw_on_failure(s, what); }
 
 // A plain cuBLAS GEMM (bf16 operands, fp32 compute, bf16 out) of m = n = k = 8192: the ceiling
 // the linear layers are compared with, median TFLOP/s of 10 runs.

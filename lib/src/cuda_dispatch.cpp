@@ -15,15 +15,17 @@ namespace proxyattn {
 
 namespace kk = proxyattn::kernels;
 
-namespace {
-
-void check(kk::Status s, const std::string& what) {
+void throw_on_failure(kk::Status s, const std::string& what) {
   if (s == kk::Status::ok) return;
-  std::string msg = "cuda: " + what + ": " + kk::status_string(s);
+  std::string msg = what + ": " + kk::status_string(s);
   const char* d = kk::last_error_detail();
   if (d && *d) msg += std::string(" (") + d + ")";
   throw Error(msg);
 }
+
+namespace {
+
+void check(kk::Status s, const std::string& what) { throw_on_failure(s, "cuda: " + what); }
 
 kk::ElemType elem_of(DType t) {
   switch (t) {

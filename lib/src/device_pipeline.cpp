@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/kernels.h"
 #include "proxyattn/methods.hpp"
@@ -14,11 +15,7 @@ namespace kn = proxyattn::kernels;
 
 namespace {
 
-void ck(kn::Status s, const std::string& what) {
-  if (s == kn::Status::ok) return;
-  const std::string detail = kn::last_error_detail();
-  throw Error(what + ": " + kn::status_string(s) + (detail.empty() ? "" : " (" + detail + ")"));
-}
+void ck(kn::Status s, const std::string& what) { throw_on_failure(s, what); }
 
 enum class Kind { full, grouped, device };
 

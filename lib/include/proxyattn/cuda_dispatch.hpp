@@ -32,12 +32,17 @@
 #include "proxyattn/budget.hpp"
 #include "proxyattn/dtype.hpp"
 #include "proxyattn/estimator.hpp"
+#include "proxyattn/kernels.h"
 #include "proxyattn/select.hpp"
 #include "proxyattn/tensor.hpp"
 
 namespace proxyattn {
 
 struct MethodInfo;
+
+// The one Status -> Error of lib and the tools: nothing for ok, else Error("<what>: <status>
+// (<the thread's last CUDA detail>)").
+void throw_on_failure(kernels::Status s, const std::string& what);
 
 // True when the library was built with CUDA and a device is visible. Never throws.
 bool cuda_available() noexcept;

@@ -3,7 +3,7 @@
 // Status -> Error.
 #include <string>
 
-#include "proxyattn/error.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/kernels.h"
 #include "proxyattn/methods.hpp"
 
@@ -21,10 +21,6 @@ inline kernels::PeerInput peer_input(const DeviceEstimate& d) {
   return in;
 }
 
-inline void check_launch(kernels::Status st, const char* what) {
-  if (st != kernels::Status::ok)
-    throw Error(std::string("cuda: ") + what + ": " + kernels::status_string(st) + " (" + kernels::last_error_detail() +
-                ")");
-}
+inline void check_launch(kernels::Status st, const char* what) { throw_on_failure(st, std::string("cuda: ") + what); }
 
 }  // namespace proxyattn::methods

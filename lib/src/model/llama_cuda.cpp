@@ -13,6 +13,7 @@
 #include <string>
 
 #include "model_internal.hpp"
+#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/dtype.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/kernels.h"
@@ -27,11 +28,7 @@ namespace {
 
 namespace kn = proxyattn::kernels;
 
-void ck(kn::Status s, const std::string& what) {
-  if (s == kn::Status::ok) return;
-  const std::string detail = kn::last_error_detail();
-  throw Error("cuda back end: " + what + ": " + kn::status_string(s) + (detail.empty() ? "" : " (" + detail + ")"));
-}
+void ck(kn::Status s, const std::string& what) { throw_on_failure(s, "cuda back end: " + what); }
 
 constexpr int64_t kDefaultChunk = 16384;
 constexpr double kLogitBytes = 256.0 * (1 << 20);  // float32 logits of one NLL chunk
