@@ -101,12 +101,6 @@ std::string hostname() {
   return buf;
 }
 
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
-
 Row base_row(const Sweep& sw, const Runner& runner, const Case& c) {
   Row r;
   r.device = runner.device();

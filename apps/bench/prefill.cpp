@@ -202,8 +202,7 @@ double gemm_ceiling_tflops() {
     ck(ev.elapsed_ms(&ms), "event");
     if (i >= 3) t.push_back(ms);
   }
-  std::sort(t.begin(), t.end());
-  return 2.0 * double(s) * s * s / (t[t.size() / 2] * 1e-3) / 1e12;
+  return 2.0 * double(s) * s * s / (median_of(t) * 1e-3) / 1e12;
 }
 
 const std::vector<std::string>& prefill_columns() {
@@ -268,12 +267,6 @@ std::string rows_markdown(const std::vector<json>& rows, const json& ctx) {
   }
   if (!skipped.empty()) out += "\nNot run:\n\n" + skipped;
   return out;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
 }  // namespace
@@ -431,16 +424,16 @@ int prefill_main(int argc, char** argv) {
               density /= double(policy->densities().size());
             }
             r["density"] = density;
-            r["ttft_ms"] = median(ttft);
+            r["ttft_ms"] = median_of(ttft);
             r["ttft_ms_min"] = *std::min_element(ttft.begin(), ttft.end());
             r["ttft_ms_max"] = *std::max_element(ttft.begin(), ttft.end());
             r["reps"] = sw.repetitions;
-            r["linear_ms"] = median(lin);
-            r["elementwise_ms"] = median(elem);
-            r["estimation_ms"] = median(est);
-            r["attention_ms"] = median(att);
-            r["logits_ms"] = median(lg);
-            const double tf = last.device.linear_flops / (median(lin) * 1e-3) / 1e12;
+            r["linear_ms"] = median_of(lin);
+            r["elementwise_ms"] = median_of(elem);
+            r["estimation_ms"] = median_of(est);
+            r["attention_ms"] = median_of(att);
+            r["logits_ms"] = median_of(lg);
+            const double tf = last.device.linear_flops / (median_of(lin) * 1e-3) / 1e12;
             r["linear_tflops"] = tf;
             r["gemm_ceiling_tflops"] = ceiling;
             r["linear_pct_of_ceiling"] = 100.0 * tf / ceiling;

@@ -6,6 +6,7 @@
 
 #include "report.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -238,6 +239,12 @@ void write_reports(const std::string& dir, const std::vector<Row>& rows, const j
     throw;
   }
   if (lock >= 0) ::close(lock);
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
 std::string utc_now() {

@@ -22,5 +22,7 @@ void write_reports(const std::string& dir, const std::vector<Row>& rows, const n
 
 // Current UTC time, ISO 8601 ("2026-12-03T12:00:00Z"), for report contexts.
 std::string utc_now();
+// Median of repetitions (mean of the middle two for an even count); v not empty.
+double median_of(std::vector<double> v);
 
 }  // namespace proxyattn::bench
