@@ -2,6 +2,7 @@
 // attention (lib/src/model/llama_cuda.cpp strings them together). Memory-bound, one thread per
 // element or one block per row; the CPU back end (lib/src/model/llama_cpu.cpp) is the spec of
 // each, including where it accumulates in float64.
+#include <cstdint>
 #include <new>
 
 #include "common.cuh"
@@ -49,12 +50,24 @@ __global__ void embed_kernel(const bf16* __restrict__ table, const int32_t* __re
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) out[r * dim + c] = __bfloat162float(src[c]);
 }
 
+// One block per row. kVec: float4 loads and 4-bf16 stores (dim and ldx multiples of 4, 16-byte
+// aligned x): the norms run at memory speed only with wide accesses. The sum of squares is float64
+// in either path (the CPU back end's); only its order differs.
+template <bool kVec>
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w, bf16* __restrict__ out,
                                 int64_t dim, int64_t ldx, float eps) {
   const int64_t r = blockIdx.x;
   const float* row = x + r * ldx;
   double s = 0;
-  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) s += double(row[c]) * row[c];
+  if constexpr (kVec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    for (int64_t c = threadIdx.x; c < dim / 4; c += blockDim.x) {
+      const float4 v = row4[c];
+      s += double(v.x) * v.x + double(v.y) * v.y + double(v.z) * v.z + double(v.w) * v.w;
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) s += double(row[c]) * row[c];
+  }
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   __shared__ double part[kThreads / 32];
   __shared__ float inv;
@@ -67,7 +80,18 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __rest
     inv = 1.0f / sqrtf(var + eps);
   }
   __syncthreads();
-  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) out[r * dim + c] = __float2bfloat16_rn(row[c] * inv * w[c]);
+  if constexpr (kVec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(out + r * dim);
+    for (int64_t c = threadIdx.x; c < dim / 4; c += blockDim.x) {
+      const float4 v = row4[c], g = w4[c];
+      o2[2 * c] = __floats2bfloat162_rn(v.x * inv * g.x, v.y * inv * g.y);
+      o2[2 * c + 1] = __floats2bfloat162_rn(v.z * inv * g.z, v.w * inv * g.w);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) out[r * dim + c] = __float2bfloat16_rn(row[c] * inv * w[c]);
+  }
 }
 
 __global__ void rope_table_kernel(const float* __restrict__ inv_freq, int half, int64_t pos0, int64_t rows,
@@ -119,6 +143,67 @@ __global__ void rope_split_kernel(RopeSplitParams p) {
       dst[j] = __float2bfloat16_rn(a);
       dst[j + half] = __float2bfloat16_rn(b);
     }
+  }
+}
+
+// The same rotation, two pairs (j, j + 1) per thread with 4-byte loads, rows on grid.y: no 64-bit
+// division per element (head_dim a multiple of 4). Bit-identical to rope_split_kernel.
+__global__ void rope_split_vec_kernel(RopeSplitParams p) {
+  const int half = p.head_dim / 2, q2 = half / 2, heads = p.q_heads + 2 * p.kv_heads;
+  const int64_t width = int64_t(heads) * p.head_dim;
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= heads * q2) return;
+  const int h = t / q2, j = 2 * (t % q2);
+  const int64_t col = int64_t(h) * p.head_dim;
+  const bool rotate = h < p.q_heads + p.kv_heads;
+  bf16* base;
+  if (h < p.q_heads) base = static_cast<bf16*>(p.q) + int64_t(h) * p.q_head_stride;
+  else if (rotate) base = static_cast<bf16*>(p.k) + int64_t(h - p.q_heads) * p.kv_head_stride;
+  else base = static_cast<bf16*>(p.v) + int64_t(h - p.q_heads - p.kv_heads) * p.kv_head_stride;
+  float2 ba = make_float2(0, 0), bb = make_float2(0, 0);
+  if (p.bias) {
+    ba = make_float2(p.bias[col + j], p.bias[col + j + 1]);
+    bb = make_float2(p.bias[col + j + half], p.bias[col + j + half + 1]);
+  }
+  const bf16* qkv = static_cast<const bf16*>(p.qkv);
+  for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+    const float2 a2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qkv + r * width + col + j));
+    const float2 b2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qkv + r * width + col + j + half));
+    const float a0 = p.bias ? a2.x + ba.x : a2.x, a1 = p.bias ? a2.y + ba.y : a2.y;
+    const float b0 = p.bias ? b2.x + bb.x : b2.x, b1 = p.bias ? b2.y + bb.y : b2.y;
+    bf16* dst = base + (p.row0 + r) * p.head_dim;
+    __nv_bfloat162 lo, hi;
+    if (rotate) {
+      const float2 c = *reinterpret_cast<const float2*>(p.cos + r * half + j);
+      const float2 sn = *reinterpret_cast<const float2*>(p.sin + r * half + j);
+      lo = __floats2bfloat162_rn(a0 * c.x + (-b0) * sn.x, a1 * c.y + (-b1) * sn.y);
+      hi = __floats2bfloat162_rn(b0 * c.x + a0 * sn.x, b1 * c.y + a1 * sn.y);
+    } else {
+      lo = __floats2bfloat162_rn(a0, a1);
+      hi = __floats2bfloat162_rn(b0, b1);
+    }
+    *reinterpret_cast<__nv_bfloat162*>(dst + j) = lo;
+    *reinterpret_cast<__nv_bfloat162*>(dst + j + half) = hi;
+  }
+}
+
+// act = silu(gate) * up on 8 bf16 (16 bytes) per thread (ff a multiple of 8, aligned buffers):
+// the widest memory-bound step of a layer. Bit-identical to silu_mul_kernel.
+__global__ void silu_mul_vec_kernel(const uint4* __restrict__ gu, uint4* __restrict__ act, int64_t rows, int64_t ff8) {
+  const int64_t n = rows * ff8;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / ff8, c = i - r * ff8;
+    const uint4 gv = gu[r * 2 * ff8 + c], uv = gu[r * 2 * ff8 + ff8 + c];
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+    const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
+    uint4 ov;
+    __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&ov);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 g = __bfloat1622float2(g2[e]), u = __bfloat1622float2(u2[e]);
+      o2[e] = __floats2bfloat162_rn(g.x / (expf(-g.x) + 1.0f) * u.x, g.y / (expf(-g.y) + 1.0f) * u.y);
+    }
+    act[i] = ov;
   }
 }
 
@@ -214,8 +299,15 @@ Status rms_norm_rows(const float* x, const float* w, void* out, int64_t rows, in
                      Stream s) noexcept {
   if (!x || !w || !out || rows <= 0 || dim <= 0 || rows > 2147483647 || (ldx != 0 && ldx < dim))
     return fail(Status::invalid_argument, "rms_norm_rows: bad arguments");
-  detail::rms_norm_kernel<<<unsigned(rows), detail::kThreads, 0, detail::stream_of(s)>>>(
-      x, w, static_cast<__nv_bfloat16*>(out), dim, ldx ? ldx : dim, eps);
+  const int64_t ld = ldx ? ldx : dim;
+  const bool vec = dim % 4 == 0 && ld % 4 == 0 && detail::aligned16(x) && detail::aligned16(w) &&
+                   reinterpret_cast<uintptr_t>(out) % 4 == 0;
+  if (vec)
+    detail::rms_norm_kernel<true><<<unsigned(rows), detail::kThreads, 0, detail::stream_of(s)>>>(
+        x, w, static_cast<__nv_bfloat16*>(out), dim, ld, eps);
+  else
+    detail::rms_norm_kernel<false><<<unsigned(rows), detail::kThreads, 0, detail::stream_of(s)>>>(
+        x, w, static_cast<__nv_bfloat16*>(out), dim, ld, eps);
   return detail::check_launch("rms_norm_rows launch");
 }
 
@@ -233,15 +325,30 @@ Status rope_split(const RopeSplitParams& p) noexcept {
       p.head_dim % 2 || p.rows <= 0 || p.row0 < 0 || p.q_head_stride < (p.row0 + p.rows) * p.head_dim ||
       p.kv_head_stride < (p.row0 + p.rows) * p.head_dim)
     return fail(Status::invalid_argument, "rope_split: bad arguments (null pointer, odd head_dim or head strides too small)");
-  const int64_t n = p.rows * (p.q_heads + 2 * p.kv_heads) * (p.head_dim / 2);
-  detail::rope_split_kernel<<<detail::grid_for(n, 4), detail::kThreads, 0, detail::stream_of(p.stream)>>>(p);
+  const int heads = p.q_heads + 2 * p.kv_heads;
+  const auto a4 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 4 == 0; };
+  if (p.head_dim % 4 == 0 && a4(p.qkv) && a4(p.q) && a4(p.k) && a4(p.v) && p.q_head_stride % 2 == 0 &&
+      p.kv_head_stride % 2 == 0 && reinterpret_cast<uintptr_t>(p.cos) % 8 == 0 &&
+      reinterpret_cast<uintptr_t>(p.sin) % 8 == 0) {
+    const int per_row = heads * (p.head_dim / 4);
+    const dim3 grid(unsigned((per_row + detail::kThreads - 1) / detail::kThreads),
+                    unsigned(p.rows < 65535 ? p.rows : 65535));
+    detail::rope_split_vec_kernel<<<grid, detail::kThreads, 0, detail::stream_of(p.stream)>>>(p);
+  } else {
+    const int64_t n = p.rows * heads * (p.head_dim / 2);
+    detail::rope_split_kernel<<<detail::grid_for(n, 4), detail::kThreads, 0, detail::stream_of(p.stream)>>>(p);
+  }
   return detail::check_launch("rope_split launch");
 }
 
 Status silu_mul(const void* gu, void* act, int64_t rows, int64_t ff, Stream s) noexcept {
   if (!gu || !act || rows <= 0 || ff <= 0) return fail(Status::invalid_argument, "silu_mul: bad arguments");
-  detail::silu_mul_kernel<<<detail::grid_for(rows * ff, 4), detail::kThreads, 0, detail::stream_of(s)>>>(
-      static_cast<const __nv_bfloat16*>(gu), static_cast<__nv_bfloat16*>(act), rows, ff);
+  if (ff % 8 == 0 && detail::aligned16(gu) && detail::aligned16(act))
+    detail::silu_mul_vec_kernel<<<detail::grid_for(rows * ff / 8, 2), detail::kThreads, 0, detail::stream_of(s)>>>(
+        static_cast<const uint4*>(gu), static_cast<uint4*>(act), rows, ff / 8);
+  else
+    detail::silu_mul_kernel<<<detail::grid_for(rows * ff, 4), detail::kThreads, 0, detail::stream_of(s)>>>(
+        static_cast<const __nv_bfloat16*>(gu), static_cast<__nv_bfloat16*>(act), rows, ff);
   return detail::check_launch("silu_mul launch");
 }
 

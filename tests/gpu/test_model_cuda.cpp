@@ -95,9 +95,45 @@ TEST(ModelOps, GemmMatchesFloat64) {
   EXPECT_EQ(kn::gemm(g), kn::Status::invalid_argument);
 }
 
-TEST(ModelOps, NormRopeActivationRowsMatchFloat64) {
+// A shape large enough for cuBLASLt to offer several algorithms, so the first call tunes: the
+// tuning must not accumulate into y (beta = 1 twice gives y0 + 2 ref, exactly once each), and a
+// strided y (ldy > n) keeps the columns past n untouched.
+TEST(ModelOps, TunedGemmAccumulatesOnceAndKeepsStride) {
   PROXYATTN_REQUIRE_GPU();
-  const int64_t rows = 45, E = 83;
+  const int64_t m = 301, n = 264, k = 520, ldy = 280;
+  const auto x = normal_vec(size_t(m * k), 11), w = normal_vec(size_t(n * k), 12), y0 = normal_vec(size_t(m * ldy), 13);
+  kn::DeviceBuffer dx = upload16(x, DType::bf16), dw = upload16(w, DType::bf16), dy = upload_raw(y0);
+  const auto xb = from_bf16(download<uint16_t>(dx, x.size())), wb = from_bf16(download<uint16_t>(dw, w.size()));
+  kn::GemmParams g;
+  g.x = dx.data();
+  g.w = dw.data();
+  g.y = dy.data();
+  g.y_type = kn::ElemType::f32;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.ldy = ldy;
+  g.beta = 1.0f;
+  kcheck(kn::gemm(g), "gemm tuned 1");
+  kcheck(kn::gemm(g), "gemm tuned 2");
+  const auto y = download<float>(dy, size_t(m * ldy));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < ldy; ++j) {
+      const size_t o = size_t(i * ldy + j);
+      if (j >= n) {
+        ASSERT_EQ(y[o], y0[o]) << "column past n written: " << i << "," << j;
+        continue;
+      }
+      double s = 0;
+      for (int64_t t = 0; t < k; ++t) s += double(xb[size_t(i * k + t)]) * wb[size_t(j * k + t)];
+      ASSERT_NEAR(y[o], y0[o] + 2 * s, 1e-3 * (1 + std::fabs(s))) << i << "," << j;
+    }
+}
+
+// E, d and ff pick the launchers' paths: multiples of 4 / 4 / 8 take the vectorised kernels, the
+// others the scalar ones; both must match float64.
+void check_norm_rope_activation(int64_t E, int d, int64_t ff) {
+  const int64_t rows = 45;
   const auto x = normal_vec(size_t(rows * E), 11, 3.0f), w = normal_vec(size_t(E), 12);
   kn::DeviceBuffer dx = upload_raw(x), dw = upload_raw(w), dn;
   kcheck(dn.allocate(size_t(rows * E) * 2), "alloc");
@@ -110,8 +146,8 @@ TEST(ModelOps, NormRopeActivationRowsMatchFloat64) {
     for (int64_t c = 0; c < E; ++c) ASSERT_NEAR(nrm[r * E + c], x[r * E + c] * inv * w[c], 1e-2 * (1 + std::fabs(x[r * E + c] * inv * w[c])));
   }
 
-  // rope_split: Hq 3, Hkv 1 (GQA), d 64, with bias, into rows from row0 of wider buffers.
-  const int hq = 3, hkv = 1, d = 64, half = d / 2;
+  // rope_split: Hq 3, Hkv 1 (GQA), with bias, into rows from row0 of wider buffers.
+  const int hq = 3, hkv = 1, half = d / 2;
   const int64_t n = 19, row0 = 5, cap = 31, width = (hq + 2 * hkv) * d;
   const auto qkv = normal_vec(size_t(n * width), 13), bias = normal_vec(size_t(width), 14, 0.1f);
   std::vector<float> inv(half);
@@ -155,15 +191,16 @@ TEST(ModelOps, NormRopeActivationRowsMatchFloat64) {
         ASSERT_NEAR(out[at + j + half], o2, 1e-2 * (1 + std::fabs(o2))) << h << " " << r << " " << j;
       }
 
-  // heads_to_rows of rows [row0, row0 + n) of q, and silu_mul.
-  kn::DeviceBuffer dr;
-  kcheck(dr.allocate(size_t(n * hq * d) * 2), "alloc");
-  kcheck(kn::heads_to_rows(oq.data(), dr.data(), hq, n, d, cap * d, row0), "heads_to_rows");
-  const auto rws = from_bf16(download<uint16_t>(dr, size_t(n * hq * d)));
-  for (int64_t r = 0; r < n; ++r)
-    for (int h = 0; h < hq; ++h)
-      for (int c = 0; c < d; ++c) ASSERT_EQ(rws[(r * hq + h) * d + c], q[size_t(h) * cap * d + (row0 + r) * d + c]);
-  const int64_t ff = 37;
+  // heads_to_rows of rows [row0, row0 + n) of q (16-byte vectors: d a multiple of 8), and silu_mul.
+  if (d % 8 == 0) {
+    kn::DeviceBuffer dr;
+    kcheck(dr.allocate(size_t(n * hq * d) * 2), "alloc");
+    kcheck(kn::heads_to_rows(oq.data(), dr.data(), hq, n, d, cap * d, row0), "heads_to_rows");
+    const auto rws = from_bf16(download<uint16_t>(dr, size_t(n * hq * d)));
+    for (int64_t r = 0; r < n; ++r)
+      for (int h = 0; h < hq; ++h)
+        for (int c = 0; c < d; ++c) ASSERT_EQ(rws[(r * hq + h) * d + c], q[size_t(h) * cap * d + (row0 + r) * d + c]);
+  }
   const auto gu = normal_vec(size_t(n * 2 * ff), 15, 2.0f);
   kn::DeviceBuffer dg = upload16(gu, DType::bf16), da;
   kcheck(da.allocate(size_t(n * ff) * 2), "alloc");
@@ -174,6 +211,18 @@ TEST(ModelOps, NormRopeActivationRowsMatchFloat64) {
       const double g = gu[r * 2 * ff + c], u = gu[r * 2 * ff + ff + c], want = g / (1 + std::exp(-g)) * u;
       ASSERT_NEAR(act[r * ff + c], want, 1e-2 * (1 + std::fabs(want)));
     }
+}
+
+TEST(ModelOps, NormRopeActivationRowsMatchFloat64) {
+  PROXYATTN_REQUIRE_GPU();
+  {
+    SCOPED_TRACE("scalar paths: E 83, d 6, ff 37");
+    check_norm_rope_activation(83, 6, 37);
+  }
+  {
+    SCOPED_TRACE("vector paths: E 84, d 64, ff 40");
+    check_norm_rope_activation(84, 64, 40);
+  }
 }
 
 TEST(ModelOps, LogitsRowsNllAndArgmax) {
