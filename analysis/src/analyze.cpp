@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <atomic>
 #include <future>
 #include <mutex>
+#include <thread>
 
 #include "analyze_internal.hpp"
 #include "proxyattn/checked.hpp"
@@ -369,6 +371,19 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   const double busy = rounds ? static_cast<double>(n_mine) / (static_cast<double>(rounds) * threads) : 0.0;
   const bool outer = cfg.device == "cpu" && threads > 1 && n_mine >= static_cast<size_t>(threads) && busy >= 0.75 &&
                      unit_bytes * threads <= 0.25 * static_cast<double>(available_memory_bytes());
+  // Two units in flight (lanes) when they run one after another: on the GPU one unit's CPU
+  // stages overlap the other's kernels. Both must fit: host memory for two units (each with its
+  // own block matrices) and the GPU for two.
+  int lanes = 1;
+  if (!outer && n_mine >= 2 && threads >= 2) {
+    double gpu_bytes = 0;
+    for (const StoreCtx& s : stores) gpu_bytes = std::max(gpu_bytes, gpu_layer_bytes(cfg, topics, s));
+    const double dev = cfg.device == "cuda" ? static_cast<double>(cuda_device_memory_bytes()) : 0.0;
+    const bool fits = 2 * unit_bytes <= 0.5 * static_cast<double>(available_memory_bytes()) &&
+                      (cfg.device != "cuda" || 2 * gpu_bytes <= 0.9 * dev);
+    const int wanted = cfg.lanes > 0 ? cfg.lanes : (cfg.device == "cuda" ? 2 : 1);
+    lanes = wanted == 2 && fits ? 2 : 1;
+  }
   Progress progress("analyze " + cfg.command, static_cast<int64_t>(mine.size()), cfg.quiet);
   auto read_unit = [&](const Unit& u) {
     // One HDF5 reader per store, shared by the units: reads never overlap.
@@ -406,6 +421,31 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
         run_unit(*mine[i], std::move(data), seconds_since(w0), cpu_now(true) - c0);
       });
     omp_set_max_active_levels(levels);
+  } else if (lanes == 2) {
+    // Each lane takes the next unit, reads it (reads are serialised) and runs it with half the
+    // threads; a failure stops both lanes after their current unit.
+    std::atomic<size_t> next_unit{0};
+    std::atomic<bool> failed{false};
+    auto lane = [&](int lane_threads) {
+      omp_set_num_threads(lane_threads);
+      set_cpu_threads(lane_threads);
+      while (!failed) {
+        const size_t i = next_unit++;
+        if (i >= mine.size()) return;
+        guarded(*mine[i], [&] {
+          const auto w0 = std::chrono::steady_clock::now();
+          LayerData data = read_unit(*mine[i]);
+          run_unit(*mine[i], std::move(data), seconds_since(w0), 0.0);
+        });
+        if (!mine[i]->error.empty()) failed = true;
+      }
+    };
+    const int main_threads = omp_get_max_threads(), main_cpu = cpu_threads();
+    std::thread other(lane, threads - threads / 2);
+    lane(threads / 2);
+    other.join();
+    omp_set_num_threads(main_threads);
+    set_cpu_threads(main_cpu == main_threads ? 0 : main_cpu);
   } else {
     // The read of unit i + 1 overlaps the work of unit i (its time is not in any stage: the
     // first read is).
@@ -499,7 +539,8 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   t["total_seconds"] = seconds_since(wall0);
   t["total_cpu_seconds"] = cpu_now() - cpu0;
   t["threads"] = threads;
-  t["parallel_over"] = outer ? "layers" : "heads and blocks";
+  t["parallel_over"] = outer ? "layers" : (lanes == 2 ? "heads and blocks, 2 units in flight" : "heads and blocks");
+  t["lanes"] = lanes;
   // Exclusive per stage, summed over units (thread-seconds when units ran in parallel);
   // estimate:<method> is each estimator's scoring time.
   json stages = json::object();

@@ -77,6 +77,10 @@ void add_options(CLI::App& sub, Args& a) {
   sub.add_option("--k-min", c.budget.k_min, "Lower clamp of the dynamic/token budgets (blocks)")->default_val(2);
   sub.add_option("--device", c.device, "cpu or cuda")->default_val("cpu");
   sub.add_option("--threads", c.threads, "CPU threads (0 = all)")->default_val(0);
+  sub.add_option("--lanes", c.lanes,
+                 "(store, layer) units in flight, splitting the threads (0 = auto: 2 with --device cuda, "
+                 "so one unit's CPU work overlaps the other's GPU work; 1 otherwise)")
+      ->default_val(0);
   sub.add_flag("--quiet,-q", c.quiet, "No progress on stderr");
   sub.add_flag("--allow-nonfinite", c.allow_nonfinite, "Read layers holding NaN/Inf instead of failing");
 }
@@ -101,6 +105,7 @@ void require_sane_numbers(const analysis::AnalyzeConfig& c) {
   if (c.block > 0 && c.block < 16)
     throw Error("--block: " + std::to_string(c.block) + " too small (at least 16: the per-head block matrices grow as (N/B)^2)");
   if (c.threads > 4096) throw Error("--threads: " + std::to_string(c.threads) + " too large (at most 4096)");
+  if (c.lanes < 0 || c.lanes > 2) throw Error("--lanes: " + std::to_string(c.lanes) + " outside [0, 2]");
   if (c.sim_rows > (1 << 24)) throw Error("--sim-rows: " + std::to_string(c.sim_rows) + " too large");
   if (c.estimator.proxy.query_stride < 1 || c.estimator.proxy.query_stride > 4096)
     throw Error("--query-stride: " + std::to_string(c.estimator.proxy.query_stride) + " outside [1, 4096]");

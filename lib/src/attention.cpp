@@ -21,7 +21,8 @@ using MatRM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMaj
 using RowsMap = Eigen::Map<const MatRM, 0, Eigen::OuterStride<>>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-int g_threads = 0;
+// Per host thread: the analysis runs two units on two host threads, each with half the threads.
+thread_local int g_threads = 0;
 
 RowsMap rows_of(ConstView v, int64_t h, int64_t t0, int64_t n) {
   return RowsMap(v.row(h, t0), n, v.dim, Eigen::OuterStride<>(v.stride_token));

@@ -198,9 +198,31 @@ def expect_error(tmp_path, args, needle, code=None):
     (["--block", "100"], "--block: 100"),
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
     (["--density-rule", "best"], "--density-rule: unknown rule 'best'"),
+    (["--lanes", "3"], "--lanes: 3 outside [0, 2]"),
 ])
 def test_bad_flags(stores, tmp_path, extra, needle):
     expect_error(tmp_path, ["recall", stores["a"], *extra], needle)
+
+
+def test_two_lanes_give_the_same_report(tmp_path):
+    # Two units in flight (each lane with half the threads) must not change a number: every table
+    # of report.json and every CSV equal to one lane's. 3 layers on 4 threads run one after
+    # another (not one unit per thread), so --lanes applies.
+    store = synth(tmp_path / "three.h5", length=333, layers=3, seed=5)
+    reps = {}
+    for lanes in (1, 2):
+        out = tmp_path / f"lanes{lanes}"
+        analyze("all", store, "--lanes", lanes, "--threads", 4, "--out", out, "--quiet", *FAST)
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["timing"]["lanes"] == lanes
+        reps[lanes] = (rep, {f.name: f.read_text() for f in sorted(out.glob("*.csv"))})
+    (r1, c1), (r2, c2) = reps[1], reps[2]
+    for r in (r1, r2):
+        for k in ("timing", "created_utc", "argv"):
+            r.pop(k, None)
+        r.get("config", {}).pop("argv", None)
+    assert json.dumps(r1, sort_keys=True) == json.dumps(r2, sort_keys=True)
+    assert c1 == c2 and len(c1) > 5
 
 
 def test_device_cuda(stores, tmp_path):

@@ -49,7 +49,7 @@ BlockMass block_mass_cpu(ConstView q, ConstView k, int block);
 // Same, given row LSEs already computed (e.g. by full_attention_cpu).
 BlockMass block_mass_cpu(ConstView q, ConstView k, int block, const std::vector<float>& lse);
 
-// Threads used by the CPU reference (0 = OpenMP default).
+// Threads used by the CPU reference on the calling host thread (0 = OpenMP default).
 void set_cpu_threads(int n);
 int cpu_threads();
 

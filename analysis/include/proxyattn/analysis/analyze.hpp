@@ -52,6 +52,10 @@ struct AnalyzeConfig {
   int sim_rows = 0;             // rows for cosine/Spearman, 0 = all (SimilarityOptions)
   std::string device = "cpu";   // cpu | cuda (needs a CUDA build and a device)
   int threads = 0;              // 0 = OpenMP default
+  // (store, layer) units in flight when they run one after another: 2 lets one unit's CPU stages
+  // (selections, metrics) overlap the other's GPU stages. 0 = auto: 2 with --device cuda when two
+  // units fit host and GPU memory, else 1. Results do not depend on it.
+  int lanes = 0;
   bool quiet = false;
   bool allow_nonfinite = false;
   EstimatorConfig estimator;    // knobs of the estimators (block is taken from `block`)
