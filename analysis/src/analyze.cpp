@@ -426,9 +426,19 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
     // threads; a failure stops both lanes after their current unit.
     std::atomic<size_t> next_unit{0};
     std::atomic<bool> failed{false};
+    const int device = cfg.device == "cuda" ? current_cuda_device() : -1;  // per host thread in CUDA
+    std::mutex lane_error_mutex;
+    std::string lane_error;
     auto lane = [&](int lane_threads) {
       omp_set_num_threads(lane_threads);
       set_cpu_threads(lane_threads);
+      try {
+        use_cuda_device(device);
+      } catch (const std::exception& e) {
+        const std::lock_guard lock(lane_error_mutex);
+        lane_error = e.what();
+        failed = true;
+      }
       while (!failed) {
         const size_t i = next_unit++;
         if (i >= mine.size()) return;
@@ -444,6 +454,7 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
     std::thread other(lane, threads - threads / 2);
     lane(threads / 2);
     other.join();
+    if (!lane_error.empty() && mine.front()->error.empty()) mine.front()->error = lane_error;  // reported as a unit's
     omp_set_num_threads(main_threads);
     set_cpu_threads(main_cpu == main_threads ? 0 : main_cpu);
   } else {

@@ -123,6 +123,18 @@ int use_cuda_device_for_rank(int local_rank) {
   return dev;
 }
 
+int current_cuda_device() noexcept {
+  if (kk::device_count() <= 0) return -1;
+  int dev = -1;
+  return kk::current_device(&dev) == kk::Status::ok ? dev : -1;
+}
+
+void use_cuda_device(int device) {
+  if (device < 0) return;
+  if (kk::set_device(device) != kk::Status::ok)
+    throw Error("cuda: cannot select device " + std::to_string(device) + ": " + kk::last_error_detail());
+}
+
 struct CudaLayer::Impl {
   AttentionShape s;
   DType dtype = DType::bf16;

@@ -53,6 +53,10 @@ size_t cuda_device_memory_bytes() noexcept;
 // One GPU per MPI rank: makes device local_rank % device_count() current for this process
 // (no-op without a device). Returns the device chosen, -1 when none.
 int use_cuda_device_for_rank(int local_rank);
+// The calling host thread's current device (-1 without one), and making a device current on
+// another host thread (the CUDA device is per thread): no-op for -1.
+int current_cuda_device() noexcept;
+void use_cuda_device(int device);
 
 // Output error of block masks against full attention (CudaLayer::output_errors).
 struct MaskErrors {
