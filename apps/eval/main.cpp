@@ -328,7 +328,7 @@ int main(int argc, char** argv) {
         double bd = 0, ed = 0;
         int sparse_layers = 0;
         for (const auto& d : sparse->densities())
-          if (d.layer >= dense_layers) {
+          if (d.layer >= dense_layers && !d.windowed()) {
             bd += d.block_density;
             ed += d.element_density;
             ++sparse_layers;
