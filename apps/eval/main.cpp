@@ -213,7 +213,7 @@ int main(int argc, char** argv) {
       int q_heads = 0;
       {
         const gguf::File f(sc.gguf);
-        const model::ModelConfig mc = model::read_llama_config(f);
+        const model::ModelConfig mc = model::read_model_config(f);
         ident = eval::identity_of(f, mc);
         q_heads = mc.n_head;
         if (sw.dense_layers >= mc.n_layers)
