@@ -35,6 +35,8 @@ struct AttnArgs {
   // [kv_splits, Hq, N - row_begin]; lse_combine_kernel finishes.
   int kv_splits;
   float2* part;
+  // full mode: W > 0 = sliding window, query i sees keys (i - W, i]; 0 = plain causal.
+  int window;
 };
 
 template <int D>
@@ -142,7 +144,10 @@ __device__ __forceinline__ int64_t tile_kv0(const AttnArgs& a, int lo, int t) {
 // tile t+1 loads during all of tile t, one barrier per tile.
 // LAZY: skip the O rescale when no row max of the warp moved (alpha == 1 for every row).
 // SUBT (sparse): key tiles per mask block, B = SUBT * BKV.
-template <int D, int MT, int NW, int BKV, class T, AttnMode MODE, int PIPE = 0, bool LAZY = false, int SUBT = 1>
+// WIN (full): the sliding window a.window is applied (its own instantiation, so that the plain
+// causal kernels keep their registers: the window's masking made the d 128 one spill).
+template <int D, int MT, int NW, int BKV, class T, AttnMode MODE, int PIPE = 0, bool LAZY = false, int SUBT = 1,
+          bool WIN = false>
 __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
   using Cfg = AttnConfig<D, MT, NW, BKV>;
   constexpr int BR = Cfg::BR, NT = Cfg::NT;
@@ -189,6 +194,10 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
     n_tiles = int((kv_end + BKV - 1) / BKV);
   }
   int t_begin = 0, t_end = n_tiles;
+  if constexpr (MODE == AttnMode::full && WIN) {
+    // Sliding window: key tiles wholly left of the first row's window are never loaded.
+    if (q0 - a.window + 1 > 0) t_begin = int((q0 - a.window + 1) / BKV);
+  }
   if constexpr (MODE == AttnMode::lse) {
     if (a.kv_splits > 1) {
       const int per = (n_tiles + a.kv_splits - 1) / a.kv_splits;
@@ -260,8 +269,11 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
     qk_tile<D, MT, BKV, QREG, T>(s, qf, sQ, sKt, warp_row0, lane);
 
     // Causal mask, only where some key of the tile lies after some row of this warp. Keys
-    // >= N only meet rows >= N, which are never stored.
-    if (kv0 + BKV - 1 > row_lo) {
+    // >= N only meet rows >= N, which are never stored. With a window, also where some key of
+    // the tile lies at or left of row - W for some row of the warp (key - row <= -W).
+    const bool cut_right = kv0 + BKV - 1 > row_lo;
+    const bool cut_left = WIN && kv0 + a.window <= row_lo + MT * 16 - 1;
+    if (cut_right || cut_left) {
       // (key - row) in 32 bits: N < 2^31 is checked by the launcher.
       const int d0 = int(kv0 - row_lo) + (lane & 3) * 2 - (lane >> 2);
 #pragma unroll
@@ -269,8 +281,10 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
 #pragma unroll
         for (int nt = 0; nt < NTILE; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (d0 + nt * 8 + (e & 1) - mt * 16 - (e >> 1) * 8 > 0) s[mt][nt][e] = -INFINITY;
+          for (int e = 0; e < 4; ++e) {
+            const int dk = d0 + nt * 8 + (e & 1) - mt * 16 - (e >> 1) * 8;
+            if (dk > 0 || (WIN && dk <= -a.window)) s[mt][nt][e] = -INFINITY;
+          }
     }
 
     // Online softmax in base 2: m in units of scale*log2(e)*score.

@@ -55,6 +55,8 @@ inline Status make_attn_args(const AttentionParams& p, bool need_v, AttnArgs* a)
   a->nb = 0;
   a->kv_splits = 1;
   a->part = nullptr;
+  if (p.window < 0) return fail(Status::invalid_argument, "attention: window must be >= 0");
+  a->window = p.window >= n ? 0 : int(p.window);  // a window holding every key is plain causal
   return Status::ok;
 }
 
@@ -126,11 +128,12 @@ inline AttnArgs sm90_score_args(const BlockScoreArgs& b, float* lse) {
   return a;
 }
 
-template <int D, int MT, int NW, int BKV, class T, AttnMode MODE, int PIPE = 0, bool LAZY = false, int SUBT = 1>
+template <int D, int MT, int NW, int BKV, class T, AttnMode MODE, int PIPE = 0, bool LAZY = false, int SUBT = 1,
+          bool WIN = false>
 Status launch_attn(AttnArgs a, int q_heads, cudaStream_t st) {
   using Cfg = AttnConfig<D, MT, NW, BKV>;
   const size_t smem = Cfg::template smem_bytes<T>(MODE == AttnMode::lse ? 0 : PIPE);
-  auto kern = attn_kernel<D, MT, NW, BKV, T, MODE, PIPE, LAZY, SUBT>;
+  auto kern = attn_kernel<D, MT, NW, BKV, T, MODE, PIPE, LAZY, SUBT, WIN>;
   {
     Status s = from_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                          "attention: cudaFuncSetAttribute");

@@ -99,6 +99,7 @@ const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse
   if (head_dim != 64 && head_dim != 128) return "hopper attention: head_dim must be 64 or 128";
   if (sparse && mask_block != 128) return "hopper attention: sparse mask block must be 128";
   if (a.row_begin != 0) return "hopper attention: row_begin must be 0";
+  if (a.window != 0) return "hopper attention: no sliding window (the portable kernel has it)";
   if (a.n > 0x7fffffffLL - 256) return "hopper attention: sequence too long for TMA coordinates";
   return nullptr;
 }

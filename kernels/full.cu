@@ -10,6 +10,8 @@
 //          H100), 1 = PIPE 0 + LAZY, 2 = PIPE 1 + LAZY, 3 = PIPE 1 (NOTES.md has the timings)
 //   d 256: MT 1, NW 4, BKV 64 (64 rows; O alone is 128 fp32 registers per thread)
 // All defaults use PIPE 0 without LAZY (the others spilled registers and ran slower).
+// A sliding window (AttentionParams::window) has its own instantiation of each default (WIN):
+// it skips the key tiles left of a query tile's first window and masks the band's left edge.
 #include <algorithm>
 
 #include "attention_launch.cuh"
@@ -52,6 +54,17 @@ namespace {
 template <class T, AttnMode MODE>
 Status dispatch_full(const AttnArgs& a, const AttentionParams& p) {
   cudaStream_t st = detail::stream_of(p.stream);
+  if constexpr (MODE == AttnMode::full) {
+    if (a.window > 0) {  // sliding window (Gemma-3 local layers): the default schedule only
+      if (p.variant != 0) return fail(Status::unsupported, "full_attention: a sliding window runs variant 0 only");
+      switch (p.head_dim) {
+        case 64: return launch_attn<64, 2, 4, 64, T, MODE, 0, false, 1, true>(a, p.q_heads, st);
+        case 128: return launch_attn<128, 2, 4, 64, T, MODE, 0, false, 1, true>(a, p.q_heads, st);
+        case 256: return launch_attn<256, 1, 4, 64, T, MODE, 0, false, 1, true>(a, p.q_heads, st);
+      }
+      return fail(Status::unsupported, "attention: head_dim must be 64, 128 or 256");
+    }
+  }
   switch (p.head_dim) {
     case 64: return launch_attn<64, 2, 4, 64, T, MODE, 0, false>(a, p.q_heads, st);
     case 128:
@@ -89,6 +102,7 @@ Status row_lse(const AttentionParams& p) noexcept {
   Status s = detail::make_attn_args(p, false, &a);
   if (s != Status::ok) return s;
   if (!p.lse) return fail(Status::invalid_argument, "row_lse: lse output required");
+  if (p.window != 0) return fail(Status::unsupported, "row_lse: no sliding window (full_attention only)");
   a.o = nullptr;
   a.v = nullptr;
   // Split the keys when the row tiles alone cannot fill the GPU (e.g. one query block per head).

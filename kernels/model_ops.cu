@@ -1,5 +1,5 @@
-// The model runtime's small kernels: everything of a Llama-family layer that is not a GEMM or
-// attention (lib/src/model/llama_cuda.cpp strings them together). Memory-bound, one thread per
+// The model runtime's small kernels: everything of a Llama-family or Gemma-3 layer that is not a
+// GEMM or attention (lib/src/model/llama_cuda.cpp strings them together). Memory-bound, one thread per
 // element or one block per row; the CPU back end (lib/src/model/llama_cpu.cpp) is the spec of
 // each, including where it accumulates in float64.
 #include <cstdint>
@@ -216,6 +216,76 @@ __global__ void silu_mul_kernel(const bf16* __restrict__ gu, bf16* __restrict__ 
   }
 }
 
+__global__ void gelu_mul_kernel(const bf16* __restrict__ gu, bf16* __restrict__ act, int64_t rows, int64_t ff) {
+  const int64_t n = rows * ff;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / ff, c = i % ff;
+    const float g = __bfloat162float(gu[r * 2 * ff + c]), u = __bfloat162float(gu[r * 2 * ff + ff + c]);
+    float t = g * g;
+    t *= 0.044715f;
+    t += 1.0f;
+    t *= g;
+    t *= 0.79788456080286535588f;  // sqrt(2/pi)
+    t = tanhf(t);
+    t += 1.0f;
+    t *= 0.5f;
+    act[i] = __float2bfloat16_rn(g * t * u);
+  }
+}
+
+__global__ void scale_kernel(float* __restrict__ x, int64_t n, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    x[i] *= scale;
+}
+
+__global__ void softcap_kernel(float* __restrict__ z, int64_t n, float cap) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    z[i] = tanhf(z[i] / cap) * cap;
+}
+
+// One warp per (row, head) of the q and k heads.
+__global__ void head_norm_kernel(HeadNormParams p) {
+  const int heads = p.q_heads + p.kv_heads;
+  const int64_t width = int64_t(p.q_heads + 2 * p.kv_heads) * p.head_dim;
+  const int64_t warps = p.rows * heads;
+  const int lane = threadIdx.x % 32;
+  for (int64_t wi = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; wi < warps;
+       wi += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int64_t r = wi / heads;
+    const int h = int(wi % heads);
+    bf16* x = static_cast<bf16*>(p.qkv) + r * width + int64_t(h) * p.head_dim;
+    const float* w = h < p.q_heads ? p.q_weight : p.k_weight;
+    double s = 0;
+    for (int c = lane; c < p.head_dim; c += 32) {
+      const double v = __bfloat162float(x[c]);
+      s += v * v;
+    }
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    const float inv = 1.0f / sqrtf(float(s / double(p.head_dim)) + p.eps);
+    for (int c = lane; c < p.head_dim; c += 32) x[c] = __float2bfloat16_rn(__bfloat162float(x[c]) * inv * w[c]);
+  }
+}
+
+__global__ void rms_norm_add_kernel(const float* __restrict__ y, const float* __restrict__ w, float* __restrict__ x,
+                                    int64_t dim, float eps) {
+  const int64_t r = blockIdx.x;
+  const float* row = y + r * dim;
+  double s = 0;
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) s += double(row[c]) * row[c];
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  __shared__ double part[kThreads / 32];
+  __shared__ float inv;
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0;
+    for (int i = 0; i < int(blockDim.x) / 32; ++i) t += part[i];
+    inv = 1.0f / sqrtf(float(t / double(dim)) + eps);
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) x[r * dim + c] += row[c] * inv * w[c];
+}
+
 // 8 bf16 (16 bytes) per thread where the head dim allows (always: d is 64, 128 or 256 here).
 __global__ void heads_to_rows_kernel(const uint4* __restrict__ o, uint4* __restrict__ out, int heads, int64_t rows,
                                      int vecs_per_head_row, int64_t o_head_stride_vecs, int64_t row0) {
@@ -350,6 +420,41 @@ Status silu_mul(const void* gu, void* act, int64_t rows, int64_t ff, Stream s) n
     detail::silu_mul_kernel<<<detail::grid_for(rows * ff, 4), detail::kThreads, 0, detail::stream_of(s)>>>(
         static_cast<const __nv_bfloat16*>(gu), static_cast<__nv_bfloat16*>(act), rows, ff);
   return detail::check_launch("silu_mul launch");
+}
+
+Status gelu_mul(const void* gu, void* act, int64_t rows, int64_t ff, Stream s) noexcept {
+  if (!gu || !act || rows <= 0 || ff <= 0) return fail(Status::invalid_argument, "gelu_mul: bad arguments");
+  detail::gelu_mul_kernel<<<detail::grid_for(rows * ff, 4), detail::kThreads, 0, detail::stream_of(s)>>>(
+      static_cast<const __nv_bfloat16*>(gu), static_cast<__nv_bfloat16*>(act), rows, ff);
+  return detail::check_launch("gelu_mul launch");
+}
+
+Status scale_f32(float* x, int64_t n, float scale, Stream s) noexcept {
+  if (!x || n <= 0) return fail(Status::invalid_argument, "scale_f32: bad arguments");
+  detail::scale_kernel<<<detail::grid_for(n, 4), detail::kThreads, 0, detail::stream_of(s)>>>(x, n, scale);
+  return detail::check_launch("scale_f32 launch");
+}
+
+Status softcap(float* z, int64_t n, float cap, Stream s) noexcept {
+  if (!z || n <= 0 || !(cap > 0)) return fail(Status::invalid_argument, "softcap: bad arguments (cap must be > 0)");
+  detail::softcap_kernel<<<detail::grid_for(n, 4), detail::kThreads, 0, detail::stream_of(s)>>>(z, n, cap);
+  return detail::check_launch("softcap launch");
+}
+
+Status head_rms_norm(const HeadNormParams& p) noexcept {
+  if (!p.qkv || !p.q_weight || !p.k_weight || p.q_heads <= 0 || p.kv_heads <= 0 || p.head_dim <= 0 || p.rows <= 0)
+    return fail(Status::invalid_argument, "head_rms_norm: bad arguments");
+  const int64_t threads = p.rows * (p.q_heads + p.kv_heads) * 32;
+  detail::head_norm_kernel<<<detail::grid_for(threads), detail::kThreads, 0, detail::stream_of(p.stream)>>>(p);
+  return detail::check_launch("head_rms_norm launch");
+}
+
+Status rms_norm_add_rows(const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
+                         Stream s) noexcept {
+  if (!y || !w || !x || rows <= 0 || dim <= 0 || rows > 2147483647)
+    return fail(Status::invalid_argument, "rms_norm_add_rows: bad arguments");
+  detail::rms_norm_add_kernel<<<unsigned(rows), detail::kThreads, 0, detail::stream_of(s)>>>(y, w, x, dim, eps);
+  return detail::check_launch("rms_norm_add_rows launch");
 }
 
 Status heads_to_rows(const void* o, void* rows_out, int heads, int64_t rows, int head_dim, int64_t o_head_stride,

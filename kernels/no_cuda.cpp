@@ -74,6 +74,13 @@ Status rms_norm_rows(const float*, const float*, void*, int64_t, int64_t, float,
 Status rope_table(const float*, int, int64_t, int64_t, float*, float*, Stream) noexcept { return Status::no_cuda; }
 Status rope_split(const RopeSplitParams&) noexcept { return Status::no_cuda; }
 Status silu_mul(const void*, void*, int64_t, int64_t, Stream) noexcept { return Status::no_cuda; }
+Status gelu_mul(const void*, void*, int64_t, int64_t, Stream) noexcept { return Status::no_cuda; }
+Status scale_f32(float*, int64_t, float, Stream) noexcept { return Status::no_cuda; }
+Status head_rms_norm(const HeadNormParams&) noexcept { return Status::no_cuda; }
+Status rms_norm_add_rows(const float*, const float*, float*, int64_t, int64_t, float, Stream) noexcept {
+  return Status::no_cuda;
+}
+Status softcap(float*, int64_t, float, Stream) noexcept { return Status::no_cuda; }
 Status heads_to_rows(const void*, void*, int, int64_t, int, int64_t, int64_t, Stream) noexcept { return Status::no_cuda; }
 Status logits_rows(const float*, int64_t, int64_t, const int32_t*, double*, int32_t*, Stream) noexcept {
   return Status::no_cuda;

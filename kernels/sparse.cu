@@ -43,6 +43,7 @@ Status sparse_attention(const SparseAttentionParams& sp) noexcept {
   AttnArgs a{};
   Status s = detail::make_attn_args(sp.attn, true, &a);
   if (s != Status::ok) return s;
+  if (sp.attn.window != 0) return fail(Status::unsupported, "sparse_attention: no sliding window (full_attention only)");
   if (sp.attn.row_begin != 0) return fail(Status::invalid_argument, "sparse_attention: row_begin must be 0");
   if (!sp.attn.o && !sp.attn.lse) return fail(Status::invalid_argument, "sparse_attention: neither o nor lse given");
   if (sp.block != 64 && sp.block != 128) return fail(Status::unsupported, "sparse_attention: block must be 64 or 128");

@@ -450,9 +450,14 @@ def fig_eval(reports: list, out_dir: Path) -> list:
         if any(finite(r["delta_ppl"]) and r["delta_ppl"] > 0 for f, n in series.values() for r in f + n):
             axes[1].set_yscale("symlog", linthresh=0.1)
         axes[0].set_ylim(-0.05, 1.05)
-        ident = rep.doc.get("model", {}).get("identity", {})
+        model = rep.doc.get("model", {})
+        ident = model.get("identity", {})
         cfg = rep.doc.get("config", {})
-        fig.suptitle(f"{ident.get('file', rep.label)}: sparse attention in every layer "
+        # A model with sliding-window layers (Gemma-3) has the methods in its global layers only.
+        n_layers, n_global = model.get("layers"), model.get("global_layers", model.get("layers"))
+        where = ("every layer" if n_global == n_layers else
+                 f"the {n_global} global layers (the other {n_layers - n_global} keep their sliding window)")
+        fig.suptitle(f"{ident.get('file', rep.label)}: sparse attention in {where} "
                      f"(block {cfg.get('block')}, first {cfg.get('dense_layers', 0)} dense; open markers: native)",
                      fontsize=9)
         axes[0].legend(fontsize=7, loc="lower left")

@@ -506,8 +506,13 @@ int prefill_main(int argc, char** argv) {
             double density = 1.0;
             if (policy && !policy->densities().empty()) {
               density = 0;
-              for (const auto& d : policy->densities()) density += d.block_density;
-              density /= double(policy->densities().size());
+              int counted = 0;
+              for (const auto& d : policy->densities())
+                if (!d.windowed()) {  // a sliding-window layer is not the method's
+                  density += d.block_density;
+                  ++counted;
+                }
+              density = counted ? density / counted : 1.0;
             }
             r["density"] = density;
             r["ttft_ms"] = median_of(ttft);

@@ -213,7 +213,7 @@ int main(int argc, char** argv) {
       int q_heads = 0;
       {
         const gguf::File f(sc.gguf);
-        const model::ModelConfig mc = model::read_llama_config(f);
+        const model::ModelConfig mc = model::read_model_config(f);
         ident = eval::identity_of(f, mc);
         q_heads = mc.n_head;
         if (sw.dense_layers >= mc.n_layers)
@@ -328,7 +328,7 @@ int main(int argc, char** argv) {
         double bd = 0, ed = 0;
         int sparse_layers = 0;
         for (const auto& d : sparse->densities())
-          if (d.layer >= dense_layers) {
+          if (d.layer >= dense_layers && !d.windowed()) {
             bd += d.block_density;
             ed += d.element_density;
             ++sparse_layers;

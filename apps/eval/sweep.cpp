@@ -59,7 +59,8 @@ double mean_of(const std::vector<double>& v) {
 }
 
 // What one case's forward used: per-layer densities (all layers) and their means over the
-// sparse layers.
+// sparse layers (global layers past dense_layers: a sliding-window layer runs its own window,
+// not the method's selection, and is not counted).
 struct CaseDensity {
   std::vector<model::BlockMaskAttention::LayerDensity> layers;
   double block = kNaN, element = kNaN;
@@ -74,7 +75,7 @@ CaseDensity densities_of(const model::BlockMaskAttention& policy, int n_layers, 
                 std::to_string(n_layers) + " layers");
   std::vector<double> b, e;
   for (const auto& l : d.layers)
-    if (l.layer >= dense_layers) {
+    if (l.layer >= dense_layers && !l.windowed()) {
       b.push_back(l.block_density);
       e.push_back(l.element_density);
     }
@@ -234,9 +235,11 @@ json run_sweep(model::Model& mdl, const EvalSet& set, const SweepConfig& c, cons
   const auto t_all = std::chrono::steady_clock::now();
   const model::ModelConfig& mc = mdl.config();
   const int L = mc.n_layers;
-  if (c.dense_layers >= L)
+  int sparse_layers = 0;
+  for (int l = c.dense_layers; l < L; ++l) sparse_layers += mc.window(l) == 0;
+  if (sparse_layers == 0)
     throw Error("--dense-layers " + std::to_string(c.dense_layers) + ": leaves no sparse layer (the model has " +
-                std::to_string(L) + ")");
+                std::to_string(L) + " layers, " + std::to_string(mc.global_layers()) + " of them global)");
 
   json report = analysis::report_skeleton("proxyattn-eval", "sweep");
   report["device"]["kind"] = std::string(model::backend_name(mdl.backend()));
@@ -268,8 +271,12 @@ json run_sweep(model::Model& mdl, const EvalSet& set, const SweepConfig& c, cons
   for (const Point& p : points) report["config"]["points"].push_back(p.id);
   std::set<int64_t> lengths;
   for (const auto& cs : set.niah) lengths.insert(cs.length);
+  json windows = json::array();
+  for (int l = 0; l < L; ++l) windows.push_back(mc.window(l));
   report["model"] = {{"identity", set.model.to_json()},
                      {"layers", L},
+                     {"global_layers", mc.global_layers()},
+                     {"layer_window", windows},
                      {"q_heads", mc.n_head},
                      {"kv_heads", mc.n_head_kv},
                      {"head_dim", mc.head_dim}};
@@ -290,8 +297,8 @@ json run_sweep(model::Model& mdl, const EvalSet& set, const SweepConfig& c, cons
                               {"point", "document", "tokens", "scored", "ppl", "delta_ppl", "nll_mean",
                                "block_density", "element_density", "seconds"});
   analysis::TableWriter t_layers(report, "layers",
-                                 {"point", "layer", "dense", "block_density_mean", "block_density_min",
-                                  "block_density_max", "element_density_mean"});
+                                 {"point", "layer", "attention", "window", "dense", "block_density_mean",
+                                  "block_density_min", "block_density_max", "element_density_mean"});
 
   Progress prog("sweep", static_cast<int64_t>(points.size() * (set.niah.size() + set.ppl.size())), o.quiet);
   std::vector<bool> full_correct(set.niah.size(), false);
@@ -379,8 +386,11 @@ json run_sweep(model::Model& mdl, const EvalSet& set, const SweepConfig& c, cons
     for (int l = 0; l < L; ++l) {
       const auto& b = layer_b[l];
       if (b.empty()) continue;
-      t_layers.add({p.id, l, l < c.dense_layers ? 1 : 0, num(mean_of(b)), num(*std::min_element(b.begin(), b.end())),
-                    num(*std::max_element(b.begin(), b.end())), num(mean_of(layer_e[l]))});
+      const int w = mc.window(l);
+      // A sliding layer has no block density of a method: nulls, and the element density of its band.
+      t_layers.add({p.id, l, w > 0 ? "sliding" : "global", w, l < c.dense_layers ? 1 : 0, w > 0 ? num(kNaN) : num(mean_of(b)),
+                    w > 0 ? num(kNaN) : num(*std::min_element(b.begin(), b.end())),
+                    w > 0 ? num(kNaN) : num(*std::max_element(b.begin(), b.end())), num(mean_of(layer_e[l]))});
     }
     if (filled_rows)
       notes.insert(fmt::format("{}: {} (head, query block) rows left empty by the selection kept their best block "
@@ -398,6 +408,12 @@ json run_sweep(model::Model& mdl, const EvalSet& set, const SweepConfig& c, cons
   }
   prog.done();
 
+  if (mc.global_layers() < L)
+    notes.insert(fmt::format("{} of the {} layers are sliding-window (local) layers: they run their exact window in every "
+                             "point (the methods replace the {} global layers' attention only); densities and sparsity "
+                             "are means over the global layers, the layers table lists the local ones with their "
+                             "window's element density",
+                             L - mc.global_layers(), L, mc.global_layers()));
   for (size_t i = 0; i < set.niah.size(); ++i)
     if (!full_correct[i])
       notes.insert("full attention (the baseline) fails NIAH case " + set.niah[i].id +
@@ -435,7 +451,8 @@ std::string render_sweep_markdown(const json& report) {
     return static_cast<size_t>(std::find(cols.begin(), cols.end(), name) - cols.begin());
   };
   o << "## Accuracy and perplexity per operating point\n\n"
-    << "Sparsity = 1 − block density, the mean over cases of the mean over sparse layers. NIAH kept = "
+    << "Sparsity = 1 − block density, the mean over cases of the mean over sparse layers (global layers only: "
+       "a sliding-window layer always runs its exact window). NIAH kept = "
        "the share of the cases full attention answers that this point answers too. Δppl is against "
        "full attention on the same tokens.\n\n"
     << "| point | sparsity | element density | NIAH | NIAH kept | ppl | Δppl | Δppl % | seconds |\n"

@@ -29,14 +29,17 @@ RowsMap rows_of(ConstView v, int64_t h, int64_t t0, int64_t n) {
 }
 
 // Scaled scores of query rows [q0, q0 + S.rows()) against keys [k0, k0 + S.cols()), with
-// entries above the causal diagonal set to -inf.
+// entries above the causal diagonal set to -inf, and with window W > 0 also the keys j <= i - W.
 void causal_scores(ConstView q, ConstView k, int64_t hq, int64_t hk, int64_t q0, int64_t nq,
-                   int64_t k0, int64_t nk, float scale, MatRM& S) {
+                   int64_t k0, int64_t nk, float scale, MatRM& S, int64_t window = 0) {
   S.noalias() = rows_of(q, hq, q0, nq) * rows_of(k, hk, k0, nk).transpose();
   S *= scale;
   if (k0 + nk - 1 > q0)  // some key is after some query: cut the upper triangle
     for (int64_t r = 0; r < nq; ++r)
       for (int64_t c = std::max<int64_t>(0, q0 + r - k0 + 1); c < nk; ++c) S(r, c) = kNegInf;
+  if (window > 0 && k0 + window <= q0 + nq - 1)  // some key is left of some query's window
+    for (int64_t r = 0; r < nq; ++r)
+      for (int64_t c = 0; c < std::min<int64_t>(nk, q0 + r - window + 1 - k0); ++c) S(r, c) = kNegInf;
 }
 
 // Exceptions cannot leave an OpenMP region: the first one is kept and rethrown after it.
@@ -62,7 +65,7 @@ struct KeyRange {
   int64_t begin, end;
 };
 void attend_rows(ConstView q, ConstView k, ConstView v, const AttentionShape& s, int64_t h, int64_t q0,
-                 int64_t q1, const std::vector<KeyRange>& ranges, AttentionOutput& out) {
+                 int64_t q1, const std::vector<KeyRange>& ranges, AttentionOutput& out, int64_t window = 0) {
   const int64_t nq = q1 - q0, d = s.head_dim, hk = s.kv_head_of(static_cast<int>(h));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   MatRM acc = MatRM::Zero(nq, d), S;
@@ -72,7 +75,7 @@ void attend_rows(ConstView q, ConstView k, ConstView v, const AttentionShape& s,
     const int64_t k0 = kr.begin, nk = std::min(kr.end, q1) - k0;
     if (nk <= 0) continue;
     S.resize(nq, nk);
-    causal_scores(q, k, h, hk, q0, nq, k0, nk, scale, S);
+    causal_scores(q, k, h, hk, q0, nq, k0, nk, scale, S, window);
     for (int64_t r = 0; r < nq; ++r) {
       const float mc = S.row(r).maxCoeff();
       if (mc == kNegInf) {  // row fully masked in this range
@@ -158,17 +161,23 @@ AttentionShape check_qkv(ConstView q, ConstView k, ConstView v) {
   return s;
 }
 
-AttentionOutput full_attention_cpu(ConstView q, ConstView k, ConstView v) {
+AttentionOutput full_attention_cpu(ConstView q, ConstView k, ConstView v) { return sliding_attention_cpu(q, k, v, 0); }
+
+AttentionOutput sliding_attention_cpu(ConstView q, ConstView k, ConstView v, int64_t window) {
   if (v.empty()) throw Error("full attention needs v");
+  if (window < 0) throw Error("sliding attention: window " + std::to_string(window) + " must be >= 0");
   const AttentionShape s = check_qkv(q, k, v);
   constexpr int64_t kQTile = 64, kKChunk = 256;
   const int64_t N = s.seq_len, tiles = (N + kQTile - 1) / kQTile;
+  if (window >= N) window = 0;  // the window holds every causal key
   AttentionOutput out{Tensor3(s.q_heads, N, s.head_dim), std::vector<float>(s.q_heads * N)};
   parallel_for_2d(s.q_heads, tiles, [&](int64_t h, int64_t t) {
     const int64_t q0 = t * kQTile, q1 = std::min(N, q0 + kQTile);
+    // Keys left of the tile's first window are never read: a local layer costs O(N (tile + W)).
+    const int64_t kb = window > 0 ? std::max<int64_t>(0, q0 - window + 1) : 0;
     std::vector<KeyRange> ranges;
-    for (int64_t k0 = 0; k0 < q1; k0 += kKChunk) ranges.push_back({k0, std::min(q1, k0 + kKChunk)});
-    attend_rows(q, k, v, s, h, q0, q1, ranges, out);
+    for (int64_t k0 = kb; k0 < q1; k0 += kKChunk) ranges.push_back({k0, std::min(q1, k0 + kKChunk)});
+    attend_rows(q, k, v, s, h, q0, q1, ranges, out, window);
   });
   return out;
 }

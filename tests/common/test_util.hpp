@@ -81,6 +81,20 @@ inline std::vector<double> attention64(ConstView q, ConstView k, ConstView v, co
   return o;
 }
 
+// Naive float64 sliding-window attention: query t sees keys c with t - window < c <= t.
+inline std::vector<double> sliding_attention64(ConstView q, ConstView k, ConstView v, int64_t window) {
+  const int64_t H = q.heads, N = q.tokens, d = q.dim, r = q.heads / k.heads;
+  std::vector<double> o(static_cast<size_t>(H * N * d), 0.0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < N; ++t) {
+      const auto p = probs64(q, k, h, t, [&](int64_t c) { return c > t - window; });
+      for (int64_t c = 0; c <= t; ++c)
+        if (p[c] != 0)
+          for (int64_t x = 0; x < d; ++x) o[(h * N + t) * d + x] += p[c] * v(h / r, c, x);
+    }
+  return o;
+}
+
 inline std::vector<double> lse64(ConstView q, ConstView k) {
   const int64_t H = q.heads, N = q.tokens, d = q.dim, r = q.heads / k.heads;
   std::vector<double> out(static_cast<size_t>(H * N));

@@ -4,6 +4,7 @@
 #include <tuple>
 
 #include "proxyattn/attention.hpp"
+#include "proxyattn/error.hpp"
 #include "test_util.hpp"
 
 namespace proxyattn {
@@ -39,6 +40,26 @@ TEST_P(AttentionCase, FullMatchesFloat64) {
   check_close("full O", out.o.storage(), test::attention64(q, k, v, nullptr), 2e-5, 1e-4);
   check_close("full LSE", out.lse, test::lse64(q, k), 1e-4, 1e-5);
   check_close("row_lse_cpu", row_lse_cpu(q, k), test::lse64(q, k), 1e-4, 1e-5);
+}
+
+// Windows smaller than a query tile (64), not a multiple of it, larger than N (= full) and 1
+// (each query sees itself only: O = V of its own KV head).
+TEST_P(AttentionCase, SlidingWindowMatchesFloat64) {
+  const Case c = GetParam();
+  const Tensor3 q = random_tensor(c.hq, c.n, c.d, 2.0f), k = random_tensor(c.hkv, c.n, c.d),
+                v = random_tensor(c.hkv, c.n, c.d);
+  for (int64_t w : {int64_t{1}, int64_t{37}, int64_t{100}, c.n - 1}) {
+    const AttentionOutput out = sliding_attention_cpu(q, k, v, w);
+    check_close("sliding O window " + std::to_string(w), out.o.storage(), test::sliding_attention64(q, k, v, w), 2e-5,
+                1e-4);
+  }
+  check_close("sliding(window N) vs full", sliding_attention_cpu(q, k, v, c.n).o.storage(),
+              full_attention_cpu(q, k, v).o.storage(), 0, 0);
+  const AttentionOutput one = sliding_attention_cpu(q, k, v, 1);
+  const int r = c.hq / c.hkv;
+  for (int h = 0; h < c.hq; h += r + 1)
+    for (int64_t t = 0; t < c.n; t += 17) EXPECT_NEAR(one.o(h, t, 3), v(h / r, t, 3), 1e-6);
+  EXPECT_THROW(sliding_attention_cpu(q, k, v, -1), Error);
 }
 
 TEST_P(AttentionCase, SparseMatchesDenseWithMaskExpanded) {

@@ -53,16 +53,40 @@ std::vector<float> copy_of(ConstView v) {
   return out;
 }
 
-TEST(ModelForward, MatchesNumpySpec) {
+// The Python-written fixtures with the spec's outputs: the Llama model (tiny) and the Gemma-3
+// model (tiny_gemma: sliding and global layers, window 11 < N = 53, GQA 3, a non-default
+// attention scale, soft-capped logits).
+class SpecCase : public ::testing::TestWithParam<std::string> {};
+INSTANTIATE_TEST_SUITE_P(Models, SpecCase, ::testing::Values("tiny", "tiny_gemma"),
+                         [](const auto& info) { return info.param; });
+
+TEST_P(SpecCase, MatchesNumpySpec) {
   PROXYATTN_REQUIRE_MODEL_FIXTURES();
-  auto m = load_model(model_fixture("tiny.gguf"));
-  const Reference ref(model_fixture("tiny_ref.gguf"));
+  const std::string name = GetParam();
+  auto m = load_model(model_fixture(name + ".gguf"));
+  const Reference ref(model_fixture(name + "_ref.gguf"));
   const auto& c = m->config();
-  EXPECT_EQ(c.n_layers, 3);
   EXPECT_EQ(c.n_head, 6);
   EXPECT_EQ(c.n_head_kv, 2);
   EXPECT_EQ(c.head_dim, 16);
   EXPECT_TRUE(c.tied_embeddings);
+  if (name == "tiny") {
+    EXPECT_EQ(c.arch, "llama");
+    EXPECT_EQ(c.n_layers, 3);
+    EXPECT_TRUE(c.layer_window.empty());
+    EXPECT_EQ(c.global_layers(), 3);
+  } else {
+    EXPECT_EQ(c.arch, "gemma3");
+    EXPECT_EQ(c.n_layers, 4);
+    EXPECT_EQ(c.layer_window, (std::vector<int>{11, 0, 11, 0}));
+    EXPECT_EQ(c.global_layers(), 2);
+    EXPECT_DOUBLE_EQ(c.rope_theta_local, 1e4);
+    EXPECT_DOUBLE_EQ(c.rope_theta, 1e6);
+    EXPECT_NEAR(c.scale(), 0.2, 1e-7);
+    EXPECT_NEAR(c.embed_scale, std::sqrt(96.0), 1e-12);
+    EXPECT_NEAR(c.final_softcap, 5.0, 1e-7);
+    EXPECT_TRUE(c.qk_norm && c.sandwich_norm && !c.rope_permuted && c.act == model::Activation::gelu_tanh);
+  }
   const int64_t N = static_cast<int64_t>(ref.tokens.size());
 
   ForwardOptions opt;
@@ -76,13 +100,13 @@ TEST(ModelForward, MatchesNumpySpec) {
     qkv[layer] = {copy_of(q), copy_of(k), copy_of(v)};
   };
   const auto r = m->forward(ref.tokens, opt);
-  ASSERT_EQ(qkv.size(), 3u);
+  ASSERT_EQ(qkv.size(), size_t(c.n_layers));
   for (const auto& [layer, t] : qkv) {
-    check_rel("q." + std::to_string(layer), t[0], ref.tensor("q." + std::to_string(layer)));
-    check_rel("k." + std::to_string(layer), t[1], ref.tensor("k." + std::to_string(layer)));
-    check_rel("v." + std::to_string(layer), t[2], ref.tensor("v." + std::to_string(layer)));
+    check_rel(name + " q." + std::to_string(layer), t[0], ref.tensor("q." + std::to_string(layer)));
+    check_rel(name + " k." + std::to_string(layer), t[1], ref.tensor("k." + std::to_string(layer)));
+    check_rel(name + " v." + std::to_string(layer), t[2], ref.tensor("v." + std::to_string(layer)));
   }
-  check_rel("logits", r.logits, ref.tensor("logits"));
+  check_rel(name + " logits", r.logits, ref.tensor("logits"));
   double s = 0;
   for (double x : r.nll) s += x;
   const double ppl = std::exp(s / static_cast<double>(r.nll.size()));
@@ -91,10 +115,11 @@ TEST(ModelForward, MatchesNumpySpec) {
   EXPECT_NEAR(m->perplexity(ref.tokens), want, 1e-4 * want);
 }
 
-TEST(ModelForward, GreedyDecodingMatchesSpec) {
+TEST_P(SpecCase, GreedyDecodingMatchesSpec) {
   PROXYATTN_REQUIRE_MODEL_FIXTURES();
-  auto m = load_model(model_fixture("tiny.gguf"));
-  const Reference ref(model_fixture("tiny_ref.gguf"));
+  const std::string name = GetParam();
+  auto m = load_model(model_fixture(name + ".gguf"));
+  const Reference ref(model_fixture(name + "_ref.gguf"));
   const int64_t P = ref.f.get_int("ref.prompt_len");
   std::vector<int32_t> want;
   for (const auto& v : ref.f.get("ref.generated").array) want.push_back(static_cast<int32_t>(v.as_int("generated")));
@@ -107,11 +132,13 @@ TEST(ModelForward, GreedyDecodingMatchesSpec) {
 }
 
 // Prefill of a prefix, then the rest token by token and in one chunk through the cache: the
-// logits equal the full prefill's.
-TEST(ModelForward, KvCacheEqualsFullPrefill) {
+// logits equal the full prefill's (Gemma: the prefix 20 and the decoded positions are past the
+// window, so the cached sliding layers must drop keys).
+TEST_P(SpecCase, KvCacheEqualsFullPrefill) {
   PROXYATTN_REQUIRE_MODEL_FIXTURES();
-  auto m = load_model(model_fixture("tiny.gguf"));
-  const Reference ref(model_fixture("tiny_ref.gguf"));
+  const std::string name = GetParam();
+  auto m = load_model(model_fixture(name + ".gguf"));
+  const Reference ref(model_fixture(name + "_ref.gguf"));
   const auto& toks = ref.tokens;
   const int64_t N = static_cast<int64_t>(toks.size()), V = m->config().vocab_size, P = 20;
   const auto full = ref.tensor("logits");
@@ -238,15 +265,17 @@ TEST(ModelForward, BadInputIsOneError) {
   EXPECT_THROW(load_model(model_fixture("tiny.gguf"), cuda), Error);
   EXPECT_THROW(model::parse_backend("tpu"), Error);
 
-  // Not a Llama model / a missing tensor: one error naming the file.
+  // Neither Llama nor Gemma-3 / a missing tensor: one error naming the file.
   GgufBytes g;
-  g.header(0, 1).kv_str("general.architecture", "gemma3");
-  const std::string p = write_temp(g.b, "gemma.gguf");
+  g.header(0, 1).kv_str("general.architecture", "qwen2");
+  const std::string p = write_temp(g.b, "qwen2.gguf");
   try {
     load_model(p);
-    ADD_FAILURE() << "gemma3 accepted";
+    ADD_FAILURE() << "qwen2 accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("gguf " + p + ": architecture 'gemma3' is not supported"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("gguf " + p + ": architecture 'qwen2' is not supported (supported: "
+                                         "general.architecture = llama or gemma3)"),
+              std::string::npos)
         << e.what();
   }
   GgufBytes h;

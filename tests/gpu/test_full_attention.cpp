@@ -1,6 +1,7 @@
 // GPU full causal attention and row LSE vs the CPU reference (attention.hpp) on fresh random
 // inputs rounded through the device dtype: odd N, GQA 1/3/4, head dims 64/128/256, bf16 and
-// fp16, NaN-poisoned outputs, every tile variant, O in f32 and in the operand dtype.
+// fp16, NaN-poisoned outputs, every tile variant, O in f32 and in the operand dtype; the sliding
+// window (Gemma-3 local layers) against sliding_attention_cpu.
 #include <gtest/gtest.h>
 
 #include <tuple>
@@ -127,6 +128,76 @@ TEST_P(FullAttention, MatchesCpuReference) {
     EXPECT_EQ(untouched, int64_t(c.hq) * rb * c.d) << "rows before row_begin were written";
     test::expect_rel("O rows >= row_begin", got_tail, ref_tail, tol);
   }
+}
+
+// Sliding window: windows of 1 key, smaller than a key tile (64), not a multiple of it, around
+// a query tile (64 / 128 rows), and >= N (plain causal); every row, and rows from a row_begin
+// (decoding with a cache). The kernel must skip the tiles left of each window and mask the
+// band's left edge inside a tile.
+TEST_P(FullAttention, SlidingWindowMatchesCpuReference) {
+  PROXYATTN_REQUIRE_GPU();
+  const auto [c, dt] = GetParam();
+  if (c.n < 3) GTEST_SKIP() << "covered by the larger shapes";
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt),
+                v = test::random_rounded(c.hkv, c.n, c.d, dt);
+  const double tol = test::rel_tol(dt);
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt);
+  const int64_t no = int64_t(c.hq) * c.n * c.d;
+  for (int64_t w : {int64_t{1}, int64_t{37}, int64_t{64}, int64_t{100}, int64_t{129}, c.n - 1, c.n + 5}) {
+    if (w < 1) continue;
+    const AttentionOutput ref = sliding_attention_cpu(q, k, v, w);
+    for (kk::AttnImpl impl : {kk::AttnImpl::portable, kk::AttnImpl::automatic}) {
+      kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, impl);
+      kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32);
+      p.o = o.data();
+      p.out_type = kk::ElemType::f32;
+      p.window = w;
+      test::kcheck(kk::full_attention(p), "full_attention (window)");
+      test::kcheck(kk::synchronize(), "full_attention (window) sync");
+      const std::string tag = "window " + std::to_string(w) + (impl == kk::AttnImpl::portable ? "" : " automatic");
+      test::expect_rel(("O " + tag).c_str(), test::download_as_float(o, no, kk::ElemType::f32), ref.o.storage(), tol);
+    }
+    // Rows from row_begin (what decoding with a KV cache runs): the earlier rows stay NaN.
+    const int64_t rb = c.n - c.n / 3 - 1;
+    kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::portable);
+    kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32);
+    p.o = o.data();
+    p.out_type = kk::ElemType::f32;
+    p.window = w;
+    p.row_begin = rb;
+    test::kcheck(kk::full_attention(p), "full_attention (window, row_begin)");
+    const std::vector<float> got = test::download_as_float(o, no, kk::ElemType::f32);
+    std::vector<float> got_tail, ref_tail;
+    int64_t untouched = 0;
+    for (int h = 0; h < c.hq; ++h)
+      for (int64_t t = 0; t < c.n; ++t)
+        for (int x = 0; x < c.d; ++x) {
+          const size_t i = (size_t(h) * c.n + t) * c.d + x;
+          if (t < rb) {
+            untouched += std::isnan(got[i]) ? 1 : 0;
+          } else {
+            got_tail.push_back(got[i]);
+            ref_tail.push_back(ref.o.storage()[i]);
+          }
+        }
+    EXPECT_EQ(untouched, int64_t(c.hq) * rb * c.d) << "window " << w;
+    test::expect_rel(("O rows >= row_begin, window " + std::to_string(w)).c_str(), got_tail, ref_tail, tol);
+  }
+  // What has no window refuses one: the Hopper kernel, row_lse; and a negative window is an error.
+  kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);
+  kk::DeviceBuffer o = test::poisoned(no, kk::ElemType::f32), lse = test::poisoned(int64_t(c.hq) * c.n, kk::ElemType::f32);
+  p.o = o.data();
+  p.out_type = kk::ElemType::f32;
+  p.window = 5;
+  EXPECT_NE(kk::full_attention(p), kk::Status::ok);
+  p.impl = kk::AttnImpl::portable;
+  p.o = nullptr;
+  p.lse = lse.as<float>();
+  EXPECT_EQ(kk::row_lse(p), kk::Status::unsupported);
+  p.window = -1;
+  p.o = o.data();
+  EXPECT_EQ(kk::full_attention(p), kk::Status::invalid_argument);
 }
 
 // The lib dispatch (upload f32, convert on device, download f32) on one shape per dtype.

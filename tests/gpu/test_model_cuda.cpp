@@ -2,11 +2,14 @@
 // model_ops.cu and the cuBLAS GEMM against float64 on random odd-sized inputs, then the whole
 // forward of a tiny random Llama GGUF written here (per-layer Q/K/V, logits, perplexity, token
 // chunks), decoding with the KV cache, block-sparse attention in every layer (device pipeline
-// and host masks), random weights, bad input.
+// and host masks), random weights, bad input; the same for a tiny random Gemma-3 GGUF (sliding
+// window smaller than N, GQA 3, N not a multiple of the block), whose global layers alone take
+// the attention policy.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <numbers>
 #include <random>
 #include <string>
 #include <vector>
@@ -249,6 +252,81 @@ TEST(ModelOps, LogitsRowsNllAndArgmax) {
   EXPECT_EQ(arg[3], 100);
 }
 
+// Gemma-3's kernels: GeGLU, the embedding scale, per-head q/k RMSNorm on the fused projection,
+// the sandwich norm added into the residual, logit soft-capping.
+TEST(ModelOps, GemmaOpsMatchFloat64) {
+  PROXYATTN_REQUIRE_GPU();
+  const int64_t n = 23, ff = 41;
+  const auto gu = normal_vec(size_t(n * 2 * ff), 31, 2.0f);
+  kn::DeviceBuffer dg = upload16(gu, DType::bf16), da;
+  kcheck(da.allocate(size_t(n * ff) * 2), "alloc");
+  kcheck(kn::gelu_mul(dg.data(), da.data(), n, ff), "gelu_mul");
+  const auto act = from_bf16(download<uint16_t>(da, size_t(n * ff)));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < ff; ++c) {
+      const double g = gu[r * 2 * ff + c], u = gu[r * 2 * ff + ff + c];
+      const double want = 0.5 * g * (1 + std::tanh(std::sqrt(2 / std::numbers::pi) * (g + 0.044715 * g * g * g))) * u;
+      ASSERT_NEAR(act[r * ff + c], want, 1e-2 * (1 + std::fabs(want))) << r << " " << c;
+    }
+
+  auto x = normal_vec(size_t(n * 37), 32);
+  kn::DeviceBuffer dx = upload_raw(x);
+  kcheck(kn::scale_f32(dx.as<float>(), n * 37, 25.3f), "scale_f32");
+  const auto xs = download<float>(dx, size_t(n * 37));
+  for (size_t i = 0; i < xs.size(); ++i) ASSERT_EQ(xs[i], x[i] * 25.3f) << i;
+
+  // head_rms_norm: Hq 3, Hkv 1, d 64; q and k heads normed in place, v untouched.
+  const int hq = 3, hkv = 1, d = 64;
+  const int64_t width = (hq + 2 * hkv) * d;
+  const auto qkv = normal_vec(size_t(n * width), 33, 3.0f), wq = normal_vec(d, 34), wk = normal_vec(d, 35);
+  kn::DeviceBuffer dq = upload16(qkv, DType::bf16), dwq = upload_raw(wq), dwk = upload_raw(wk);
+  kn::HeadNormParams hp;
+  hp.qkv = dq.data();
+  hp.q_weight = dwq.as<float>();
+  hp.k_weight = dwk.as<float>();
+  hp.q_heads = hq;
+  hp.kv_heads = hkv;
+  hp.head_dim = d;
+  hp.rows = n;
+  hp.eps = 1e-6f;
+  kcheck(kn::head_rms_norm(hp), "head_rms_norm");
+  const auto nq = from_bf16(download<uint16_t>(dq, size_t(n * width)));
+  for (int64_t r = 0; r < n; ++r)
+    for (int h = 0; h < hq + 2 * hkv; ++h) {
+      const float* in = qkv.data() + r * width + h * d;
+      double s = 0;
+      for (int c = 0; c < d; ++c) s += double(in[c]) * in[c];
+      const double inv = 1.0 / std::sqrt(s / d + 1e-6);
+      for (int c = 0; c < d; ++c) {
+        const double want = h < hq ? in[c] * inv * wq[c] : (h < hq + hkv ? in[c] * inv * wk[c] : in[c]);
+        ASSERT_NEAR(nq[r * width + h * d + c], want, 1e-2 * (1 + std::fabs(want))) << r << " " << h << " " << c;
+      }
+    }
+
+  // rms_norm_add_rows: x += rms_norm(y) * w over E = 83.
+  const int64_t E = 83;
+  const auto y = normal_vec(size_t(n * E), 36, 5.0f), w = normal_vec(size_t(E), 37), x0 = normal_vec(size_t(n * E), 38);
+  kn::DeviceBuffer dy = upload_raw(y), dw = upload_raw(w), dx0 = upload_raw(x0);
+  kcheck(kn::rms_norm_add_rows(dy.as<float>(), dw.as<float>(), dx0.as<float>(), n, E, 1e-6f), "rms_norm_add_rows");
+  const auto xa = download<float>(dx0, size_t(n * E));
+  for (int64_t r = 0; r < n; ++r) {
+    double s = 0;
+    for (int64_t c = 0; c < E; ++c) s += double(y[r * E + c]) * y[r * E + c];
+    const double inv = 1.0 / std::sqrt(s / E + 1e-6);
+    for (int64_t c = 0; c < E; ++c) {
+      const double want = x0[r * E + c] + y[r * E + c] * inv * w[c];
+      ASSERT_NEAR(xa[r * E + c], want, 1e-5 * (1 + std::fabs(want))) << r << " " << c;
+    }
+  }
+
+  auto z = normal_vec(1001, 39, 20.0f);
+  kn::DeviceBuffer dz = upload_raw(z);
+  kcheck(kn::softcap(dz.as<float>(), 1001, 15.0f), "softcap");
+  const auto zc = download<float>(dz, 1001);
+  for (size_t i = 0; i < zc.size(); ++i) ASSERT_NEAR(zc[i], 15.0 * std::tanh(z[i] / 15.0), 1e-5) << i;
+  EXPECT_NE(kn::softcap(dz.as<float>(), 1001, 0.0f), kn::Status::ok);
+}
+
 // ---- the whole model ---------------------------------------------------------------------------
 
 struct Pair {
@@ -406,6 +484,131 @@ TEST(ModelCuda, SparseAttentionInEveryLayer) {
   EXPECT_NEAR(pg / pc, 1.0, 1e-2);
   EXPECT_GT(std::fabs(pg / full - 1.0), 1e-3);  // the mask changed the model
   EXPECT_EQ(mg.densities().size(), size_t(t.layers));
+}
+
+// ---- Gemma-3 ------------------------------------------------------------------------------------
+
+// Window 37 < N, GQA 3, head dim 64, N = 700 in chunks of 256 (and N = 301: not a multiple of
+// the block); two sliding and two global layers with their own RoPE bases.
+TEST(ModelCuda, GemmaForwardMatchesCpuBackEnd) {
+  PROXYATTN_REQUIRE_GPU();
+  const TinyGemma t;
+  Pair p = load_pair(write_tiny_gemma(t, "tiny_gemma_cuda.gguf"), 256);
+  ASSERT_EQ(p.gpu->config().layer_window, (std::vector<int>{37, 0, 37, 0}));
+  for (int64_t n : {int64_t{700}, int64_t{301}}) {
+    const auto toks = random_tokens(n, t.vocab, 13);
+    std::vector<std::vector<float>> ref_qkv[3];
+    ForwardOptions o;
+    o.logits_at = {0, 36, 37, n - 1};
+    o.nll_begin = 0;
+    o.on_layer = [&](int, ConstView q, ConstView k, ConstView v) {
+      ref_qkv[0].push_back(flat(q));
+      ref_qkv[1].push_back(flat(k));
+      ref_qkv[2].push_back(flat(v));
+    };
+    const auto rc = p.cpu->forward(toks, o);
+    int seen = 0;
+    o.on_layer = [&](int l, ConstView q, ConstView k, ConstView v) {
+      ASSERT_EQ(l, seen++);
+      EXPECT_LT(rel_max(flat(q), ref_qkv[0][l]), 3e-2) << "q layer " << l << " n " << n;
+      EXPECT_LT(rel_max(flat(k), ref_qkv[1][l]), 3e-2) << "k layer " << l << " n " << n;
+      EXPECT_LT(rel_max(flat(v), ref_qkv[2][l]), 3e-2) << "v layer " << l << " n " << n;
+    };
+    const auto rg = p.gpu->forward(toks, o);
+    EXPECT_EQ(seen, t.layers);
+    ASSERT_EQ(rg.logits.size(), rc.logits.size());
+    EXPECT_LT(rel_max(rg.logits, rc.logits), 5e-2) << "n " << n;
+    ASSERT_EQ(rg.nll.size(), rc.nll.size());
+    double sc = 0, sg = 0;
+    for (size_t i = 0; i < rc.nll.size(); ++i) {
+      sc += rc.nll[i];
+      sg += rg.nll[i];
+    }
+    EXPECT_NEAR(std::exp(sg / rg.nll.size()) / std::exp(sc / rc.nll.size()), 1.0, 1e-2) << "n " << n;
+  }
+  // The window matters: the same weights with every layer global give other logits.
+  TinyGemma g = t;
+  g.period = 1;
+  Pair pg = load_pair(write_tiny_gemma(g, "tiny_gemma_cuda_global.gguf"));
+  const auto toks = random_tokens(300, t.vocab, 14);
+  ForwardOptions o;
+  o.logits_at = {299};
+  EXPECT_GT(rel_max(p.gpu->forward(toks, o).logits, pg.gpu->forward(toks, o).logits), 5e-2);
+}
+
+// Decoding through the cache past the window: each token is the argmax of the prefill of
+// everything before it (within bf16 noise), the CPU back end decodes the same first token.
+TEST(ModelCuda, GemmaDecodingWithTheCacheMatchesPrefill) {
+  PROXYATTN_REQUIRE_GPU();
+  const TinyGemma t;
+  Pair p = load_pair(write_tiny_gemma(t, "tiny_gemma_cuda_decode.gguf"));
+  const auto prompt = random_tokens(203, t.vocab, 15);
+  const auto out = p.gpu->generate(prompt, 6);
+  ASSERT_EQ(out.size(), 6u);
+  std::vector<int32_t> all = prompt;
+  for (int32_t tok : out) {
+    ForwardOptions o;
+    o.logits_at = {int64_t(all.size()) - 1};
+    const auto r = p.gpu->forward(all, o);
+    const auto row = r.logits_row(0);
+    const float best = *std::max_element(row.begin(), row.end());
+    EXPECT_LE(best - row[tok], 2e-2 * (1 + std::fabs(best))) << "token " << all.size();
+    all.push_back(tok);
+  }
+  EXPECT_EQ(p.cpu->generate(prompt, 1).front(), out.front());
+}
+
+// The policies run the global layers (1, 3) only; the sliding ones are reported windowed.
+TEST(ModelCuda, GemmaSparseAttentionOnGlobalLayers) {
+  PROXYATTN_REQUIRE_GPU();
+  const TinyGemma t;
+  Pair p = load_pair(write_tiny_gemma(t, "tiny_gemma_cuda_sparse.gguf"));
+  const auto toks = random_tokens(700, t.vocab, 16);
+  const double full = p.gpu->perplexity(toks);
+  std::vector<int> asked;
+  model::BlockMaskAttention all_causal([&](int layer, ConstView q, ConstView) -> std::optional<BlockMask> {
+    asked.push_back(layer);
+    return BlockMask::causal(int(q.heads), q.tokens, 128);
+  });
+  EXPECT_NEAR(p.gpu->perplexity(toks, &all_causal) / full, 1.0, 1e-4);
+  EXPECT_EQ(asked, (std::vector<int>{1, 3}));
+  ASSERT_EQ(all_causal.densities().size(), 4u);
+  for (const auto& d : all_causal.densities()) {
+    EXPECT_EQ(d.windowed(), d.layer % 2 == 0) << d.layer;
+    if (d.windowed()) EXPECT_DOUBLE_EQ(d.element_density, model::window_element_density(700, 37));
+  }
+
+  PipelineSpec spec;
+  spec.method = &proxyattn_method();
+  spec.density = 1.0;
+  model::DevicePipelineAttention dense_pipe(spec);
+  EXPECT_NEAR(p.gpu->perplexity(toks, &dense_pipe) / full, 1.0, 1e-4);
+  spec.density = 0.5;
+  model::DevicePipelineAttention half(spec);
+  const double ppl = p.gpu->perplexity(toks, &half);
+  EXPECT_TRUE(std::isfinite(ppl));
+  ASSERT_EQ(half.densities().size(), size_t(t.layers));
+  for (const auto& d : half.densities()) {
+    EXPECT_EQ(d.windowed(), d.layer % 2 == 0) << d.layer;
+    if (!d.windowed()) EXPECT_NEAR(d.block_density, 0.5, 0.15) << d.layer;
+  }
+
+  // A host mask on both back ends: the same masks, perplexities within the bf16 noise.
+  const auto diagonal_and_sink = [](int, ConstView q, ConstView) {
+    const int64_t nb = (q.tokens + 127) / 128;
+    std::vector<int32_t> indptr{0}, idx;
+    for (int64_t h = 0; h < q.heads; ++h)
+      for (int64_t i = 0; i < nb; ++i) {
+        if (i > 0) idx.push_back(0);
+        idx.push_back(int32_t(i));
+        indptr.push_back(int32_t(idx.size()));
+      }
+    return std::optional<BlockMask>(BlockMask(int(q.heads), q.tokens, 128, indptr, idx));
+  };
+  model::BlockMaskAttention mc(diagonal_and_sink), mg(diagonal_and_sink);
+  const double pc = p.cpu->perplexity(toks, &mc), pg = p.gpu->perplexity(toks, &mg);
+  EXPECT_NEAR(pg / pc, 1.0, 1e-2);
+  EXPECT_GT(std::fabs(pg / full - 1.0), 1e-3);
 }
 
 TEST(ModelCuda, RandomWeightsAreSeeded) {

@@ -16,6 +16,10 @@ OUTDIR/tiny_ref.gguf  the spec's outputs on it (F32 tensors): "tokens" [N], per 
                     "q.L" [Hq,N,d], "k.L", "v.L" [Hkv,N,d] (post-RoPE), "logits" [N, vocab];
                     metadata ref.ppl (float64), ref.generated (int32 array: greedy tokens
                     after the first ref.prompt_len tokens)
+OUTDIR/tiny_gemma.gguf  a random Gemma-3 model (4 layers: sliding, global, sliding, global as a
+                    per-layer pattern list; window 11 < N; 6 q / 2 kv heads, d 16; an attention
+                    scale that is not 1/sqrt(d); final logit soft-capping; mixed quantisations)
+OUTDIR/tiny_gemma_ref.gguf  the spec's outputs on it, laid out as tiny_ref.gguf
 """
 from __future__ import annotations
 
@@ -198,11 +202,71 @@ def write_tiny(out: Path, rng: np.random.Generator, name: str = "tiny.gguf", tok
     w.close()
 
 
-def write_reference(out: Path, rng: np.random.Generator) -> None:
+GEMMA = dict(n_layers=4, n_embd=96, n_head=6, n_head_kv=2, head_dim=16, n_ff=160, vocab=301,
+             n_ctx=128, rope_theta=1e6, rope_theta_swa=1e4, rms_eps=1e-6, window=11,
+             sliding=[True, False, True, False], attn_scale=0.2, softcap=5.0,
+             n_tokens=53, prompt_len=37, max_new=6)
+
+
+def write_tiny_gemma(out: Path, rng: np.random.Generator) -> None:
+    c = GEMMA
+    E, Hq, Hkv, D, F, V = c["n_embd"], c["n_head"], c["n_head_kv"], c["head_dim"], c["n_ff"], c["vocab"]
+    w = gguf.GGUFWriter(str(out / "tiny_gemma.gguf"), "gemma3")
+    w.add_name("tiny-random-gemma3")
+    w.add_block_count(c["n_layers"])
+    w.add_context_length(c["n_ctx"])
+    w.add_embedding_length(E)
+    w.add_feed_forward_length(F)
+    w.add_head_count(Hq)
+    w.add_head_count_kv(Hkv)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_rope_freq_base_swa(c["rope_theta_swa"])
+    w.add_layer_norm_rms_eps(c["rms_eps"])
+    w.add_sliding_window(c["window"])
+    w.add_sliding_window_pattern(c["sliding"])
+    w.add_attention_scale(c["attn_scale"])
+    w.add_final_logit_softcapping(c["softcap"])
+
+    def add(name: str, a: np.ndarray, qt: Q) -> None:
+        a = a.astype(np.float32)
+        if qt == Q.F32:
+            w.add_tensor(name, a)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+
+    def norm_w(n: int) -> np.ndarray:  # the file holds Gemma's 1 + w
+        return 1 + 0.2 * rng.standard_normal(n)
+
+    s = 1.0 / np.sqrt(E)
+    add("token_embd.weight", 0.2 * rng.standard_normal((V, E)), Q.Q8_0)
+    add("output_norm.weight", norm_w(E), Q.F32)
+    for i in range(c["n_layers"]):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", norm_w(E), Q.F32)
+        add(p + "ffn_norm.weight", norm_w(E), Q.F32)
+        add(p + "attn_q_norm.weight", norm_w(D), Q.F32)
+        add(p + "attn_k_norm.weight", norm_w(D), Q.F32)
+        add(p + "post_attention_norm.weight", norm_w(E), Q.F32)
+        add(p + "post_ffw_norm.weight", norm_w(E), Q.F32)
+        add(p + "attn_q.weight", s * rng.standard_normal((Hq * D, E)), Q.Q5_0)
+        add(p + "attn_k.weight", s * rng.standard_normal((Hkv * D, E)), Q.Q5_1)
+        add(p + "attn_v.weight", s * rng.standard_normal((Hkv * D, E)), Q.Q8_0)
+        add(p + "attn_output.weight", s * rng.standard_normal((E, Hq * D)), Q.BF16)
+        add(p + "ffn_gate.weight", 2 * s * rng.standard_normal((F, E)), Q.Q5_0)
+        add(p + "ffn_up.weight", s * rng.standard_normal((F, E)), Q.Q8_0)
+        add(p + "ffn_down.weight", rng.standard_normal((E, F)) / np.sqrt(F), Q.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_reference(out: Path, rng: np.random.Generator, c: dict = TINY, name: str = "tiny") -> None:
     import capture_qk as cq
 
-    c = TINY
-    model = cq.GGUFModel(out / "tiny.gguf")
+    model = cq.GGUFModel(out / f"{name}.gguf")
     ids = rng.integers(0, c["vocab"], size=c["n_tokens"]).astype(np.int64)
     got: dict[int, tuple] = {}
 
@@ -213,7 +277,7 @@ def write_reference(out: Path, rng: np.random.Generator) -> None:
     ppl = cq.perplexity(model, ids)
     gen = cq.generate(model, ids[:c["prompt_len"]], c["max_new"], set())
 
-    w = gguf.GGUFWriter(str(out / "tiny_ref.gguf"), "reference")
+    w = gguf.GGUFWriter(str(out / f"{name}_ref.gguf"), "reference")
     w.add_float64("ref.ppl", float(ppl))
     w.add_uint32("ref.prompt_len", c["prompt_len"])
     w.add_array("ref.generated", [int(t) for t in gen])
@@ -247,6 +311,8 @@ def main(argv=None) -> int:
                           "--last", "48", "-q"]):
         return 1
     write_reference(a.outdir, rng)
+    write_tiny_gemma(a.outdir, rng)
+    write_reference(a.outdir, rng, GEMMA, "tiny_gemma")
     print(a.outdir)
     return 0
 

@@ -164,6 +164,9 @@ struct AttentionParams {
   int64_t o_stride_head = 0, o_stride_token = 0;
   float scale = 0.0f;       // 0 -> 1 / sqrt(head_dim)
   int64_t row_begin = 0;    // only query rows [row_begin, N) are computed (others untouched)
+  int64_t window = 0;       // full_attention only: W > 0 = sliding window, query i sees keys
+                            // (i - W, i] (Gemma-3 local layers; the portable kernel, which skips
+                            // the key tiles left of a query tile's window)
   int variant = 0;          // portable full attention, d 128: schedule 0..3 (0 = default; NOTES.md)
   AttnImpl impl = AttnImpl::automatic;  // hopper: unsupported when the shape/strides/device
                                         // cannot take it (never a silent fallback)
@@ -488,6 +491,36 @@ Status rope_split(const RopeSplitParams& p) noexcept;
 
 // act[r, :F] = silu(gu[r, :F]) * gu[r, F:2F] (bf16 in and out, fp32 math).
 Status silu_mul(const void* gu, void* act, int64_t rows, int64_t ff, Stream s = nullptr) noexcept;
+
+// act[r, :F] = gelu_tanh(gu[r, :F]) * gu[r, F:2F] (GeGLU; bf16 in and out, fp32 math in the
+// CPU back end's order: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))).
+Status gelu_mul(const void* gu, void* act, int64_t rows, int64_t ff, Stream s = nullptr) noexcept;
+
+// x[i] *= scale for i < n (float32; Gemma's embedding scale sqrt(n_embd)).
+Status scale_f32(float* x, int64_t n, float scale, Stream s = nullptr) noexcept;
+
+// Per-head RMSNorm in place on the fused projection qkv bf16 [rows, (Hq + 2 Hkv) d] (Gemma-3's
+// q/k norm, before RoPE): head h < Hq with q_weight, Hq <= h < Hq + Hkv with k_weight (float32
+// [d]); v untouched. float64 sum of squares, as the CPU back end.
+struct HeadNormParams {
+  void* qkv = nullptr;
+  const float* q_weight = nullptr;
+  const float* k_weight = nullptr;
+  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t rows = 0;
+  float eps = 1e-6f;
+  Stream stream = nullptr;
+};
+Status head_rms_norm(const HeadNormParams& p) noexcept;
+
+// x[r, :] += y[r, :] / sqrt(mean(y[r, :]^2) + eps) * w: the sandwich norm of an attention or MLP
+// output y before the residual add (x, y float32 [rows, dim], w float32 [dim]; float64 sum of
+// squares).
+Status rms_norm_add_rows(const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
+                         Stream s = nullptr) noexcept;
+
+// z[i] = cap * tanh(z[i] / cap) for i < n (final logit soft-capping; cap > 0).
+Status softcap(float* z, int64_t n, float cap, Stream s = nullptr) noexcept;
 
 // Attention output o bf16 [heads, *, d] (head stride o_head_stride elements, rows row0..row0+rows)
 // -> rows bf16 [rows, heads * d] (the input of the output projection).

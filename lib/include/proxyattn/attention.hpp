@@ -28,6 +28,9 @@ struct AttentionOutput {
 
 // Full causal attention.
 AttentionOutput full_attention_cpu(ConstView q, ConstView k, ConstView v);
+// Sliding-window causal attention (Gemma-3 local layers): query i attends keys j with
+// i - window < j <= i (window 0, or >= N: full causal).
+AttentionOutput sliding_attention_cpu(ConstView q, ConstView k, ConstView v, int64_t window);
 // Block-sparse attention: query block i of head h attends to the key blocks of mask.row(h, i),
 // causal inside the diagonal block. With BlockMask::causal it equals full attention.
 AttentionOutput sparse_attention_cpu(ConstView q, ConstView k, ConstView v, const BlockMask& mask);

@@ -1,5 +1,6 @@
-// CUDA back end of the model runtime: the Llama-family forward of llama_cpu.cpp (the spec) on
-// the GPU. Weights and activations bf16 with fp32 accumulation (cuBLAS GEMMs), the residual
+// CUDA back end of the model runtime: the Llama-family and Gemma-3 forward of llama_cpu.cpp (the
+// spec) on the GPU. Gemma's local layers run full_attention with its sliding window; its norms,
+// GeGLU, embedding scale and soft-capping are model_ops.cu kernels. Weights and activations bf16 with fp32 accumulation (cuBLAS GEMMs), the residual
 // stream float32 (the output projection and the MLP's down projection accumulate into it with
 // beta = 1), attention by our kernels: full attention, the device pipeline of a method
 // (DevicePipelineAttention), or a host mask (BlockMaskAttention: the CPU estimators' masks,
@@ -39,6 +40,8 @@ enum Stage : int { s_embed, s_norm, s_qkv_gemm, s_rope, s_estimate, s_attend, s_
 
 struct GpuLayer {
   kn::DeviceBuffer attn_norm, ffn_norm;  // float32 [E]
+  kn::DeviceBuffer q_norm, k_norm;       // float32 [d] (qk_norm)
+  kn::DeviceBuffer post_attn_norm, post_ffn_norm;  // float32 [E] (sandwich_norm)
   kn::DeviceBuffer wqkv;                 // bf16 [(Hq + 2 Hkv) d, E], Q/K rows in HF order
   kn::DeviceBuffer bqkv;                 // float32 [(Hq + 2 Hkv) d] or empty
   kn::DeviceBuffer wo;                   // bf16 [E, Hq d]
@@ -81,12 +84,15 @@ class GpuCache final : public KVCache {
   }
 };
 
-// Device bytes a forward of n tokens (chunk rows) allocates beyond the weights.
-double workspace_bytes(double E, double F, double hq, double hkv, double d, int64_t n, int64_t chunk) {
+// Device bytes a forward of n tokens (chunk rows) allocates beyond the weights; gemma: the
+// sliding layers' RoPE tables and the float32 rows of the sandwich norms.
+double workspace_bytes(double E, double F, double hq, double hkv, double d, int64_t n, int64_t chunk,
+                       bool gemma = false) {
   const double N = double(n), C = double(std::min(n, chunk)), W = (hq + 2 * hkv) * d;
   return N * E * 4 + N * 4 + N * 8 + N * d * 4      // x, tokens, nll, cos/sin
          + (2 * hq + 2 * hkv) * N * d * 2            // q, o, k, v
          + C * (E + W + hq * d + 2 * F + F) * 2      // hn, qkv, orow, gu, act
+         + (gemma ? N * d * 4 + C * E * 4 : 0.0)     // local cos/sin, sandwich rows
          + kLogitBytes + (64 << 20);
 }
 
@@ -135,13 +141,13 @@ void ensure(kn::DeviceBuffer& b, double bytes, const char* what) {
   ck(b.allocate(static_cast<size_t>(bytes)), std::string("alloc ") + what);
 }
 
-class CudaLlama final : public Model {
+class CudaModel final : public Model {
  public:
   // Weights from a GGUF file: dequantised to float32 on the host, rounded to bf16 on the device.
-  CudaLlama(const std::string& path, const LoadOptions& opt) {
+  CudaModel(const std::string& path, const LoadOptions& opt) {
     require_device();
     gguf::File file(path);
-    cfg_ = read_llama_config(file);
+    cfg_ = read_model_config(file);
     chunk_ = opt.token_chunk > 0 ? opt.token_chunk : kDefaultChunk;
     const ModelConfig& c = cfg_;
     const int D = c.head_dim;
@@ -185,13 +191,21 @@ class CudaLlama final : public Model {
       ck(L.wqkv.allocate(size_t(nq + 2 * nk) * E * 2), "alloc wqkv");
       {
         auto& h = fetch(p + "attn_q.weight");
-        unpermute_rope_rows(h.data(), E, 0, c.n_head, D);
+        if (c.rope_permuted) unpermute_rope_rows(h.data(), E, 0, c.n_head, D);
         to_bf16(h, L.wqkv, 0, p + "attn_q.weight");
       }
       {
         auto& h = fetch(p + "attn_k.weight");
-        unpermute_rope_rows(h.data(), E, 0, c.n_head_kv, D);
+        if (c.rope_permuted) unpermute_rope_rows(h.data(), E, 0, c.n_head_kv, D);
         to_bf16(h, L.wqkv, size_t(nq) * E, p + "attn_k.weight");
+      }
+      if (c.qk_norm) {
+        vec(p + "attn_q_norm.weight", L.q_norm);
+        vec(p + "attn_k_norm.weight", L.k_norm);
+      }
+      if (c.sandwich_norm) {
+        vec(p + "post_attention_norm.weight", L.post_attn_norm);
+        vec(p + "post_ffw_norm.weight", L.post_ffn_norm);
       }
       to_bf16(fetch(p + "attn_v.weight"), L.wqkv, size_t(nq + nk) * E, p + "attn_v.weight");
       matrix(p + "attn_output.weight", L.wo);
@@ -203,10 +217,15 @@ class CudaLlama final : public Model {
     std::vector<float> factors;
     if (c.rope_freq_factors) factors = fetch("rope_freqs.weight");
     upload_inv_freq(rope_inv_freq(c, factors));
+    if (c.global_layers() < c.n_layers) {
+      const std::vector<float> f = rope_inv_freq_local(c);
+      ck(inv_freq_local_.allocate(f.size() * 4), "alloc rope");
+      ck(inv_freq_local_.upload(f.data(), f.size() * 4), "upload rope");
+    }
   }
 
   // Seeded random weights of a shape (random_model).
-  CudaLlama(const ModelConfig& c, uint64_t seed, const LoadOptions& opt) : cfg_(c) {
+  CudaModel(const ModelConfig& c, uint64_t seed, const LoadOptions& opt) : cfg_(c) {
     require_device();
     chunk_ = opt.token_chunk > 0 ? opt.token_chunk : kDefaultChunk;
     const int64_t W = int64_t(c.n_head + 2 * c.n_head_kv) * c.head_dim, E = c.n_embd, F = c.n_ff;
@@ -260,10 +279,11 @@ class CudaLlama final : public Model {
   }
   ModelConfig cfg_;
   int64_t chunk_ = kDefaultChunk;
-  kn::DeviceBuffer embd_, out_, out_norm_, inv_freq_;
+  kn::DeviceBuffer embd_, out_, out_norm_, inv_freq_, inv_freq_local_;
   std::vector<GpuLayer> layers_;
   // Forward workspace, grown on demand and kept between calls.
   kn::DeviceBuffer x_, hn_, qkv_, q_, k_, v_, o_, orow_, gu_, act_, cs_, sn_, tok_, lg_, nll_, sel_, counts_;
+  kn::DeviceBuffer cs_local_, sn_local_, yrow_;  // sliding layers' RoPE; float32 rows of the sandwich norms
   kn::DeviceBuffer mask_indptr_, mask_indices_;
   std::optional<DevicePipeline> pipeline_;
   std::string pipeline_key_;  // spec_key of the built pipeline
@@ -271,7 +291,7 @@ class CudaLlama final : public Model {
   kn::EventLog events_;
 };
 
-ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardOptions& opt, KVCache* kv) {
+ForwardResult CudaModel::forward(std::span<const int32_t> tokens, const ForwardOptions& opt, KVCache* kv) {
   const ModelConfig& c = cfg_;
   const int64_t N = static_cast<int64_t>(tokens.size()), E = c.n_embd, D = c.head_dim, Hq = c.n_head,
                 Hkv = c.n_head_kv, F = c.n_ff, V = c.vocab_size, half = D / 2;
@@ -292,6 +312,13 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
   auto* device_policy = dynamic_cast<DevicePipelineAttention*>(policy);
   auto* mask_policy = dynamic_cast<BlockMaskAttention*>(policy);
   const bool full = !policy || dynamic_cast<FullAttention*>(policy);
+  const bool sliding = c.global_layers() < c.n_layers;
+  // The kernels take the model's scale; a host policy gets q times scale * sqrt(d) (so that its
+  // 1/sqrt(d) attention is exact), as on the CPU; the device pipeline scales by 1/sqrt(d) only.
+  const float q_fold = static_cast<float>(c.scale() * std::sqrt(static_cast<double>(D)));
+  if (device_policy && device_policy->spec().method && q_fold != 1.0f)
+    throw Error("cuda back end: attention '" + device_policy->name() + "': the device pipeline scales scores by "
+                "1/sqrt(head_dim), this model by " + std::to_string(c.scale()) + " (use a host mask: BlockMaskAttention)");
 
   // Memory before any allocation: the workspace (and pipeline) against what is free now.
   {
@@ -304,7 +331,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
     const double have = double(info.global_mem) - double(used) + double(x_.bytes() + hn_.bytes() + qkv_.bytes() +
                         q_.bytes() + k_.bytes() + v_.bytes() + o_.bytes() + orow_.bytes() + gu_.bytes() + act_.bytes() +
                         cs_.bytes() + sn_.bytes() + lg_.bytes());
-    double need = workspace_bytes(c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, N, C);
+    double need = workspace_bytes(c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, N, C, c.sandwich_norm || sliding);
     if (device_policy && device_policy->spec().method &&
         !(pipeline_key_ == spec_key(device_policy->spec()) && pipeline_n_ >= N)) {
       AttentionShape s{int(Hq), int(Hkv), int(D), N};
@@ -327,6 +354,11 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
   ensure(lg_, double(logit_rows) * V * 4, "logits");
   ensure(nll_, double(N) * 8, "nll");
   ensure(counts_, double(c.n_layers) * 4, "mask sizes");
+  if (sliding) {
+    ensure(cs_local_, double(N) * half * 4, "rope cos (local)");
+    ensure(sn_local_, double(N) * half * 4, "rope sin (local)");
+  }
+  if (c.sandwich_norm) ensure(yrow_, double(C) * E * 4, "sandwich rows");
   if (!cache) {
     ensure(q_, double(Hq) * N * D * 2, "q");
     ensure(o_, double(Hq) * N * D * 2, "o");
@@ -362,8 +394,13 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
   mark(s_host);
   ck(kn::copy_to_device(tok_.data(), tokens.data(), size_t(N) * 4), "upload tokens");
   ck(kn::embed_rows(embd_.data(), tok_.as<int32_t>(), x_.as<float>(), N, E), "embed_rows");
+  if (static_cast<float>(c.embed_scale) != 1.0f)
+    ck(kn::scale_f32(x_.as<float>(), N * E, static_cast<float>(c.embed_scale)), "scale_f32 (embeddings)");
   mark(s_embed);
   ck(kn::rope_table(inv_freq_.as<float>(), int(half), offset, N, cs_.as<float>(), sn_.as<float>()), "rope_table");
+  if (sliding)
+    ck(kn::rope_table(inv_freq_local_.as<float>(), int(half), offset, N, cs_local_.as<float>(), sn_local_.as<float>()),
+       "rope_table (local)");
   mark(s_rope);
 
   // Where this call's q/k/v/o live: the cache (head stride cap d, rows from offset) or the
@@ -393,6 +430,9 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
     void* kd = cache ? cache->k[li].data() : k_.data();
     void* vd = cache ? cache->v[li].data() : v_.data();
     const int64_t kv_hs = cache ? cache->cap * D : N * D;
+    const int64_t window = c.window(li);
+    const float* cos_t = window > 0 ? cs_local_.as<float>() : cs_.as<float>();
+    const float* sin_t = window > 0 ? sn_local_.as<float>() : sn_.as<float>();
     for (int64_t c0 = 0; c0 < N; c0 += C) {
       const int64_t n = std::min(C, N - c0);
       ck(kn::rms_norm_rows(x_.as<float>() + c0 * E, L.attn_norm.as<float>(), hn_.data(), n, E, eps), "rms_norm (attn)");
@@ -400,11 +440,24 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
       gemm(hn_.data(), L.wqkv.data(), qkv_.data(), kn::ElemType::bf16, n, W, E, 0.0f, "gemm (qkv)");
       linear_flops += 2.0 * n * W * E;
       mark(s_qkv_gemm);
+      if (c.qk_norm) {
+        kn::HeadNormParams hp;
+        hp.qkv = qkv_.data();
+        hp.q_weight = L.q_norm.as<float>();
+        hp.k_weight = L.k_norm.as<float>();
+        hp.q_heads = int(Hq);
+        hp.kv_heads = int(Hkv);
+        hp.head_dim = int(D);
+        hp.rows = n;
+        hp.eps = eps;
+        ck(kn::head_rms_norm(hp), "head_rms_norm");
+        mark(s_norm);
+      }
       kn::RopeSplitParams rp;
       rp.qkv = qkv_.data();
       rp.bias = L.bqkv.bytes() ? L.bqkv.as<float>() : nullptr;
-      rp.cos = cs_.as<float>() + c0 * half;
-      rp.sin = sn_.as<float>() + c0 * half;
+      rp.cos = cos_t + c0 * half;
+      rp.sin = sin_t + c0 * half;
       rp.q = qd;
       rp.k = kd;
       rp.v = vd;
@@ -438,12 +491,25 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
     ap.head_dim = int(D);
     ap.seq_len = offset + N;
     ap.row_begin = offset;
+    ap.scale = static_cast<float>(c.scale());
+    ap.window = window;
     if (cache) {
       ap.q_stride_head = ap.o_stride_head = q_hs;
       ap.k_stride_head = ap.v_stride_head = kv_hs;
       ap.q_stride_token = ap.k_stride_token = ap.v_stride_token = ap.o_stride_token = D;
     }
-    if (full || offset > 0 || (device_policy && device_policy->dense(li))) {
+    // Host copies of q (times q_fold) and k for a host policy's mask.
+    auto host_qk = [&]() {
+      Tensor3 hq = download_heads(qd, int(Hq), N, int(D), q_hs, 0);
+      if (q_fold != 1.0f)
+        for (int64_t i = 0; i < hq.size(); ++i) hq.data()[i] *= q_fold;
+      return std::pair<Tensor3, Tensor3>(std::move(hq), download_heads(kd, int(Hkv), N, int(D), kv_hs, 0));
+    };
+    if (window > 0) {  // a local layer: its exact window, whatever the policy
+      ck(kn::full_attention(ap), "full_attention (sliding window)");
+      mark(s_attend);
+      if (policy && offset == 0) policy->windowed(li, N, int(window));
+    } else if (full || offset > 0 || (device_policy && device_policy->dense(li))) {
       ck(kn::full_attention(ap), "full_attention");
       mark(s_attend);
       if (device_policy) device_policy->densities().push_back({li, 1.0, 1.0});
@@ -469,8 +535,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
       device_policy->densities().push_back({li, -1.0, std::nan("")});  // block density read after the forward
       ++counted;
     } else if (mask_policy) {
-      const Tensor3 hq = download_heads(qd, int(Hq), N, int(D), q_hs, 0);
-      const Tensor3 hk = download_heads(kd, int(Hkv), N, int(D), kv_hs, 0);
+      const auto [hq, hk] = host_qk();
       const std::optional<BlockMask> m = mask_policy->mask(li, hq.view(), hk.view());
       mark(s_estimate);
       if (!m) {
@@ -490,8 +555,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
       mark(s_attend);
     } else {
       // Any other policy computes on the host (the CPU reference of its own attention).
-      const Tensor3 hq = download_heads(qd, int(Hq), N, int(D), q_hs, 0);
-      const Tensor3 hk = download_heads(kd, int(Hkv), N, int(D), kv_hs, 0);
+      const auto [hq, hk] = host_qk();
       const Tensor3 hv = download_heads(vd, int(Hkv), N, int(D), kv_hs, 0);
       const Tensor3 o = policy->attend(li, hq.view(), hk.view(), hv.view());
       if (o.heads() != Hq || o.tokens() != N || o.dim() != D)
@@ -505,16 +569,33 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
       float* xr = x_.as<float>() + c0 * E;
       ck(kn::heads_to_rows(od, orow_.data(), int(Hq), n, int(D), q_hs, row0 + c0), "heads_to_rows");
       mark(s_to_rows);
-      gemm(orow_.data(), L.wo.data(), xr, kn::ElemType::f32, n, E, Hq * D, 1.0f, "gemm (o)");
-      mark(s_o_gemm);
+      if (c.sandwich_norm) {  // x += rms_norm(o W_o^T): the output projection into float32 rows first
+        gemm(orow_.data(), L.wo.data(), yrow_.data(), kn::ElemType::f32, n, E, Hq * D, 0.0f, "gemm (o)");
+        mark(s_o_gemm);
+        ck(kn::rms_norm_add_rows(yrow_.as<float>(), L.post_attn_norm.as<float>(), xr, n, E, eps), "rms_norm_add (attn)");
+        mark(s_norm);
+      } else {
+        gemm(orow_.data(), L.wo.data(), xr, kn::ElemType::f32, n, E, Hq * D, 1.0f, "gemm (o)");
+        mark(s_o_gemm);
+      }
       ck(kn::rms_norm_rows(xr, L.ffn_norm.as<float>(), hn_.data(), n, E, eps), "rms_norm (ffn)");
       mark(s_norm);
       gemm(hn_.data(), L.wgu.data(), gu_.data(), kn::ElemType::bf16, n, 2 * F, E, 0.0f, "gemm (gate/up)");
       mark(s_mlp_gemm);
-      ck(kn::silu_mul(gu_.data(), act_.data(), n, F), "silu_mul");
+      if (c.act == Activation::gelu_tanh)
+        ck(kn::gelu_mul(gu_.data(), act_.data(), n, F), "gelu_mul");
+      else
+        ck(kn::silu_mul(gu_.data(), act_.data(), n, F), "silu_mul");
       mark(s_act);
-      gemm(act_.data(), L.wd.data(), xr, kn::ElemType::f32, n, E, F, 1.0f, "gemm (down)");
-      mark(s_mlp_gemm);
+      if (c.sandwich_norm) {
+        gemm(act_.data(), L.wd.data(), yrow_.data(), kn::ElemType::f32, n, E, F, 0.0f, "gemm (down)");
+        mark(s_mlp_gemm);
+        ck(kn::rms_norm_add_rows(yrow_.as<float>(), L.post_ffn_norm.as<float>(), xr, n, E, eps), "rms_norm_add (ffn)");
+        mark(s_norm);
+      } else {
+        gemm(act_.data(), L.wd.data(), xr, kn::ElemType::f32, n, E, F, 1.0f, "gemm (down)");
+        mark(s_mlp_gemm);
+      }
       linear_flops += 2.0 * n * (Hq * D * E + 2 * F * E + F * E);
     }
     sample_memory();
@@ -532,6 +613,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
         ck(kn::copy_device(sel_.as<float>() + i * E, x_.as<float>() + opt.logits_at[i] * E, size_t(E) * 4), "gather rows");
       ck(kn::rms_norm_rows(sel_.as<float>(), out_norm_.as<float>(), hn_.data(), R, E, eps), "rms_norm (output)");
       gemm(hn_.data(), lm.data(), lg_.data(), kn::ElemType::f32, R, V, E, 0.0f, "gemm (logits)");
+      if (c.final_softcap > 0) ck(kn::softcap(lg_.as<float>(), R * V, static_cast<float>(c.final_softcap)), "softcap");
       res.logits.resize(static_cast<size_t>(R * V));
       ck(lg_.download(res.logits.data(), res.logits.size() * 4), "download logits");
       mark(s_logits);
@@ -543,6 +625,7 @@ ForwardResult CudaLlama::forward(std::span<const int32_t> tokens, const ForwardO
         ck(kn::rms_norm_rows(x_.as<float>() + (b + c0) * E, out_norm_.as<float>(), hn_.data(), n, E, eps),
            "rms_norm (output)");
         gemm(hn_.data(), lm.data(), lg_.data(), kn::ElemType::f32, n, V, E, 0.0f, "gemm (logits)");
+        if (c.final_softcap > 0) ck(kn::softcap(lg_.as<float>(), n * V, static_cast<float>(c.final_softcap)), "softcap");
         ck(kn::logits_rows(lg_.as<float>(), n, V, tok_.as<int32_t>() + b + c0 + 1, nll_.as<double>() + c0, nullptr),
            "logits_rows");
       }
@@ -603,12 +686,12 @@ double forward_workspace_bytes(const proxyattn::ModelConfig& s, int64_t n, int64
 
 namespace proxyattn::model::detail {
 
-std::unique_ptr<Model> load_cuda_llama(const std::string& gguf_path, const LoadOptions& opt) {
-  return std::make_unique<CudaLlama>(gguf_path, opt);
+std::unique_ptr<Model> load_cuda_model(const std::string& gguf_path, const LoadOptions& opt) {
+  return std::make_unique<CudaModel>(gguf_path, opt);
 }
 
 std::unique_ptr<Model> random_cuda_llama(const ModelConfig& cfg, uint64_t seed, const LoadOptions& opt) {
-  return std::make_unique<CudaLlama>(cfg, seed, opt);
+  return std::make_unique<CudaModel>(cfg, seed, opt);
 }
 
 }  // namespace proxyattn::model::detail

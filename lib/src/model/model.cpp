@@ -33,12 +33,84 @@ int to_int(const gguf::File& f, int64_t v, const std::string& key, int64_t lo, i
 
 }  // namespace
 
-ModelConfig read_llama_config(const gguf::File& f) {
+double ModelConfig::scale() const { return attn_scale > 0 ? attn_scale : 1.0 / std::sqrt(static_cast<double>(head_dim)); }
+
+int ModelConfig::global_layers() const {
+  int n = 0;
+  for (int l = 0; l < n_layers; ++l) n += window(l) == 0;
+  return n;
+}
+
+double window_element_density(int64_t n, int64_t window) {
+  if (n <= 0) return 0.0;
+  const double causal = 0.5 * double(n) * double(n + 1);
+  if (window <= 0 || window >= n) return 1.0;
+  // Row i sees min(i + 1, W) keys.
+  const double w = double(window);
+  return (0.5 * w * (w + 1) + double(n - window) * w) / causal;
+}
+
+namespace {
+
+// Gemma-3 as llama.cpp runs it from the same file (capture_qk.GGUFModel._gemma3_config): local
+// layers with a sliding window and their own RoPE base, every P-th layer global, the attention
+// scale from the file (else query_pre_attn_scalar^-1/2), embeddings times sqrt(n_embd), per-head
+// q/k norms, sandwich norms, GeGLU; norm weights used as stored (the converter added Gemma's +1).
+void read_gemma3(const gguf::File& f, ModelConfig& c) {
+  const std::string a = "gemma3";
+  const int64_t window = f.get_int(a + ".attention.sliding_window");
+  if (window < 1 || window > (int64_t{1} << 30))
+    throw Error(f.where("metadata '" + a + ".attention.sliding_window' = " + std::to_string(window) + " must be in [1, 2^30]"));
+  std::vector<bool> sliding(static_cast<size_t>(c.n_layers));
+  const std::string pkey = a + ".attention.sliding_window_pattern";
+  const gguf::Value* pv = f.find(pkey);
+  if (pv && pv->is_array()) {
+    if (static_cast<int64_t>(pv->array.size()) != c.n_layers)
+      throw Error(f.where("metadata '" + pkey + "' has " + std::to_string(pv->array.size()) + " entries for " +
+                          std::to_string(c.n_layers) + " layers"));
+    for (int i = 0; i < c.n_layers; ++i) {
+      const gguf::Value& e = pv->array[static_cast<size_t>(i)];
+      sliding[static_cast<size_t>(i)] = e.type == gguf::ValueType::boolean ? e.as_bool(f.where("metadata '" + pkey + "'"))
+                                                                              : e.as_int(f.where("metadata '" + pkey + "'")) != 0;
+    }
+  } else {
+    const int64_t period = pv ? pv->as_int(f.where("metadata '" + pkey + "'")) : 6;
+    if (period < 1) throw Error(f.where("metadata '" + pkey + "' = " + std::to_string(period) + " must be >= 1"));
+    for (int i = 0; i < c.n_layers; ++i) sliding[static_cast<size_t>(i)] = i % period < period - 1;
+  }
+  c.layer_window.resize(static_cast<size_t>(c.n_layers));
+  for (int i = 0; i < c.n_layers; ++i) c.layer_window[static_cast<size_t>(i)] = sliding[static_cast<size_t>(i)] ? int(window) : 0;
+  c.rope_theta_local = f.get_double(a + ".rope.freq_base_swa", 10000.0);
+  if (!(c.rope_theta_local > 0) || !std::isfinite(c.rope_theta_local)) throw Error(f.where("RoPE bases must be positive"));
+  const double scale = f.get_double(a + ".attention.scale", 0.0);
+  if (scale > 0 && std::isfinite(scale)) {
+    c.attn_scale = scale;
+  } else {
+    // query_pre_attn_scalar: n_embd / n_head for the 62-layer 27B model, else the head dim.
+    const double qpas = c.n_layers == 62 ? double(c.n_embd) / c.n_head : double(c.head_dim);
+    c.attn_scale = 1.0 / std::sqrt(qpas);
+  }
+  if (f.get_double(a + ".attn_logit_softcapping", 0.0) > 0)
+    throw Error(f.where("attention logit soft-capping is not supported"));
+  c.final_softcap = f.get_double(a + ".final_logit_softcapping", 0.0);
+  if (!(c.final_softcap >= 0) || !std::isfinite(c.final_softcap))
+    throw Error(f.where("metadata '" + a + ".final_logit_softcapping' must be >= 0"));
+  c.embed_scale = std::sqrt(static_cast<double>(c.n_embd));
+  c.act = Activation::gelu_tanh;
+  c.qk_norm = true;
+  c.sandwich_norm = true;
+  c.rope_permuted = false;
+}
+
+}  // namespace
+
+ModelConfig read_model_config(const gguf::File& f) {
   ModelConfig c;
   c.arch = f.get_string("general.architecture", "");
-  if (c.arch != "llama")
-    throw Error(f.where("architecture '" + c.arch + "' is not supported (only the Llama family: general.architecture = llama)"));
+  if (c.arch != "llama" && c.arch != "gemma3")
+    throw Error(f.where("architecture '" + c.arch + "' is not supported (supported: general.architecture = llama or gemma3)"));
   const std::string a = c.arch;
+  const bool gemma = a == "gemma3";
   if (f.get_int(a + ".expert_count", 0) > 0) throw Error(f.where("mixture-of-experts models are not supported"));
   c.name = f.get_string("general.name", f.path());
   constexpr int64_t kMaxDim = 1 << 20;
@@ -48,7 +120,9 @@ ModelConfig read_llama_config(const gguf::File& f) {
   if (hv.is_array() || (hkv && hkv->is_array())) throw Error(f.where("per-layer head counts are not supported"));
   c.n_head = to_int(f, f.get_int(a + ".attention.head_count"), a + ".attention.head_count", 1, 4096);
   c.n_head_kv = to_int(f, f.get_int(a + ".attention.head_count_kv", c.n_head), a + ".attention.head_count_kv", 1, 4096);
-  c.head_dim = to_int(f, f.get_int(a + ".attention.key_length", c.n_embd / c.n_head), a + ".attention.key_length", 1, 4096);
+  // Gemma's head dim is not n_embd / n_head: the file must say it.
+  const int64_t kl = gemma ? f.get_int(a + ".attention.key_length") : f.get_int(a + ".attention.key_length", c.n_embd / c.n_head);
+  c.head_dim = to_int(f, kl, a + ".attention.key_length", 1, 4096);
   const int64_t v_dim = f.get_int(a + ".attention.value_length", c.head_dim);
   const int64_t rope_dim = f.get_int(a + ".rope.dimension_count", c.head_dim);
   if (v_dim != c.head_dim || rope_dim != c.head_dim || c.head_dim % 2)
@@ -73,6 +147,7 @@ ModelConfig read_llama_config(const gguf::File& f) {
   if (!(c.rms_eps >= 0) || !std::isfinite(c.rms_eps)) throw Error(f.where("RMSNorm epsilon must be >= 0"));
   c.n_ctx = f.get_int(a + ".context_length");
   if (c.n_ctx < 1) throw Error(f.where("context length must be positive"));
+  if (gemma) read_gemma3(f, c);
   const gguf::TensorInfo& emb = f.tensor("token_embd.weight");
   if (emb.shape.size() != 2) throw Error(f.where("tensor 'token_embd.weight' is not 2-D"));
   c.vocab_size = emb.shape[1];
@@ -111,12 +186,27 @@ ModelConfig read_llama_config(const gguf::File& f) {
     want(p + "ffn_gate.weight", {E, c.n_ff});
     want(p + "ffn_up.weight", {E, c.n_ff});
     want(p + "ffn_down.weight", {c.n_ff, E});
+    if (c.qk_norm) {
+      want(p + "attn_q_norm.weight", {D});
+      want(p + "attn_k_norm.weight", {D});
+    }
+    if (c.sandwich_norm) {
+      want(p + "post_attention_norm.weight", {E});
+      want(p + "post_ffw_norm.weight", {E});
+    }
   }
   static const std::regex bias(R"(blk\.\d+\.(attn_[qkv]|attn_output|ffn_\w+)\.bias)");
   for (const gguf::TensorInfo& t : f.tensors())
     if (std::regex_match(t.name, bias))
       throw Error(f.where("tensor '" + t.name + "': projection biases are not supported (not a plain Llama model)"));
   return c;
+}
+
+ModelConfig read_llama_config(const gguf::File& f) {
+  const std::string arch = f.get_string("general.architecture", "");
+  if (arch != "llama")
+    throw Error(f.where("architecture '" + arch + "' is not supported (only the Llama family: general.architecture = llama)"));
+  return read_model_config(f);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -163,12 +253,19 @@ void dequantize_tensor(const gguf::File& f, const std::string& name, float* out)
 }
 
 std::vector<float> rope_inv_freq(const ModelConfig& c, const std::vector<float>& factors) {
-  const int D = c.head_dim;
+  return rope_inv_freq(c.rope_theta, c.head_dim, factors, c.rope_linear_factor);
+}
+
+std::vector<float> rope_inv_freq_local(const ModelConfig& c) {
+  return rope_inv_freq(c.rope_theta_local > 0 ? c.rope_theta_local : c.rope_theta, c.head_dim, {}, 1.0);
+}
+
+std::vector<float> rope_inv_freq(double theta, int D, const std::vector<float>& factors, double linear_factor) {
   std::vector<float> inv_freq(D / 2);
   for (int j = 0; j < D / 2; ++j) {
-    double inv = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * j) / D);
+    double inv = 1.0 / std::pow(theta, static_cast<double>(2 * j) / D);
     if (!factors.empty()) inv /= static_cast<double>(factors[j]);
-    inv_freq[j] = static_cast<float>(inv / c.rope_linear_factor);
+    inv_freq[j] = static_cast<float>(inv / linear_factor);
   }
   return inv_freq;
 }
@@ -198,6 +295,10 @@ std::optional<BlockMask> BlockMaskAttention::mask(int layer, ConstView q, ConstV
   return mask;
 }
 
+void BlockMaskAttention::windowed(int layer, int64_t n, int window) {
+  densities_.push_back({layer, std::nan(""), window_element_density(n, window), window});
+}
+
 Tensor3 BlockMaskAttention::attend(int layer, ConstView q, ConstView k, ConstView v) {
   const std::optional<BlockMask> m = mask(layer, q, k);
   return m ? sparse_attention_cpu(q, k, v, *m).o : full_attention_cpu(q, k, v).o;
@@ -212,6 +313,10 @@ DevicePipelineAttention::DevicePipelineAttention(PipelineSpec spec, std::vector<
 Tensor3 DevicePipelineAttention::attend(int, ConstView, ConstView, ConstView) {
   throw Error("attention '" + name() + "' runs on the cuda back end only (the cpu back end takes its masks from the "
               "CPU estimators: BlockMaskAttention)");
+}
+
+void DevicePipelineAttention::windowed(int layer, int64_t n, int window) {
+  densities_.push_back({layer, std::nan(""), window_element_density(n, window), window});
 }
 
 std::string DevicePipelineAttention::name() const { return "device:" + (spec_.method ? spec_.method->name : std::string("full")); }
@@ -260,8 +365,8 @@ std::vector<int32_t> Model::generate(std::span<const int32_t> prompt, int max_ne
 
 std::unique_ptr<Model> load_model(const std::string& gguf_path, const LoadOptions& opt) {
   switch (opt.backend) {
-    case Backend::cpu: return detail::load_cpu_llama(gguf_path, opt);
-    case Backend::cuda: return detail::load_cuda_llama(gguf_path, opt);
+    case Backend::cpu: return detail::load_cpu_model(gguf_path, opt);
+    case Backend::cuda: return detail::load_cuda_model(gguf_path, opt);
   }
   throw Error("unknown back end");
 }

@@ -14,8 +14,9 @@ class File;
 
 namespace proxyattn::model::detail {
 
-std::unique_ptr<Model> load_cpu_llama(const std::string& gguf_path, const LoadOptions& opt);
-std::unique_ptr<Model> load_cuda_llama(const std::string& gguf_path, const LoadOptions& opt);
+// Llama family and Gemma-3 (read_model_config says which).
+std::unique_ptr<Model> load_cpu_model(const std::string& gguf_path, const LoadOptions& opt);
+std::unique_ptr<Model> load_cuda_model(const std::string& gguf_path, const LoadOptions& opt);
 std::unique_ptr<Model> random_cuda_llama(const ModelConfig& cfg, uint64_t seed, const LoadOptions& opt);
 
 // The argument checks every back end's forward starts with (tokens in the vocabulary, the
@@ -32,7 +33,10 @@ void unpermute_rope_rows(float* w, int64_t cols, int64_t row0, int heads, int d)
 void dequantize_tensor(const gguf::File& f, const std::string& name, float* out);
 
 // RoPE inverse frequencies exactly as capture_qk.rope_cos_sin: float64, then float32
-// (factors: rope_freqs.weight, or empty).
+// (factors: rope_freqs.weight, or empty). The global layers' (rope_theta, the file's factors and
+// linear scaling) and the sliding layers' (rope_theta_local, unscaled: Gemma-3).
 std::vector<float> rope_inv_freq(const ModelConfig& c, const std::vector<float>& factors);
+std::vector<float> rope_inv_freq_local(const ModelConfig& c);
+std::vector<float> rope_inv_freq(double theta, int head_dim, const std::vector<float>& factors, double linear_factor);
 
 }  // namespace proxyattn::model::detail

@@ -1,9 +1,14 @@
 #pragma once
-// The model runtime: prefill (and greedy decoding) of a Llama-family GGUF model, with every
-// layer's attention pluggable. scripts/capture_qk.py (numpy) is the spec of the forward pass:
-// embeddings, RMSNorm, RoPE in Hugging Face's rotate_half layout (GGUF's Q/K rows are
-// un-permuted at load), GQA causal attention, SwiGLU MLP, final RMSNorm, logits (tied to the
-// embedding when the file has no output.weight).
+// The model runtime: prefill (and greedy decoding) of a Llama-family or Gemma-3 GGUF model, with
+// every global layer's attention pluggable. scripts/capture_qk.py (numpy) is the spec of the
+// forward pass: embeddings, RMSNorm, RoPE in Hugging Face's rotate_half layout (Llama: GGUF's Q/K
+// rows are un-permuted at load), GQA causal attention, SwiGLU MLP, final RMSNorm, logits (tied to
+// the embedding when the file has no output.weight). Gemma-3 adds (ModelConfig's Gemma fields):
+// embeddings times sqrt(n_embd), per-head q/k RMSNorm before RoPE, sliding-window local layers
+// with their own RoPE base, an attention scale from the file, the sandwich norms (RMSNorm of the
+// attention and MLP outputs before each residual add), GeGLU (tanh GELU) and optional final
+// logit soft-capping. Local (sliding-window) layers always run their exact windowed attention:
+// an AttentionPolicy is applied to the global layers only and told of the others (windowed()).
 //
 // One interface, two back ends (Backend): CPU (float32, Eigen + OpenMP; the spec) and CUDA
 // (bf16 weights and activations with fp32 accumulation and a float32 residual stream: cuBLAS
@@ -36,9 +41,11 @@ enum class Backend { cpu, cuda };
 std::string_view backend_name(Backend b);   // "cpu", "cuda"
 Backend parse_backend(std::string_view s);  // throws Error on an unknown name
 
-// Shapes and constants of a Llama-family model, read from GGUF metadata and validated against
-// the tensor table (the same checks as capture_qk.py: architecture llama, no MoE, equal even
-// head dims, Hq % Hkv == 0, no projection biases, supported RoPE scaling, tensor shapes).
+// Shapes and constants of a Llama-family or Gemma-3 model, read from GGUF metadata and validated
+// against the tensor table (the same checks as capture_qk.py: architecture llama or gemma3, no
+// MoE, equal even head dims, Hq % Hkv == 0, no projection biases, supported RoPE scaling, tensor
+// shapes; Gemma-3 as capture_qk.GGUFModel._gemma3_config reads it).
+enum class Activation { silu, gelu_tanh };  // of the gated MLP: SwiGLU or GeGLU
 struct ModelConfig {
   std::string arch, name;
   int n_layers = 0, n_embd = 0, n_ff = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
@@ -47,16 +54,36 @@ struct ModelConfig {
   bool tied_embeddings = false;  // lm_head = token_embd (no output.weight)
   bool rope_freq_factors = false;  // rope_freqs.weight present (llama3-style)
   bool qkv_bias = false;           // Q/K/V projection biases (random_model of a Qwen2 shape only)
+  // Gemma-3 (the defaults are Llama's).
+  std::vector<int> layer_window;   // per layer: 0 = global (full causal), W > 0 = keys (i - W, i]; empty: all global
+  double rope_theta_local = 0;     // RoPE base of the sliding layers (unscaled, no factors); 0: rope_theta
+  double attn_scale = 0;           // softmax scale of q.k; 0: 1/sqrt(head_dim)
+  double embed_scale = 1.0;        // embedding rows times this (Gemma: sqrt(n_embd))
+  Activation act = Activation::silu;
+  bool qk_norm = false;            // per-head RMSNorm of q and k before RoPE (attn_q_norm / attn_k_norm)
+  bool sandwich_norm = false;      // RMSNorm of the attention and MLP outputs before the residual add
+  bool rope_permuted = true;       // Q/K rows permuted by llama.cpp's converter (Llama only)
+  double final_softcap = 0;        // logits = c tanh(logits / c) when > 0
   int group() const { return n_head / n_head_kv; }
+  int window(int layer) const { return layer_window.empty() ? 0 : layer_window[static_cast<size_t>(layer)]; }
+  double scale() const;            // attn_scale or 1/sqrt(head_dim)
+  int global_layers() const;       // layers with window 0
 };
+ModelConfig read_model_config(const gguf::File& f);
+// Same, refusing any architecture but llama (kept for callers that need a Llama model).
 ModelConfig read_llama_config(const gguf::File& f);
 
 // Attention of one layer in a prefill from position 0: q [Hq, N, d], k and v [Hkv, N, d]
-// (post-RoPE). Returns O [Hq, N, d]. Called once per layer, in layer order.
+// (post-RoPE; when the model's attention scale is not 1/sqrt(d), q arrives multiplied by
+// scale * sqrt(d), so 1/sqrt(d) attention is exact). Returns O [Hq, N, d]. Called once per global
+// layer, in layer order; a sliding-window layer runs its own windowed attention and is reported
+// with windowed() instead, so the policy sees every layer once.
 class AttentionPolicy {
  public:
   virtual ~AttentionPolicy() = default;
   virtual Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) = 0;
+  // The back end ran layer `layer` (n tokens) with its exact sliding window of `window` keys.
+  virtual void windowed(int /*layer*/, int64_t /*n*/, int /*window*/) {}
   // Short description for reports ("full", "block-sparse", ...).
   virtual std::string name() const = 0;
 };
@@ -71,17 +98,24 @@ class FullAttention final : public AttentionPolicy {
 // Block-sparse attention driven by a per-layer BlockMask (sparse_attention_cpu). mask_for is
 // asked for each layer not in dense_layers; returning std::nullopt runs that layer dense.
 // The block density each layer used is recorded (1.0 for dense layers).
-// (layer, block density, element density) of each attention call, in call order.
+// (layer, block density, element density) of each attention call, in call order. A
+// sliding-window layer (window > 0) is not the method's: block density NaN, element density the
+// share of the causal triangle its window computes (window_element_density).
 struct LayerDensity {
   int layer;
   double block_density, element_density;
+  int window = 0;
+  bool windowed() const { return window > 0; }
 };
+// Elements of an n-token window-W band over those of the n-token causal triangle.
+double window_element_density(int64_t n, int64_t window);
 
 class BlockMaskAttention final : public AttentionPolicy {
  public:
   using MaskFn = std::function<std::optional<BlockMask>(int layer, ConstView q, ConstView k)>;
   explicit BlockMaskAttention(MaskFn mask_for, std::vector<int> dense_layers = {});
   Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) override;
+  void windowed(int layer, int64_t n, int window) override;
   std::string name() const override { return "block-sparse"; }
   // The mask of a layer (std::nullopt: dense), its density recorded: what attend() runs, for a
   // back end that runs the attention itself (CUDA).
@@ -103,6 +137,7 @@ class DevicePipelineAttention final : public AttentionPolicy {
  public:
   explicit DevicePipelineAttention(PipelineSpec spec, std::vector<int> dense_layers = {});
   Tensor3 attend(int layer, ConstView q, ConstView k, ConstView v) override;  // throws Error
+  void windowed(int layer, int64_t n, int window) override;
   std::string name() const override;
   const PipelineSpec& spec() const { return spec_; }
   bool dense(int layer) const;
