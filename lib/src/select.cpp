@@ -7,6 +7,7 @@
 
 #include "estimator_util.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/rank_key.hpp"
 
 namespace proxyattn {
 
@@ -48,7 +49,7 @@ inline bool better(float a, float b) {
 
 // Blocks of row i: forced ones, then by descending score (ties lower j) up to the row total.
 void select_row(const float* score, int i, int64_t budget, const SelectOptions& o,
-                std::vector<uint8_t>& forced, std::vector<int32_t>& out) {
+                std::vector<uint8_t>& forced, std::vector<int32_t>& out, std::vector<uint64_t>& keys) {
   out.clear();
   const int nf = mark_forced(i, o, forced);
   const int64_t total = std::max<int64_t>(nf, std::min<int64_t>(budget, i + 1));
@@ -56,15 +57,13 @@ void select_row(const float* score, int i, int64_t budget, const SelectOptions& 
     for (int j = 0; j <= i; ++j) out.push_back(j);
     return;
   }
-  std::vector<int32_t> rest;
-  for (int j = 0; j <= i; ++j) (forced[j] ? out : rest).push_back(j);
+  keys.clear();
+  for (int j = 0; j <= i; ++j)
+    if (forced[j]) out.push_back(j);
+    else keys.push_back(rank::desc_id_key(score[j], static_cast<uint32_t>(j)));
   const size_t take = static_cast<size_t>(total - nf);
-  std::partial_sort(rest.begin(), rest.begin() + take, rest.end(), [&](int32_t a, int32_t b) {
-    if (better(score[a], score[b])) return true;
-    if (better(score[b], score[a])) return false;
-    return a < b;
-  });
-  out.insert(out.end(), rest.begin(), rest.begin() + take);
+  if (take < keys.size()) std::nth_element(keys.begin(), keys.begin() + take, keys.end());
+  for (size_t t = 0; t < take; ++t) out.push_back(static_cast<int32_t>(keys[t] & 0xFFFFFFFFu));
   std::sort(out.begin(), out.end());
 }
 
@@ -75,9 +74,10 @@ BlockMask select_with(const BlockScores& s, const SelectOptions& o, RowK&& row_k
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(s.heads) * nb);
   detail::parallel_for(s.heads, [&](int64_t h) {
     std::vector<uint8_t> forced(nb);
+    std::vector<uint64_t> keys;
     for (int i = 0; i < nb; ++i)
       select_row(s.row(static_cast<int>(h), i), i, row_k(static_cast<int>(h), i), o, forced,
-                 rows[static_cast<size_t>(h) * nb + i]);
+                 rows[static_cast<size_t>(h) * nb + i], keys);
   });
   std::vector<int32_t> indptr{0}, indices;
   for (const auto& r : rows) {
@@ -141,14 +141,13 @@ void selection_order_row(const float* score, int i, const SelectOptions& o, int3
   int n = 0;
   for (int j = 0; j <= i; ++j)
     if (forced(j)) out[n++] = j;
-  const int first = n;
+  // The others by rank key (descending score, NaN last, ties lower j).
+  thread_local std::vector<uint64_t> keys;
+  keys.clear();
   for (int j = 0; j <= i; ++j)
-    if (!forced(j)) out[n++] = j;
-  std::sort(out + first, out + n, [&](int32_t a, int32_t b) {
-    if (better(score[a], score[b])) return true;
-    if (better(score[b], score[a])) return false;
-    return a < b;
-  });
+    if (!forced(j)) keys.push_back(rank::desc_id_key(score[j], static_cast<uint32_t>(j)));
+  std::sort(keys.begin(), keys.end());
+  for (uint64_t key : keys) out[n++] = static_cast<int32_t>(key & 0xFFFFFFFFu);
 }
 
 BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,
@@ -173,12 +172,20 @@ BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t
   std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
+    std::vector<uint8_t> mark(static_cast<size_t>(nb), 0);
     for (int i = 0; i < nb; ++i) {
       const size_t r = static_cast<size_t>(h) * nb + i;
       const int32_t* src = order.data() + order_offset(h, i, nb);
       int32_t* dst = indices.data() + indptr[r];
-      std::copy(src, src + take[r], dst);
-      std::sort(dst, dst + take[r]);
+      const int32_t n = take[r];
+      if (static_cast<int64_t>(n) * 8 < i + 1) {  // few blocks: sorting them is cheaper than a scan
+        std::copy(src, src + n, dst);
+        std::sort(dst, dst + n);
+        continue;
+      }
+      for (int32_t t = 0; t < n; ++t) mark[static_cast<size_t>(src[t])] = 1;
+      for (int j = 0; j <= i; ++j)
+        if (mark[static_cast<size_t>(j)]) *dst++ = j, mark[static_cast<size_t>(j)] = 0;
     }
   });
   return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
@@ -215,6 +222,51 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
 
   const bool use_native = rule == DensityRule::native_adjust && s.native.has_value();
   const int64_t target = std::llround(density * causal_blocks(nb));
+  const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  if (per_head < (int64_t{1} << 30)) {
+    // One key per causal cell: tier (2 bits), score (descending, NaN lowest), then the causal
+    // index i (i + 1) / 2 + j (ties by lower i, then j): the order of the comparator below, as
+    // plain integers. The mask is built per head straight into CSR rows.
+    std::vector<std::vector<int32_t>> head_idx(static_cast<size_t>(s.heads));
+    std::vector<int32_t> row_n(static_cast<size_t>(s.heads) * nb);
+    detail::parallel_for(s.heads, [&](int64_t h64) {
+      const int h = static_cast<int>(h64);
+      std::vector<uint64_t> keys(static_cast<size_t>(per_head));
+      std::vector<uint8_t> forced(nb);
+      int64_t nforced = 0;
+      for (int i = 0; i < nb; ++i) {
+        nforced += mark_forced(i, o, forced);
+        const float* row = s.row(h, i);
+        const uint64_t base = static_cast<uint64_t>(i) * (i + 1) / 2;
+        std::span<const int32_t> nat;
+        if (use_native) nat = s.native->row(h, i);
+        size_t p = 0;  // walks the sorted native row alongside j
+        for (int j = 0; j <= i; ++j) {
+          while (p < nat.size() && nat[p] < j) ++p;
+          const uint64_t tier = forced[j] ? 0 : (p < nat.size() && nat[p] == j ? 1 : 2);
+          keys[base + j] = (tier << 62) | (uint64_t{rank::desc_key(row[j])} << 30) | (base + j);
+        }
+      }
+      const int64_t take = std::min<int64_t>(per_head, std::max(nforced, target));
+      if (take < per_head) std::nth_element(keys.begin(), keys.begin() + take, keys.end());
+      std::vector<uint8_t> picked(static_cast<size_t>(per_head), 0);
+      for (int64_t t = 0; t < take; ++t) picked[keys[static_cast<size_t>(t)] & ((uint64_t{1} << 30) - 1)] = 1;
+      std::vector<int32_t>& idx = head_idx[static_cast<size_t>(h)];
+      idx.reserve(static_cast<size_t>(take));
+      for (int i = 0; i < nb; ++i) {
+        const uint8_t* pr = picked.data() + static_cast<size_t>(i) * (i + 1) / 2;
+        const size_t before = idx.size();
+        for (int j = 0; j <= i; ++j)
+          if (pr[j]) idx.push_back(j);
+        row_n[static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx.size() - before);
+      }
+    });
+    std::vector<int32_t> indptr(row_n.size() + 1, 0), indices;
+    for (size_t r = 0; r < row_n.size(); ++r) indptr[r + 1] = indptr[r] + row_n[r];
+    indices.reserve(static_cast<size_t>(indptr.back()));
+    for (const auto& idx : head_idx) indices.insert(indices.end(), idx.begin(), idx.end());
+    return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
+  }
   std::vector<uint8_t> bitmap(static_cast<size_t>(s.heads) * nb * nb, 0);
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
