@@ -11,6 +11,7 @@
 #include <string>
 
 #include "proxyattn/error.hpp"
+#include "proxyattn/rank_key.hpp"
 
 namespace proxyattn::analysis {
 
@@ -47,9 +48,9 @@ void check_gamma(double gamma) {
     throw Error("gamma " + std::to_string(gamma) + " outside (0, 1]");
 }
 
-// Strict total orders for ranking: descending (or ascending) value, NaN after every number,
-// ties by the lower id. (A NaN-unaware comparator is not a strict weak order, and std::sort may
-// then read out of range on data read with --allow-nonfinite.)
+// Strict total order for ranking (the path of oracle_density_mask too large for rank keys):
+// descending value, NaN after every number, ties by the lower id. (A NaN-unaware comparator is
+// not a strict weak order, and std::sort may then read out of range with --allow-nonfinite.)
 template <class Id>
 inline bool desc_before(float x, float y, Id a, Id b) {
   const bool nx = std::isnan(x), ny = std::isnan(y);
@@ -57,25 +58,13 @@ inline bool desc_before(float x, float y, Id a, Id b) {
   if (!nx && x != y) return x > y;
   return a < b;
 }
-template <class Id>
-inline bool asc_before(float x, float y, Id a, Id b) {
-  const bool nx = std::isnan(x), ny = std::isnan(y);
-  if (nx != ny) return ny;
-  if (!nx && x != y) return x < y;
-  return a < b;
-}
 
-// Index of the k-th value (0-based) of a row ranked descending, ties by lower id: we only need
-// the top-k set, so partial_sort over ids with a total order.
+// The top-k ids of a row (blocks 0..i) in ranking order, descending, ties by lower id.
 std::vector<int32_t> topk_of_row(const float* row, int i, int k) {
-  std::vector<int32_t> ids(static_cast<size_t>(i) + 1);
-  std::iota(ids.begin(), ids.end(), 0);
+  thread_local std::vector<uint64_t> keys;
   k = std::clamp(k, 0, i + 1);
-  auto better = [row](int32_t a, int32_t b) {
-    return desc_before(row[a], row[b], a, b);
-  };
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), better);
-  ids.resize(static_cast<size_t>(k));
+  std::vector<int32_t> ids(static_cast<size_t>(k));
+  rank::top_desc(row, i + 1, k, ids.data(), keys);
   return ids;
 }
 
@@ -90,10 +79,11 @@ void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::ve
   const size_t n = x.size();
   ids.resize(n);
   ranks.resize(n);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
-    return asc_before(x[a], x[b], a, b);
-  });
+  thread_local std::vector<uint64_t> keys;
+  keys.resize(n);
+  for (size_t t = 0; t < n; ++t) keys[t] = rank::asc_id_key(x[t], static_cast<uint32_t>(t));
+  std::sort(keys.begin(), keys.end());
+  for (size_t t = 0; t < n; ++t) ids[t] = static_cast<int32_t>(keys[t] & 0xFFFFFFFFu);
   size_t s = 0;
   while (s < n) {
     size_t e = s + 1;
@@ -101,6 +91,29 @@ void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::ve
     const double r = 0.5 * static_cast<double>(s + e - 1) + 1.0;
     for (size_t t = s; t < e; ++t) ranks[ids[t]] = r;
     s = e;
+  }
+}
+
+// out[q] = sum_t x[t] * ys[q][t] for q < m <= 4, each summed in t order (as a single dot would
+// be); the m sums interleave for instruction-level parallelism.
+void dots(const double* x, const std::vector<double>* ys, int m, size_t n, double* out) {
+  if (m == 4) {
+    const double *y0 = ys[0].data(), *y1 = ys[1].data(), *y2 = ys[2].data(), *y3 = ys[3].data();
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t t = 0; t < n; ++t) {
+      s0 += x[t] * y0[t];
+      s1 += x[t] * y1[t];
+      s2 += x[t] * y2[t];
+      s3 += x[t] * y3[t];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+    return;
+  }
+  for (int q = 0; q < m; ++q) {
+    const double* y = ys[q].data();
+    double s = 0;
+    for (size_t t = 0; t < n; ++t) s += x[t] * y[t];
+    out[q] = s;
   }
 }
 
@@ -247,6 +260,35 @@ BlockMask oracle_density_mask(const BlockMass& mass, double density) {
   const int H = mass.heads, nb = mass.num_blocks;
   const int64_t causal = static_cast<int64_t>(nb) * (nb + 1) / 2;
   const int64_t T = std::clamp<int64_t>(std::llround(density * static_cast<double>(causal) * H), 0, causal * H);
+  const int64_t cells_n = causal * H;
+  if (cells_n <= int64_t{0xFFFFFFFF}) {
+    // Keys (value descending, then the causal index h * causal + i (i + 1) / 2 + j, which orders
+    // ties by head, row, block as the flat index of the reference path below does).
+    std::vector<uint64_t> keys(static_cast<size_t>(cells_n));
+    const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < nb; ++i) {
+        const float* row = mass.row(h, i);
+        const int64_t base = static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
+        for (int j = 0; j <= i; ++j)
+          keys[static_cast<size_t>(base + j)] = rank::desc_id_key(row[j], static_cast<uint32_t>(base + j));
+      }
+    if (T < cells_n) std::nth_element(keys.begin(), keys.begin() + T, keys.end());
+    std::vector<uint8_t> picked(static_cast<size_t>(cells_n), 0);
+    for (int64_t t = 0; t < T; ++t) picked[keys[static_cast<size_t>(t)] & 0xFFFFFFFFu] = 1;
+    keys = {};
+    std::vector<int32_t> indptr(static_cast<size_t>(H) * nb + 1, 0), indices;
+    indices.reserve(static_cast<size_t>(T));
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < nb; ++i) {
+        const uint8_t* p = picked.data() + static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
+        for (int j = 0; j <= i; ++j)
+          if (p[j]) indices.push_back(j);
+        indptr[static_cast<size_t>(h) * nb + i + 1] = static_cast<int32_t>(indices.size());
+      }
+    return BlockMask(H, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
+  }
   // Cells as (value, flat index h * Nb * Nb + i * Nb + j); the flat index orders ties by head,
   // row, block.
   std::vector<std::pair<float, int64_t>> cells;
@@ -488,12 +530,11 @@ std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est, const
 std::vector<int64_t> topk_tokens(std::span<const float> probs, int64_t k) {
   const int64_t n = static_cast<int64_t>(probs.size());
   k = std::clamp<int64_t>(k, 0, n);
-  std::vector<int64_t> ids(static_cast<size_t>(n));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int64_t a, int64_t b) {
-    return desc_before(probs[a], probs[b], a, b);
-  });
-  ids.resize(static_cast<size_t>(k));
+  if (n > int64_t{0x7FFFFFFF}) throw Error("top-k tokens: more than 2^31 tokens");
+  std::vector<uint64_t> keys;
+  std::vector<int32_t> top(static_cast<size_t>(k));
+  rank::top_desc(probs.data(), n, k, top.data(), keys);
+  std::vector<int64_t> ids(top.begin(), top.end());
   std::sort(ids.begin(), ids.end());
   return ids;
 }
@@ -572,36 +613,64 @@ HeadSimilarity head_similarity(const BlockMass& mass, std::span<const float> tok
   }
   s.rows_used = static_cast<int>(rows.size());
 
-  // Per row: ranks of every head once, then all pairs. Sums per thread, reduced after.
-  std::vector<double> cos_sum(HH, 0.0), sp_sum(HH, 0.0);
-  std::vector<int64_t> cos_n(HH, 0), sp_n(HH, 0);
+  // Per row: ranks of every head once, then all pairs. Each row's values are kept and summed
+  // in row order afterwards, so the result does not depend on the threads (the serial sums).
+  const size_t R = rows.size();
+  std::vector<double> row_cos(R * HH, kNaN), row_sp(R * HH, kNaN);
   const bool par = worth_threads(mass) || static_cast<int64_t>(HH) * nb * nb > (int64_t{1} << 22);
 #pragma omp parallel if (par)
   {
-    std::vector<double> lcos(HH, 0.0), lsp(HH, 0.0);
-    std::vector<int64_t> lcn(HH, 0), lsn(HH, 0);
     std::vector<std::vector<double>> ranks(static_cast<size_t>(H));
     std::vector<int32_t> ids;
+    // Per head, what cosine_similarity and pearson compute for every pair from one vector alone
+    // (the values as double, the centred ranks, their sums of squares), with the same operations
+    // in the same order: each pair then costs two dot products, four pairs per sweep.
+    std::vector<std::vector<double>> val(static_cast<size_t>(H)), cen(static_cast<size_t>(H));
+    std::vector<double> vsq(static_cast<size_t>(H)), csq(static_cast<size_t>(H));
 #pragma omp for schedule(dynamic, 1)
     for (size_t t = 0; t < rows.size(); ++t) {
       const int i = rows[t];
       const size_t len = static_cast<size_t>(i) + 1;
-      for (int h = 0; h < H; ++h)
-        average_ranks({mass.row(h, i), len}, ranks[static_cast<size_t>(h)], ids);
-      for (int a = 0; a < H; ++a)
-        for (int b = a; b < H; ++b) {
-          const double c = cosine_similarity({mass.row(a, i), len}, {mass.row(b, i), len});
-          const double r = pearson(ranks[static_cast<size_t>(a)].data(),
-                                   ranks[static_cast<size_t>(b)].data(), len);
-          const size_t ab = static_cast<size_t>(a) * H + b;
-          if (std::isfinite(c)) { lcos[ab] += c; ++lcn[ab]; }
-          if (std::isfinite(r)) { lsp[ab] += r; ++lsn[ab]; }
+      for (int h = 0; h < H; ++h) {
+        const size_t hs = static_cast<size_t>(h);
+        average_ranks({mass.row(h, i), len}, ranks[hs], ids);
+        const float* x = mass.row(h, i);
+        val[hs].resize(len);
+        double aa = 0;
+        for (size_t u = 0; u < len; ++u) {
+          val[hs][u] = static_cast<double>(x[u]);
+          aa += val[hs][u] * val[hs][u];
         }
-    }
-#pragma omp critical
-    for (size_t ab = 0; ab < HH; ++ab) {
-      cos_sum[ab] += lcos[ab]; cos_n[ab] += lcn[ab];
-      sp_sum[ab] += lsp[ab]; sp_n[ab] += lsn[ab];
+        vsq[hs] = aa;
+        const std::vector<double>& r = ranks[hs];
+        double m = 0;
+        for (size_t u = 0; u < len; ++u) m += r[u];
+        m /= static_cast<double>(len);
+        cen[hs].resize(len);
+        double cc = 0;
+        for (size_t u = 0; u < len; ++u) {
+          cen[hs][u] = r[u] - m;
+          cc += cen[hs][u] * cen[hs][u];
+        }
+        csq[hs] = cc;
+      }
+      for (int a = 0; a < H; ++a)
+        for (int b0 = a; b0 < H; b0 += 4) {
+          const int nbh = std::min(4, H - b0);
+          double ab[4], rr[4];
+          dots(val[static_cast<size_t>(a)].data(), val.data() + b0, nbh, len, ab);
+          dots(cen[static_cast<size_t>(a)].data(), cen.data() + b0, nbh, len, rr);
+          for (int q = 0; q < nbh; ++q) {
+            const int b = b0 + q;
+            const double aa = vsq[static_cast<size_t>(a)], bb = vsq[static_cast<size_t>(b)];
+            const double ca = csq[static_cast<size_t>(a)], cb = csq[static_cast<size_t>(b)];
+            const double c = (aa <= 0 || bb <= 0) ? kNaN : std::clamp(ab[q] / std::sqrt(aa * bb), -1.0, 1.0);
+            const double r = (ca <= 0 || cb <= 0) ? kNaN : std::clamp(rr[q] / std::sqrt(ca * cb), -1.0, 1.0);
+            const size_t ix = t * HH + static_cast<size_t>(a) * H + b;
+            row_cos[ix] = c;
+            row_sp[ix] = r;
+          }
+        }
     }
   }
   s.cosine.assign(HH, kNaN);
@@ -609,8 +678,15 @@ HeadSimilarity head_similarity(const BlockMass& mass, std::span<const float> tok
   for (int a = 0; a < H; ++a)
     for (int b = a; b < H; ++b) {
       const size_t ab = static_cast<size_t>(a) * H + b, ba = static_cast<size_t>(b) * H + a;
-      const double c = cos_n[ab] ? cos_sum[ab] / cos_n[ab] : kNaN;
-      const double r = sp_n[ab] ? sp_sum[ab] / sp_n[ab] : kNaN;
+      double cs = 0, ss = 0;
+      int64_t cn = 0, sn = 0;
+      for (size_t t = 0; t < R; ++t) {
+        const double x = row_cos[t * HH + ab], y = row_sp[t * HH + ab];
+        if (std::isfinite(x)) { cs += x; ++cn; }
+        if (std::isfinite(y)) { ss += y; ++sn; }
+      }
+      const double c = cn ? cs / cn : kNaN;
+      const double r = sn ? ss / sn : kNaN;
       s.cosine[ab] = s.cosine[ba] = c;
       s.spearman[ab] = s.spearman[ba] = r;
     }
