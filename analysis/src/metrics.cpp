@@ -262,31 +262,63 @@ BlockMask oracle_density_mask(const BlockMass& mass, double density) {
   const int64_t T = std::clamp<int64_t>(std::llround(density * static_cast<double>(causal) * H), 0, causal * H);
   const int64_t cells_n = causal * H;
   if (cells_n <= int64_t{0xFFFFFFFF}) {
-    // Keys (value descending, then the causal index h * causal + i (i + 1) / 2 + j, which orders
-    // ties by head, row, block as the flat index of the reference path below does).
-    std::vector<uint64_t> keys(static_cast<size_t>(cells_n));
+    // The T smallest keys (value descending, then the causal index h * causal + i (i + 1) / 2 + j,
+    // which orders ties by head, row, block as the flat index of the path below does), found in
+    // parallel: a histogram of the keys' top 16 bits puts the cut in one bucket; only that
+    // bucket is ordered. Keys are unique, so the set is the one a full sort would give.
     const bool par = worth_threads(mass);
+    std::vector<uint8_t> picked(static_cast<size_t>(cells_n), T >= cells_n ? 1 : 0);
+    if (T > 0 && T < cells_n) {
+      constexpr int kBuckets = 1 << 16;
+      std::vector<int64_t> hist(kBuckets, 0);
+#pragma omp parallel if (par)
+      {
+        std::vector<int64_t> local(kBuckets, 0);
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < H; ++h)
+          for (int i = 0; i < nb; ++i) {
+            const float* row = mass.row(h, i);
+            for (int j = 0; j <= i; ++j) ++local[rank::desc_key(row[j]) >> 16];
+          }
+#pragma omp critical
+        for (int b = 0; b < kBuckets; ++b) hist[static_cast<size_t>(b)] += local[static_cast<size_t>(b)];
+      }
+      uint32_t cut = 0;
+      int64_t below = 0;
+      while (below + hist[cut] < T) below += hist[cut++];
+      std::vector<std::vector<uint64_t>> cand(static_cast<size_t>(H));
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < nb; ++i) {
+          const float* row = mass.row(h, i);
+          const int64_t base = static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
+          for (int j = 0; j <= i; ++j) {
+            const uint32_t key = rank::desc_key(row[j]);
+            if ((key >> 16) < cut) picked[static_cast<size_t>(base + j)] = 1;
+            else if ((key >> 16) == cut) cand[static_cast<size_t>(h)].push_back((uint64_t{key} << 32) | (base + j));
+          }
+        }
+      std::vector<uint64_t> all;
+      for (auto& c : cand) all.insert(all.end(), c.begin(), c.end());
+      const int64_t need = T - below;
+      std::nth_element(all.begin(), all.begin() + need, all.end());
+      for (int64_t t = 0; t < need; ++t) picked[all[static_cast<size_t>(t)] & 0xFFFFFFFFu] = 1;
+    }
+    std::vector<std::vector<int32_t>> idx(static_cast<size_t>(H));
+    std::vector<int32_t> row_n(static_cast<size_t>(H) * nb);
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int h = 0; h < H; ++h)
       for (int i = 0; i < nb; ++i) {
-        const float* row = mass.row(h, i);
-        const int64_t base = static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
-        for (int j = 0; j <= i; ++j)
-          keys[static_cast<size_t>(base + j)] = rank::desc_id_key(row[j], static_cast<uint32_t>(base + j));
-      }
-    if (T < cells_n) std::nth_element(keys.begin(), keys.begin() + T, keys.end());
-    std::vector<uint8_t> picked(static_cast<size_t>(cells_n), 0);
-    for (int64_t t = 0; t < T; ++t) picked[keys[static_cast<size_t>(t)] & 0xFFFFFFFFu] = 1;
-    keys = {};
-    std::vector<int32_t> indptr(static_cast<size_t>(H) * nb + 1, 0), indices;
-    indices.reserve(static_cast<size_t>(T));
-    for (int h = 0; h < H; ++h)
-      for (int i = 0; i < nb; ++i) {
         const uint8_t* p = picked.data() + static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
+        const size_t before = idx[static_cast<size_t>(h)].size();
         for (int j = 0; j <= i; ++j)
-          if (p[j]) indices.push_back(j);
-        indptr[static_cast<size_t>(h) * nb + i + 1] = static_cast<int32_t>(indices.size());
+          if (p[j]) idx[static_cast<size_t>(h)].push_back(j);
+        row_n[static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx[static_cast<size_t>(h)].size() - before);
       }
+    std::vector<int32_t> indptr(row_n.size() + 1, 0), indices;
+    for (size_t r = 0; r < row_n.size(); ++r) indptr[r + 1] = indptr[r] + row_n[r];
+    indices.reserve(static_cast<size_t>(indptr.back()));
+    for (const auto& x : idx) indices.insert(indices.end(), x.begin(), x.end());
     return BlockMask(H, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
   }
   // Cells as (value, flat index h * Nb * Nb + i * Nb + j); the flat index orders ties by head,
@@ -433,29 +465,66 @@ std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const Blo
                 " blocks");
   if (budget.heads != mass.heads || budget.num_blocks != mass.num_blocks)
     throw Error("ranking fidelity: oracle budget does not match the block mass");
-  std::vector<RankingFidelity> out(static_cast<size_t>(mass.heads));
+  const int nb = mass.num_blocks, members = scores.q_heads / scores.score_heads;
   const bool par = worth_threads(mass);
+  // The query heads of one score head share its ranking: each score row's top k_max (the
+  // largest budget of its members) once; each member's top k is a prefix of it.
+  std::vector<int64_t> sptr;
+  std::vector<int32_t> stop;
+  if (members > 1) {
+    const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
+    sptr.assign(static_cast<size_t>(srows) + 1, 0);
+    for (int64_t t = 0; t < srows; ++t) {
+      const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
+      int kmax = 0;
+      for (int h = sh * members; h < (sh + 1) * members; ++h) kmax = std::max(kmax, std::clamp(budget.at(h, i), 0, i + 1));
+      sptr[static_cast<size_t>(t) + 1] = sptr[static_cast<size_t>(t)] + kmax;
+    }
+    stop.resize(static_cast<size_t>(sptr.back()));
+#pragma omp parallel if (par)
+    {
+      std::vector<uint64_t> keys;
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t t = 0; t < srows; ++t) {
+        const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
+        const float* row = scores.data + (static_cast<size_t>(sh) * nb + i) * nb;
+        rank::top_desc(row, i + 1, sptr[static_cast<size_t>(t) + 1] - sptr[static_cast<size_t>(t)],
+                       stop.data() + sptr[static_cast<size_t>(t)], keys);
+      }
+    }
+  }
+  std::vector<RankingFidelity> out(static_cast<size_t>(mass.heads));
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int h = 0; h < mass.heads; ++h) {
+    std::vector<uint64_t> keys;
+    std::vector<int32_t> s_ids(static_cast<size_t>(nb)), best(static_cast<size_t>(nb));
+    std::vector<uint8_t> flag(static_cast<size_t>(nb), 0);  // bit 0: in S, bit 1: in S*
     double br = 0, mr = 0, ratio = 0;
-    for (int i = 0; i < mass.num_blocks; ++i) {
-      const int k = budget.at(h, i);
+    for (int i = 0; i < nb; ++i) {
+      const int k = budget.at(h, i), kk = std::clamp(k, 0, i + 1);
       const float* m = mass.row(h, i);
-      std::vector<int32_t> s = topk_of_row(scores.row(h, i), i, k);
-      std::vector<int32_t> best = topk_of_row(m, i, k);
-      std::sort(s.begin(), s.end());
-      std::sort(best.begin(), best.end());
-      std::vector<int32_t> common;
-      std::set_intersection(s.begin(), s.end(), best.begin(), best.end(), std::back_inserter(common));
+      const int32_t* s = s_ids.data();
+      if (members > 1) s = stop.data() + sptr[static_cast<size_t>(scores.score_head_of(h)) * nb + i];
+      else rank::top_desc(scores.row(h, i), i + 1, kk, s_ids.data(), keys);
+      rank::top_desc(m, i + 1, kk, best.data(), keys);
+      for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
+      for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;
+      // Both sets summed in ascending block order (as sorted lists were).
       double ms = 0, mb = 0;
-      for (int32_t j : s) ms += m[j];
-      for (int32_t j : best) mb += m[j];
-      br += k > 0 ? static_cast<double>(common.size()) / k : 1.0;
+      int common = 0;
+      for (int j = 0; j <= i; ++j) {
+        const uint8_t f = flag[static_cast<size_t>(j)];
+        if (!f) continue;
+        if (f & 1) ms += m[j];
+        if (f & 2) mb += m[j];
+        common += f == 3;
+        flag[static_cast<size_t>(j)] = 0;
+      }
+      br += k > 0 ? static_cast<double>(common) / k : 1.0;
       mr += ms;
       ratio += mb > 0 ? ms / mb : 1.0;
     }
-    const double n = mass.num_blocks;
-    out[static_cast<size_t>(h)] = {h, br / n, mr / n, ratio / n};
+    out[static_cast<size_t>(h)] = {h, br / nb, mr / nb, ratio / nb};
   }
   return out;
 }

@@ -219,6 +219,62 @@ TEST(RankKey, OracleDensityMaskEqualsTheReference) {
   }
 }
 
+// The former ranking_fidelity: two partial sorts per row and a set intersection.
+std::vector<analysis::RankingFidelity> ref_fidelity(const analysis::ScoreView& sc, const BlockMass& mass,
+                                                    const analysis::OracleBudget& budget) {
+  auto top = [](const float* row, int i, int k) {
+    std::vector<int32_t> ids(i + 1);
+    std::iota(ids.begin(), ids.end(), 0);
+    k = std::clamp(k, 0, i + 1);
+    std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+      if (better(row[a], row[b])) return true;
+      if (better(row[b], row[a])) return false;
+      return a < b;
+    });
+    ids.resize(k);
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  };
+  std::vector<analysis::RankingFidelity> out;
+  for (int h = 0; h < mass.heads; ++h) {
+    double br = 0, mr = 0, ratio = 0;
+    for (int i = 0; i < mass.num_blocks; ++i) {
+      const int k = budget.at(h, i);
+      const float* m = mass.row(h, i);
+      const std::vector<int32_t> s = top(sc.row(h, i), i, k), best = top(m, i, k);
+      std::vector<int32_t> common;
+      std::set_intersection(s.begin(), s.end(), best.begin(), best.end(), std::back_inserter(common));
+      double ms = 0, mb = 0;
+      for (int32_t j : s) ms += m[j];
+      for (int32_t j : best) mb += m[j];
+      br += k > 0 ? static_cast<double>(common.size()) / k : 1.0;
+      mr += ms;
+      ratio += mb > 0 ? ms / mb : 1.0;
+    }
+    const double n = mass.num_blocks;
+    out.push_back({h, br / n, mr / n, ratio / n});
+  }
+  return out;
+}
+
+TEST(RankKey, RankingFidelityEqualsTheReference) {
+  const int H = 6, nb = 29;
+  const BlockMass m = random_mass(H, nb, 32);
+  for (int score_heads : {1, 2, 3, 6}) {
+    const BlockScores s = random_scores(score_heads, nb, 32, false);
+    const analysis::ScoreView view{s.score.data(), score_heads, nb, H};
+    for (double gamma : {0.5, 0.9}) {
+      const analysis::OracleBudget b = analysis::oracle_budget(m, gamma);
+      const auto got = analysis::ranking_fidelity(view, m, b), ref = ref_fidelity(view, m, b);
+      for (int h = 0; h < H; ++h) {
+        EXPECT_EQ(got[h].block_recall, ref[h].block_recall) << score_heads << " " << h;
+        EXPECT_EQ(got[h].mass_recall, ref[h].mass_recall) << score_heads << " " << h;
+        EXPECT_EQ(got[h].mass_ratio, ref[h].mass_ratio) << score_heads << " " << h;
+      }
+    }
+  }
+}
+
 // head_similarity sums each pair's per-row values in row order whatever the threads: the same
 // numbers, bit for bit, as the public per-pair functions summed serially. Large enough for the
 // parallel path.
