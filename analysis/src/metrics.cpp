@@ -5,6 +5,7 @@
 #include "proxyattn/select.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -465,47 +466,54 @@ std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const Blo
                 " blocks");
   if (budget.heads != mass.heads || budget.num_blocks != mass.num_blocks)
     throw Error("ranking fidelity: oracle budget does not match the block mass");
-  const int nb = mass.num_blocks, members = scores.q_heads / scores.score_heads;
+  const int nb = mass.num_blocks;
   const bool par = worth_threads(mass);
-  // The query heads of one score head share its ranking: each score row's top k_max (the
-  // largest budget of its members) once; each member's top k is a prefix of it.
-  std::vector<int64_t> sptr;
-  std::vector<int32_t> stop;
-  if (members > 1) {
-    const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
-    sptr.assign(static_cast<size_t>(srows) + 1, 0);
-    for (int64_t t = 0; t < srows; ++t) {
-      const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
-      int kmax = 0;
-      for (int h = sh * members; h < (sh + 1) * members; ++h) kmax = std::max(kmax, std::clamp(budget.at(h, i), 0, i + 1));
-      sptr[static_cast<size_t>(t) + 1] = sptr[static_cast<size_t>(t)] + kmax;
+  // Query heads that read the same scores (one score head, or score heads bitwise equal to the
+  // previous one: the copies of one proxy group) share its ranking: each distinct score row's
+  // top k_max (the largest budget of its readers) once; each reader's top k is a prefix of it.
+  const size_t per_head = static_cast<size_t>(nb) * nb;
+  std::vector<int> leader(static_cast<size_t>(scores.score_heads));
+  for (int sh = 0; sh < scores.score_heads; ++sh) {
+    leader[static_cast<size_t>(sh)] = sh;
+    if (sh > 0 && std::equal(scores.data + sh * per_head, scores.data + (sh + 1) * per_head,
+                             scores.data + (sh - 1) * per_head, [](float a, float b) {
+                               return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b);
+                             }))
+      leader[static_cast<size_t>(sh)] = leader[static_cast<size_t>(sh - 1)];
+  }
+  auto lead_of = [&](int h) { return leader[static_cast<size_t>(scores.score_head_of(h))]; };
+  const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
+  std::vector<int32_t> kmax(static_cast<size_t>(srows), -1);  // -1: no reader shares the row
+  for (int h = 0; h < mass.heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      int32_t& km = kmax[static_cast<size_t>(lead_of(h)) * nb + i];
+      km = std::max(km, std::clamp(budget.at(h, i), 0, i + 1));
     }
-    stop.resize(static_cast<size_t>(sptr.back()));
+  std::vector<int64_t> sptr(static_cast<size_t>(srows) + 1, 0);
+  for (int64_t t = 0; t < srows; ++t) sptr[static_cast<size_t>(t) + 1] = sptr[static_cast<size_t>(t)] + std::max(0, kmax[static_cast<size_t>(t)]);
+  std::vector<int32_t> stop(static_cast<size_t>(sptr.back()));
 #pragma omp parallel if (par)
-    {
-      std::vector<uint64_t> keys;
+  {
+    std::vector<uint64_t> keys;
 #pragma omp for schedule(dynamic, 16)
-      for (int64_t t = 0; t < srows; ++t) {
-        const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
-        const float* row = scores.data + (static_cast<size_t>(sh) * nb + i) * nb;
-        rank::top_desc(row, i + 1, sptr[static_cast<size_t>(t) + 1] - sptr[static_cast<size_t>(t)],
-                       stop.data() + sptr[static_cast<size_t>(t)], keys);
-      }
+    for (int64_t t = 0; t < srows; ++t) {
+      if (kmax[static_cast<size_t>(t)] <= 0) continue;
+      const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
+      const float* row = scores.data + (static_cast<size_t>(sh) * nb + i) * nb;
+      rank::top_desc(row, i + 1, kmax[static_cast<size_t>(t)], stop.data() + sptr[static_cast<size_t>(t)], keys);
     }
   }
   std::vector<RankingFidelity> out(static_cast<size_t>(mass.heads));
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int h = 0; h < mass.heads; ++h) {
     std::vector<uint64_t> keys;
-    std::vector<int32_t> s_ids(static_cast<size_t>(nb)), best(static_cast<size_t>(nb));
+    std::vector<int32_t> best(static_cast<size_t>(nb));
     std::vector<uint8_t> flag(static_cast<size_t>(nb), 0);  // bit 0: in S, bit 1: in S*
     double br = 0, mr = 0, ratio = 0;
     for (int i = 0; i < nb; ++i) {
       const int k = budget.at(h, i), kk = std::clamp(k, 0, i + 1);
       const float* m = mass.row(h, i);
-      const int32_t* s = s_ids.data();
-      if (members > 1) s = stop.data() + sptr[static_cast<size_t>(scores.score_head_of(h)) * nb + i];
-      else rank::top_desc(scores.row(h, i), i + 1, kk, s_ids.data(), keys);
+      const int32_t* s = stop.data() + sptr[static_cast<size_t>(lead_of(h)) * nb + i];
       rank::top_desc(m, i + 1, kk, best.data(), keys);
       for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
       for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;

@@ -2,6 +2,7 @@
 #include "proxyattn/select.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <string>
 
@@ -129,9 +130,26 @@ std::vector<int32_t> selection_order(const BlockScores& s, const SelectOptions& 
   check_options(o);
   const int nb = s.num_blocks;
   std::vector<int32_t> order(order_offset(s.heads, 0, nb));
+  // Heads whose scores are bitwise those of the previous head (the members of one proxy group)
+  // get its order copied instead of sorted again.
+  const size_t per_head = static_cast<size_t>(nb) * nb;
+  std::vector<int> same_as(static_cast<size_t>(s.heads), -1);
+  for (int h = 1; h < s.heads; ++h)
+    if (std::equal(s.score.begin() + h * per_head, s.score.begin() + (h + 1) * per_head,
+                   s.score.begin() + (h - 1) * per_head, [](float a, float b) {
+                     return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b);
+                   }))
+      same_as[static_cast<size_t>(h)] = same_as[static_cast<size_t>(h - 1)] >= 0 ? same_as[static_cast<size_t>(h - 1)] : h - 1;
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
-    for (int i = 0; i < nb; ++i) selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
+    if (same_as[static_cast<size_t>(h)] < 0)
+      for (int i = 0; i < nb; ++i) selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
+  });
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64), from = same_as[static_cast<size_t>(h)];
+    if (from >= 0)
+      std::copy(order.begin() + order_offset(from, 0, nb), order.begin() + order_offset(from + 1, 0, nb),
+                order.begin() + order_offset(h, 0, nb));
   });
   return order;
 }

@@ -273,6 +273,33 @@ TEST(RankKey, RankingFidelityEqualsTheReference) {
       }
     }
   }
+  // Scores expanded to every query head (proxy groups of 3 copied per member; one head apart):
+  // the shared ranking of equal heads gives the reference's numbers, and the same selection order.
+  BlockScores one = random_scores(3, nb, 32, false);
+  BlockScores s = one;
+  s.heads = H;
+  s.score.clear();
+  for (int h = 0; h < H; ++h) {
+    const int src = h < 3 ? 0 : (h == 3 ? 1 : 2);
+    s.score.insert(s.score.end(), one.score.begin() + src * nb * nb, one.score.begin() + (src + 1) * nb * nb);
+  }
+  const analysis::ScoreView view{s.score.data(), H, nb, H};
+  const analysis::OracleBudget b = analysis::oracle_budget(m, 0.9);
+  const auto got = analysis::ranking_fidelity(view, m, b), ref = ref_fidelity(view, m, b);
+  for (int h = 0; h < H; ++h) {
+    EXPECT_EQ(got[h].block_recall, ref[h].block_recall) << h;
+    EXPECT_EQ(got[h].mass_recall, ref[h].mass_recall) << h;
+    EXPECT_EQ(got[h].mass_ratio, ref[h].mass_ratio) << h;
+  }
+  const std::vector<int32_t> order = selection_order(s);
+  std::vector<int32_t> direct;
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < nb; ++i) {
+      std::vector<int32_t> r(i + 1);
+      selection_order_row(s.row(h, i), i, SelectOptions{}, r.data());
+      direct.insert(direct.end(), r.begin(), r.end());
+    }
+  EXPECT_EQ(order, direct);
 }
 
 // head_similarity sums each pair's per-row values in row order whatever the threads: the same
