@@ -176,6 +176,65 @@ TEST(RankKey, SelectionsEqualTheComparatorReference) {
   }
 }
 
+// The former bisection of select_budgets_to_density: the density of every row summed per step.
+Budgets ref_scaled(const BlockScores& s, const Budgets& b, double density, const SelectOptions& o) {
+  const int nb = s.num_blocks;
+  std::vector<int> nf(nb);
+  for (int i = 0; i < nb; ++i)
+    for (int j = 0; j <= i; ++j)
+      nf[i] += (o.sink && j == 0) || (o.diagonal && j == i) || (j < i && i - j <= o.local_window);
+  auto scaled_k = [&](double c, size_t r) {
+    return static_cast<int32_t>(std::max<int64_t>(1, std::llround(c * b.per_row_k[r])));
+  };
+  auto density_of = [&](double c) {
+    double sel = 0;
+    for (int h = 0; h < s.heads; ++h)
+      for (int i = 0; i < nb; ++i)
+        sel += std::max<int64_t>(nf[i], std::min<int64_t>(scaled_k(c, static_cast<size_t>(h) * nb + i), i + 1));
+    return sel / (0.5 * nb * (nb + 1.0) * s.heads);
+  };
+  int32_t kmin = nb;
+  for (int32_t k : b.per_row_k) kmin = std::min(kmin, std::max(1, k));
+  double lo = 0.0, hi = 2.0 * nb / kmin + 1.0;
+  for (int it = 0; it < 100; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (density_of(mid) < density ? lo : hi) = mid;
+  }
+  const double c = std::abs(density_of(lo) - density) < std::abs(density_of(hi) - density) ? lo : hi;
+  Budgets out = b;
+  for (size_t r = 0; r < out.per_row_k.size(); ++r) out.per_row_k[r] = scaled_k(c, r);
+  for (int h = 0; h < s.heads; ++h) out.per_head_k[h] = b.per_head_k[h] * c;
+  return out;
+}
+
+TEST(RankKey, BudgetsScaledToDensityEqualTheReference) {
+  auto& g = test::rng();
+  for (const auto& [heads, nb] : {std::pair{1, 1}, std::pair{3, 7}, std::pair{4, 53}}) {
+    const BlockScores s = random_scores(heads, nb, 64, false);
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      Budgets b;
+      b.kind = "random";
+      b.heads = heads;
+      b.num_blocks = nb;
+      std::uniform_int_distribution<int> k(0, nb + 3);
+      for (int h = 0; h < heads; ++h) {
+        const int kh = k(g);
+        b.per_head_k.push_back(kh + 0.25);
+        for (int i = 0; i < nb; ++i)  // constant per head, proportional-like runs, random
+          b.per_row_k.push_back(pattern == 0 ? kh : pattern == 1 ? (kh * (i + 1) + nb - 1) / nb : k(g));
+      }
+      for (const SelectOptions& o : {SelectOptions{}, SelectOptions{false, false, 0}, SelectOptions{true, true, 5}})
+        for (double d : {0.02, 0.3, 0.77, 1.0}) {
+          Budgets got;
+          select_budgets_to_density(s, b, d, o, &got);
+          const Budgets ref = ref_scaled(s, b, d, o);
+          EXPECT_EQ(got.per_row_k, ref.per_row_k) << heads << " " << nb << " " << pattern << " " << d;
+          EXPECT_EQ(got.per_head_k, ref.per_head_k) << heads << " " << nb << " " << pattern << " " << d;
+        }
+    }
+  }
+}
+
 // ---- metrics ---------------------------------------------------------------------------------
 
 BlockMass random_mass(int heads, int nb, int block) {
