@@ -123,14 +123,17 @@ double BlockMask::density() const {
 double BlockMask::element_density(int h) const {
   // Pairs (q, k) with k <= q inside selected blocks: off-diagonal blocks are full rectangles
   // (rows of block i times columns of block j), the diagonal block is a triangle.
+  // Every term is a whole number, so the double sum is exact in any grouping: per row, its
+  // off-diagonal blocks at once (the row is sorted: the diagonal, if kept, is its last entry).
   const int64_t B = block_, N = seq_len_;
   double pairs = 0;
   for (int i = 0; i < num_blocks_; ++i) {
     const int64_t q0 = i * B, q1 = std::min<int64_t>(N, q0 + B), rows = q1 - q0;
-    for (int32_t j : row(h, i)) {
-      if (j < i) pairs += static_cast<double>(rows) * B;  // key block j < i is always full
-      else pairs += 0.5 * static_cast<double>(rows) * (rows + 1);
-    }
+    const auto r = row(h, i);
+    const bool diag = !r.empty() && r.back() == i;
+    const int64_t off = static_cast<int64_t>(r.size()) - (diag ? 1 : 0);
+    pairs += static_cast<double>(rows * B * off);  // key block j < i is always full
+    if (diag) pairs += 0.5 * static_cast<double>(rows) * (rows + 1);
   }
   return pairs / (0.5 * static_cast<double>(N) * (N + 1));
 }
