@@ -280,12 +280,19 @@ void LayerRun::similarity() {
                                 num(hs.mean), num(hs.min), num(hs.max)});
   }
 
-  // Fidelity of each proxy: its ranking at each member head's own oracle budget.
+  // Fidelity of each proxy: its ranking at each member head's own oracle budget. Every group
+  // count at once per gamma (the oracle's top blocks ranked once), rows in (group, gamma) order.
+  std::vector<ScoreView> views;
   for (int g : store_.groups) {
     const BlockScores& sc = scores(proxyattn_method(), g, kNaN);
-    const ScoreView view{sc.score.data(), sc.heads, sc.num_blocks, H};
+    views.push_back({sc.score.data(), sc.heads, sc.num_blocks, H});
+  }
+  std::vector<std::vector<std::vector<RankingFidelity>>> fid;  // [gamma][group][head]
+  for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) fid.push_back(ranking_fidelity(views, oracle_.mass, obudget_[gi]));
+  for (size_t gx = 0; gx < store_.groups.size(); ++gx) {
+    const int g = store_.groups[gx];
     for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) {
-      const auto f = ranking_fidelity(view, oracle_.mass, obudget_[gi]);
+      const auto& f = fid[gi][gx];
       auto& agg = A_.fidelity[{g, cfg_.gamma[gi]}];
       for (const RankingFidelity& x : f) {
         T_.fidelity->add({store_.label, layer_, g, num(cfg_.gamma[gi]), x.head,

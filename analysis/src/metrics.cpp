@@ -457,82 +457,106 @@ std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass&
 
 std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const BlockMass& mass,
                                               const OracleBudget& budget) {
+  return ranking_fidelity(std::span<const ScoreView>(&scores, 1), mass, budget).front();
+}
+
+std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const ScoreView> views, const BlockMass& mass,
+                                                           const OracleBudget& budget) {
   check_mass(mass, "ranking fidelity");
-  if (!scores.data || scores.score_heads <= 0 || scores.q_heads != mass.heads ||
-      scores.q_heads % scores.score_heads != 0 || scores.num_blocks != mass.num_blocks)
-    throw Error("ranking fidelity: scores [" + std::to_string(scores.score_heads) + " heads, " +
-                std::to_string(scores.num_blocks) + " blocks] do not fit " +
-                std::to_string(mass.heads) + " query heads x " + std::to_string(mass.num_blocks) +
-                " blocks");
+  for (const ScoreView& scores : views)
+    if (!scores.data || scores.score_heads <= 0 || scores.q_heads != mass.heads ||
+        scores.q_heads % scores.score_heads != 0 || scores.num_blocks != mass.num_blocks)
+      throw Error("ranking fidelity: scores [" + std::to_string(scores.score_heads) + " heads, " +
+                  std::to_string(scores.num_blocks) + " blocks] do not fit " +
+                  std::to_string(mass.heads) + " query heads x " + std::to_string(mass.num_blocks) +
+                  " blocks");
   if (budget.heads != mass.heads || budget.num_blocks != mass.num_blocks)
     throw Error("ranking fidelity: oracle budget does not match the block mass");
   const int nb = mass.num_blocks;
   const bool par = worth_threads(mass);
-  // Query heads that read the same scores (one score head, or score heads bitwise equal to the
-  // previous one: the copies of one proxy group) share its ranking: each distinct score row's
-  // top k_max (the largest budget of its readers) once; each reader's top k is a prefix of it.
   const size_t per_head = static_cast<size_t>(nb) * nb;
-  std::vector<int> leader(static_cast<size_t>(scores.score_heads));
-  for (int sh = 0; sh < scores.score_heads; ++sh) {
-    leader[static_cast<size_t>(sh)] = sh;
-    if (sh > 0 && std::equal(scores.data + sh * per_head, scores.data + (sh + 1) * per_head,
-                             scores.data + (sh - 1) * per_head, [](float a, float b) {
-                               return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b);
-                             }))
-      leader[static_cast<size_t>(sh)] = leader[static_cast<size_t>(sh - 1)];
-  }
-  auto lead_of = [&](int h) { return leader[static_cast<size_t>(scores.score_head_of(h))]; };
-  const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
-  std::vector<int32_t> kmax(static_cast<size_t>(srows), -1);  // -1: no reader shares the row
-  for (int h = 0; h < mass.heads; ++h)
-    for (int i = 0; i < nb; ++i) {
-      int32_t& km = kmax[static_cast<size_t>(lead_of(h)) * nb + i];
-      km = std::max(km, std::clamp(budget.at(h, i), 0, i + 1));
+  // Per score set: query heads that read the same scores (one score head, or score heads
+  // bitwise equal to the previous one: the copies of one proxy group) share its ranking: each
+  // distinct score row's top k_max (the largest budget of its readers) once; each reader's top k
+  // is a prefix of it.
+  struct Tops {
+    std::vector<int> leader;     // per score head
+    std::vector<int64_t> sptr;   // per score row: its top ids in stop[sptr[r] .. sptr[r + 1])
+    std::vector<int32_t> stop;
+    int64_t row_of(const ScoreView& v, int h, int i, int nb) const {
+      return static_cast<int64_t>(leader[static_cast<size_t>(v.score_head_of(h))]) * nb + i;
     }
-  std::vector<int64_t> sptr(static_cast<size_t>(srows) + 1, 0);
-  for (int64_t t = 0; t < srows; ++t) sptr[static_cast<size_t>(t) + 1] = sptr[static_cast<size_t>(t)] + std::max(0, kmax[static_cast<size_t>(t)]);
-  std::vector<int32_t> stop(static_cast<size_t>(sptr.back()));
+  };
+  std::vector<Tops> tops(views.size());
+  for (size_t v = 0; v < views.size(); ++v) {
+    const ScoreView& scores = views[v];
+    Tops& tp = tops[v];
+    tp.leader.resize(static_cast<size_t>(scores.score_heads));
+    for (int sh = 0; sh < scores.score_heads; ++sh) {
+      tp.leader[static_cast<size_t>(sh)] = sh;
+      if (sh > 0 && std::equal(scores.data + sh * per_head, scores.data + (sh + 1) * per_head,
+                               scores.data + (sh - 1) * per_head, [](float x, float y) {
+                                 return std::bit_cast<uint32_t>(x) == std::bit_cast<uint32_t>(y);
+                               }))
+        tp.leader[static_cast<size_t>(sh)] = tp.leader[static_cast<size_t>(sh - 1)];
+    }
+    const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
+    std::vector<int32_t> kmax(static_cast<size_t>(srows), 0);
+    for (int h = 0; h < mass.heads; ++h)
+      for (int i = 0; i < nb; ++i) {
+        int32_t& km = kmax[static_cast<size_t>(tp.row_of(scores, h, i, nb))];
+        km = std::max(km, std::clamp(budget.at(h, i), 0, i + 1));
+      }
+    tp.sptr.assign(static_cast<size_t>(srows) + 1, 0);
+    for (int64_t t = 0; t < srows; ++t)
+      tp.sptr[static_cast<size_t>(t) + 1] = tp.sptr[static_cast<size_t>(t)] + kmax[static_cast<size_t>(t)];
+    tp.stop.resize(static_cast<size_t>(tp.sptr.back()));
 #pragma omp parallel if (par)
-  {
-    std::vector<uint64_t> keys;
+    {
+      std::vector<uint64_t> keys;
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t t = 0; t < srows; ++t) {
-      if (kmax[static_cast<size_t>(t)] <= 0) continue;
-      const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
-      const float* row = scores.data + (static_cast<size_t>(sh) * nb + i) * nb;
-      rank::top_desc(row, i + 1, kmax[static_cast<size_t>(t)], stop.data() + sptr[static_cast<size_t>(t)], keys);
+      for (int64_t t = 0; t < srows; ++t) {
+        if (kmax[static_cast<size_t>(t)] <= 0) continue;
+        const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
+        const float* row = scores.data + (static_cast<size_t>(sh) * nb + i) * nb;
+        rank::top_desc(row, i + 1, kmax[static_cast<size_t>(t)], tp.stop.data() + tp.sptr[static_cast<size_t>(t)],
+                       keys);
+      }
     }
   }
-  std::vector<RankingFidelity> out(static_cast<size_t>(mass.heads));
+  // Per head: each mass row's top k (the oracle's S*) once for every score set.
+  std::vector<std::vector<RankingFidelity>> out(views.size(), std::vector<RankingFidelity>(static_cast<size_t>(mass.heads)));
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int h = 0; h < mass.heads; ++h) {
     std::vector<uint64_t> keys;
     std::vector<int32_t> best(static_cast<size_t>(nb));
     std::vector<uint8_t> flag(static_cast<size_t>(nb), 0);  // bit 0: in S, bit 1: in S*
-    double br = 0, mr = 0, ratio = 0;
+    std::vector<double> br(views.size(), 0.0), mr(views.size(), 0.0), ratio(views.size(), 0.0);
     for (int i = 0; i < nb; ++i) {
       const int k = budget.at(h, i), kk = std::clamp(k, 0, i + 1);
       const float* m = mass.row(h, i);
-      const int32_t* s = stop.data() + sptr[static_cast<size_t>(lead_of(h)) * nb + i];
       rank::top_desc(m, i + 1, kk, best.data(), keys);
-      for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
-      for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;
-      // Both sets summed in ascending block order (as sorted lists were).
-      double ms = 0, mb = 0;
-      int common = 0;
-      for (int j = 0; j <= i; ++j) {
-        const uint8_t f = flag[static_cast<size_t>(j)];
-        if (!f) continue;
-        if (f & 1) ms += m[j];
-        if (f & 2) mb += m[j];
-        common += f == 3;
-        flag[static_cast<size_t>(j)] = 0;
+      for (size_t v = 0; v < views.size(); ++v) {
+        const int32_t* s = tops[v].stop.data() + tops[v].sptr[static_cast<size_t>(tops[v].row_of(views[v], h, i, nb))];
+        for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
+        for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;
+        // Both sets summed in ascending block order (as sorted lists were).
+        double ms = 0, mb = 0;
+        int common = 0;
+        for (int j = 0; j <= i; ++j) {
+          const uint8_t f = flag[static_cast<size_t>(j)];
+          if (!f) continue;
+          if (f & 1) ms += m[j];
+          if (f & 2) mb += m[j];
+          common += f == 3;
+          flag[static_cast<size_t>(j)] = 0;
+        }
+        br[v] += k > 0 ? static_cast<double>(common) / k : 1.0;
+        mr[v] += ms;
+        ratio[v] += mb > 0 ? ms / mb : 1.0;
       }
-      br += k > 0 ? static_cast<double>(common) / k : 1.0;
-      mr += ms;
-      ratio += mb > 0 ? ms / mb : 1.0;
     }
-    out[static_cast<size_t>(h)] = {h, br / nb, mr / nb, ratio / nb};
+    for (size_t v = 0; v < views.size(); ++v) out[v][static_cast<size_t>(h)] = {h, br[v] / nb, mr[v] / nb, ratio[v] / nb};
   }
   return out;
 }

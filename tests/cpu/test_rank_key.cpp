@@ -319,6 +319,21 @@ std::vector<analysis::RankingFidelity> ref_fidelity(const analysis::ScoreView& s
 TEST(RankKey, RankingFidelityEqualsTheReference) {
   const int H = 6, nb = 29;
   const BlockMass m = random_mass(H, nb, 32);
+  // Several score sets at once give each set's numbers alone.
+  std::vector<BlockScores> sets;
+  std::vector<analysis::ScoreView> views;
+  for (int score_heads : {1, 2, 3, 6}) sets.push_back(random_scores(score_heads, nb, 32, false));
+  for (const BlockScores& x : sets) views.push_back({x.score.data(), x.heads, nb, H});
+  const analysis::OracleBudget b75 = analysis::oracle_budget(m, 0.75);
+  const auto all = analysis::ranking_fidelity(views, m, b75);
+  for (size_t v = 0; v < views.size(); ++v) {
+    const auto ref = ref_fidelity(views[v], m, b75);
+    for (int h = 0; h < H; ++h) {
+      EXPECT_EQ(all[v][h].block_recall, ref[h].block_recall) << v << " " << h;
+      EXPECT_EQ(all[v][h].mass_recall, ref[h].mass_recall) << v << " " << h;
+      EXPECT_EQ(all[v][h].mass_ratio, ref[h].mass_ratio) << v << " " << h;
+    }
+  }
   for (int score_heads : {1, 2, 3, 6}) {
     const BlockScores s = random_scores(score_heads, nb, 32, false);
     const analysis::ScoreView view{s.score.data(), score_heads, nb, H};

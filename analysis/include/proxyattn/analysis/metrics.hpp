@@ -135,6 +135,9 @@ struct RankingFidelity {
 };
 std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const BlockMass& mass,
                                               const OracleBudget& budget);
+// The same for several score sets ([set][head]): each mass row's top k is ranked once for all.
+std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const ScoreView> views, const BlockMass& mass,
+                                                           const OracleBudget& budget);
 
 // ---- budget accuracy -------------------------------------------------------------------------
 
