@@ -140,10 +140,12 @@ std::vector<int32_t> selection_order(const BlockScores& s, const SelectOptions& 
                      return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b);
                    }))
       same_as[static_cast<size_t>(h)] = same_as[static_cast<size_t>(h - 1)] >= 0 ? same_as[static_cast<size_t>(h - 1)] : h - 1;
-  detail::parallel_for(s.heads, [&](int64_t h64) {
-    const int h = static_cast<int>(h64);
-    if (same_as[static_cast<size_t>(h)] < 0)
-      for (int i = 0; i < nb; ++i) selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
+  std::vector<int> own;  // heads sorted here; in parallel over (head, row): one head may be all
+  for (int h = 0; h < s.heads; ++h)
+    if (same_as[static_cast<size_t>(h)] < 0) own.push_back(h);
+  detail::parallel_heads_blocks(static_cast<int>(own.size()), nb, [&](int x, int i) {
+    const int h = own[static_cast<size_t>(x)];
+    selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
   });
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64), from = same_as[static_cast<size_t>(h)];
