@@ -360,6 +360,21 @@ BlockMask auto_density_mask(const MethodInfo& method, const BlockScores& scores,
   return select_to_density(scores, density, DensityRule::native_adjust, opts);
 }
 
+std::vector<BlockMask> auto_density_masks(const MethodInfo& method, const BlockScores& scores,
+                                          const std::vector<double>& densities,
+                                          const std::function<const Budgets&()>& dynamic,
+                                          const std::function<const BlockMass&()>& mass,
+                                          const std::vector<int32_t>* order) {
+  if (method.auto_density == AutoDensity::native_adjust) {
+    SelectOptions opts;
+    if (!method.forced_blocks) opts.sink = opts.diagonal = false;
+    return select_to_densities(scores, densities, DensityRule::native_adjust, opts);
+  }
+  std::vector<BlockMask> out;
+  for (double d : densities) out.push_back(auto_density_mask(method, scores, d, dynamic, mass, order));
+  return out;
+}
+
 // ---- recall ----------------------------------------------------------------------------------
 
 std::vector<double> mass_recall_per_head(const BlockMask& sel, const BlockMass& mass) {

@@ -90,6 +90,70 @@ BlockMask select_with(const BlockScores& s, const SelectOptions& o, RowK&& row_k
 
 double causal_blocks(int nb) { return 0.5 * nb * (nb + 1.0); }
 
+// head_global / native_adjust for several targets T (blocks per head) of one score set. One key
+// per causal cell: tier (2 bits: forced, native, other), score (descending, NaN lowest), then the
+// causal index i (i + 1) / 2 + j (ties by lower i, then j): the comparator order of
+// select_to_density as plain integers. The keys are built once per head; the largest target
+// is cut first and each smaller one inside the previous cut (the T smallest keys are the T
+// smallest of any larger prefix). Masks go straight into CSR rows.
+constexpr int64_t kKeyedCells = int64_t{1} << 30;
+std::vector<BlockMask> keyed_density_masks(const BlockScores& s, const std::vector<int64_t>& targets, bool use_native,
+                                           const SelectOptions& o) {
+  const int nb = s.num_blocks;
+  const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  const size_t nt = targets.size();
+  std::vector<size_t> by_size(nt);  // targets, largest first
+  for (size_t t = 0; t < nt; ++t) by_size[t] = t;
+  std::stable_sort(by_size.begin(), by_size.end(), [&](size_t x, size_t y) { return targets[x] > targets[y]; });
+  std::vector<std::vector<std::vector<int32_t>>> head_idx(nt, std::vector<std::vector<int32_t>>(s.heads));
+  std::vector<std::vector<int32_t>> row_n(nt, std::vector<int32_t>(static_cast<size_t>(s.heads) * nb));
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    std::vector<uint64_t> keys(static_cast<size_t>(per_head));
+    std::vector<uint8_t> forced(nb);
+    int64_t nforced = 0;
+    for (int i = 0; i < nb; ++i) {
+      nforced += mark_forced(i, o, forced);
+      const float* row = s.row(h, i);
+      const uint64_t base = static_cast<uint64_t>(i) * (i + 1) / 2;
+      std::span<const int32_t> nat;
+      if (use_native) nat = s.native->row(h, i);
+      size_t p = 0;  // walks the sorted native row alongside j
+      for (int j = 0; j <= i; ++j) {
+        while (p < nat.size() && nat[p] < j) ++p;
+        const uint64_t tier = forced[j] ? 0 : (p < nat.size() && nat[p] == j ? 1 : 2);
+        keys[base + j] = (tier << 62) | (uint64_t{rank::desc_key(row[j])} << 30) | (base + j);
+      }
+    }
+    std::vector<uint8_t> picked(static_cast<size_t>(per_head), 0);
+    int64_t end = per_head;  // keys[0 .. end) hold the `end` smallest keys
+    for (size_t t : by_size) {
+      const int64_t take = std::min<int64_t>(per_head, std::max(nforced, targets[t]));
+      if (take < end) std::nth_element(keys.begin(), keys.begin() + take, keys.begin() + end);
+      end = take;
+      for (int64_t x = 0; x < take; ++x) picked[keys[static_cast<size_t>(x)] & (kKeyedCells - 1)] = 1;
+      std::vector<int32_t>& idx = head_idx[t][static_cast<size_t>(h)];
+      idx.reserve(static_cast<size_t>(take));
+      for (int i = 0; i < nb; ++i) {
+        uint8_t* pr = picked.data() + static_cast<size_t>(i) * (i + 1) / 2;
+        const size_t before = idx.size();
+        for (int j = 0; j <= i; ++j)
+          if (pr[j]) idx.push_back(j), pr[j] = 0;
+        row_n[t][static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx.size() - before);
+      }
+    }
+  });
+  std::vector<BlockMask> out;
+  for (size_t t = 0; t < nt; ++t) {
+    std::vector<int32_t> indptr(row_n[t].size() + 1, 0), indices;
+    for (size_t r = 0; r < row_n[t].size(); ++r) indptr[r + 1] = indptr[r] + row_n[t][r];
+    indices.reserve(static_cast<size_t>(indptr.back()));
+    for (const auto& idx : head_idx[t]) indices.insert(indices.end(), idx.begin(), idx.end());
+    out.emplace_back(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string_view density_rule_name(DensityRule r) {
@@ -243,50 +307,7 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
   const bool use_native = rule == DensityRule::native_adjust && s.native.has_value();
   const int64_t target = std::llround(density * causal_blocks(nb));
   const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
-  if (per_head < (int64_t{1} << 30)) {
-    // One key per causal cell: tier (2 bits), score (descending, NaN lowest), then the causal
-    // index i (i + 1) / 2 + j (ties by lower i, then j): the order of the comparator below, as
-    // plain integers. The mask is built per head straight into CSR rows.
-    std::vector<std::vector<int32_t>> head_idx(static_cast<size_t>(s.heads));
-    std::vector<int32_t> row_n(static_cast<size_t>(s.heads) * nb);
-    detail::parallel_for(s.heads, [&](int64_t h64) {
-      const int h = static_cast<int>(h64);
-      std::vector<uint64_t> keys(static_cast<size_t>(per_head));
-      std::vector<uint8_t> forced(nb);
-      int64_t nforced = 0;
-      for (int i = 0; i < nb; ++i) {
-        nforced += mark_forced(i, o, forced);
-        const float* row = s.row(h, i);
-        const uint64_t base = static_cast<uint64_t>(i) * (i + 1) / 2;
-        std::span<const int32_t> nat;
-        if (use_native) nat = s.native->row(h, i);
-        size_t p = 0;  // walks the sorted native row alongside j
-        for (int j = 0; j <= i; ++j) {
-          while (p < nat.size() && nat[p] < j) ++p;
-          const uint64_t tier = forced[j] ? 0 : (p < nat.size() && nat[p] == j ? 1 : 2);
-          keys[base + j] = (tier << 62) | (uint64_t{rank::desc_key(row[j])} << 30) | (base + j);
-        }
-      }
-      const int64_t take = std::min<int64_t>(per_head, std::max(nforced, target));
-      if (take < per_head) std::nth_element(keys.begin(), keys.begin() + take, keys.end());
-      std::vector<uint8_t> picked(static_cast<size_t>(per_head), 0);
-      for (int64_t t = 0; t < take; ++t) picked[keys[static_cast<size_t>(t)] & ((uint64_t{1} << 30) - 1)] = 1;
-      std::vector<int32_t>& idx = head_idx[static_cast<size_t>(h)];
-      idx.reserve(static_cast<size_t>(take));
-      for (int i = 0; i < nb; ++i) {
-        const uint8_t* pr = picked.data() + static_cast<size_t>(i) * (i + 1) / 2;
-        const size_t before = idx.size();
-        for (int j = 0; j <= i; ++j)
-          if (pr[j]) idx.push_back(j);
-        row_n[static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx.size() - before);
-      }
-    });
-    std::vector<int32_t> indptr(row_n.size() + 1, 0), indices;
-    for (size_t r = 0; r < row_n.size(); ++r) indptr[r + 1] = indptr[r] + row_n[r];
-    indices.reserve(static_cast<size_t>(indptr.back()));
-    for (const auto& idx : head_idx) indices.insert(indices.end(), idx.begin(), idx.end());
-    return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
-  }
+  if (per_head < kKeyedCells) return keyed_density_masks(s, {target}, use_native, o).front();
   std::vector<uint8_t> bitmap(static_cast<size_t>(s.heads) * nb * nb, 0);
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
@@ -319,6 +340,24 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
       bitmap[(static_cast<size_t>(h) * nb + cells[t].i) * nb + cells[t].j] = 1;
   });
   return BlockMask::from_bitmap(s.heads, s.seq_len, s.block, bitmap);
+}
+
+std::vector<BlockMask> select_to_densities(const BlockScores& s, const std::vector<double>& densities, DensityRule rule,
+                                           const SelectOptions& o) {
+  check_scores(s, "select_to_densities");
+  check_options(o);
+  const int nb = s.num_blocks;
+  const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  bool keyed = rule != DensityRule::row_uniform && per_head < kKeyedCells;
+  std::vector<int64_t> targets;
+  for (double d : densities) {
+    if (!(d > 0.0 && d <= 1.0)) keyed = false;  // select_to_density names the bad value
+    targets.push_back(std::llround(d * causal_blocks(nb)));
+  }
+  if (keyed) return keyed_density_masks(s, targets, rule == DensityRule::native_adjust && s.native.has_value(), o);
+  std::vector<BlockMask> out;
+  for (double d : densities) out.push_back(select_to_density(s, d, rule, o));
+  return out;
 }
 
 namespace {

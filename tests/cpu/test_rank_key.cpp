@@ -171,6 +171,13 @@ TEST(RankKey, SelectionsEqualTheComparatorReference) {
               << heads << " " << nb << " " << d;
         }
         for (int k : {1, 2, 5, nb}) EXPECT_EQ(select_top_k(s, k, o), ref_select_top_k(s, k, o)) << k;
+        // Several densities at once (unsorted, repeated): each as alone.
+        const std::vector<double> ds{0.37, 0.01, 0.9, 0.37, 1.0};
+        for (DensityRule r : {DensityRule::head_global, DensityRule::native_adjust, DensityRule::row_uniform}) {
+          const std::vector<BlockMask> many = select_to_densities(s, ds, r, o);
+          ASSERT_EQ(many.size(), ds.size());
+          for (size_t x = 0; x < ds.size(); ++x) EXPECT_EQ(many[x], select_to_density(s, ds[x], r, o)) << ds[x];
+        }
       }
     }
   }
