@@ -94,6 +94,8 @@ class LayerRun {
   // Selection order of each budget-driven score set (select.hpp selection_order): its budgets'
   // masks are then prefixes per row, no sort per mask.
   std::map<const BlockScores*, std::vector<int32_t>> order_cache_;
+  // Fixed-density masks computed together with the one asked for, until they are asked for.
+  std::map<std::pair<const BlockScores*, double>, BlockMask> density_cache_;
   const std::vector<int32_t>& order_of(const BlockScores& sc) {
     auto it = order_cache_.find(&sc);
     if (it == order_cache_.end()) it = order_cache_.emplace(&sc, selection_order(sc)).first;
@@ -191,17 +193,42 @@ const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& 
 
 BlockMask LayerRun::fixed_selection(const MethodInfo& method, const BlockScores& sc, double density,
                                     std::string& rule) {
+  // Every fixed sparsity of this score set at once (each head's cells ranked once), kept until
+  // asked for; any other density (none today) alone.
+  std::vector<double> all;
+  for (double s : cfg_.sparsity) all.push_back(1.0 - s);
+  const bool batch = std::find(all.begin(), all.end(), density) != all.end();
+  auto take = [&](std::vector<BlockMask> masks) {
+    for (size_t x = 0; x < all.size(); ++x) density_cache_.emplace(std::make_pair(&sc, all[x]), std::move(masks[x]));
+    auto it = density_cache_.find({&sc, density});
+    BlockMask m = std::move(it->second);
+    density_cache_.erase(it);
+    return m;
+  };
+  if (batch) {
+    auto it = density_cache_.find({&sc, density});
+    if (it != density_cache_.end()) {
+      rule = cfg_.density_rule == "auto" ? std::string(auto_density_name(method.auto_density)) : cfg_.density_rule;
+      BlockMask m = std::move(it->second);
+      density_cache_.erase(it);
+      return m;
+    }
+  }
   if (cfg_.density_rule == "auto") {
     rule = auto_density_name(method.auto_density);
-    return auto_density_mask(
-        method, sc, density, [&]() -> const Budgets& { return budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_)); },
-        [&]() -> const BlockMass& { return oracle_.mass; }, &order_of(sc));
+    auto dynamic = [&]() -> const Budgets& { return budgets(find_budget_kind("dynamic"), sc, gamma_ref(cfg_)); };
+    auto mass = [&]() -> const BlockMass& { return oracle_.mass; };
+    if (batch && method.auto_density == AutoDensity::native_adjust)
+      return take(auto_density_masks(method, sc, all, dynamic, mass, &order_of(sc)));
+    return auto_density_mask(method, sc, density, dynamic, mass, &order_of(sc));
   }
   // The oracle needs no forced blocks: its fixed-density selection is the upper bound.
   SelectOptions opts;
   if (!method.forced_blocks) opts.sink = opts.diagonal = false;
   rule = cfg_.density_rule;
-  return select_to_density(sc, density, parse_density_rule(rule), opts);
+  const DensityRule r = parse_density_rule(rule);
+  if (batch && r != DensityRule::row_uniform) return take(select_to_densities(sc, all, r, opts));
+  return select_to_density(sc, density, r, opts);
 }
 
 template <class F>
@@ -280,12 +307,19 @@ void LayerRun::similarity() {
                                 num(hs.mean), num(hs.min), num(hs.max)});
   }
 
-  // Fidelity of each proxy: its ranking at each member head's own oracle budget.
+  // Fidelity of each proxy: its ranking at each member head's own oracle budget. Every group
+  // count at once per gamma (the oracle's top blocks ranked once), rows in (group, gamma) order.
+  std::vector<ScoreView> views;
   for (int g : store_.groups) {
     const BlockScores& sc = scores(proxyattn_method(), g, kNaN);
-    const ScoreView view{sc.score.data(), sc.heads, sc.num_blocks, H};
+    views.push_back({sc.score.data(), sc.heads, sc.num_blocks, H});
+  }
+  std::vector<std::vector<std::vector<RankingFidelity>>> fid;  // [gamma][group][head]
+  for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) fid.push_back(ranking_fidelity(views, oracle_.mass, obudget_[gi]));
+  for (size_t gx = 0; gx < store_.groups.size(); ++gx) {
+    const int g = store_.groups[gx];
     for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) {
-      const auto f = ranking_fidelity(view, oracle_.mass, obudget_[gi]);
+      const auto& f = fid[gi][gx];
       auto& agg = A_.fidelity[{g, cfg_.gamma[gi]}];
       for (const RankingFidelity& x : f) {
         T_.fidelity->add({store_.label, layer_, g, num(cfg_.gamma[gi]), x.head,

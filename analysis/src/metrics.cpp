@@ -5,12 +5,14 @@
 #include "proxyattn/select.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <numeric>
 #include <string>
 
 #include "proxyattn/error.hpp"
+#include "proxyattn/rank_key.hpp"
 
 namespace proxyattn::analysis {
 
@@ -47,9 +49,9 @@ void check_gamma(double gamma) {
     throw Error("gamma " + std::to_string(gamma) + " outside (0, 1]");
 }
 
-// Strict total orders for ranking: descending (or ascending) value, NaN after every number,
-// ties by the lower id. (A NaN-unaware comparator is not a strict weak order, and std::sort may
-// then read out of range on data read with --allow-nonfinite.)
+// Strict total order for ranking (the path of oracle_density_mask too large for rank keys):
+// descending value, NaN after every number, ties by the lower id. (A NaN-unaware comparator is
+// not a strict weak order, and std::sort may then read out of range with --allow-nonfinite.)
 template <class Id>
 inline bool desc_before(float x, float y, Id a, Id b) {
   const bool nx = std::isnan(x), ny = std::isnan(y);
@@ -57,25 +59,13 @@ inline bool desc_before(float x, float y, Id a, Id b) {
   if (!nx && x != y) return x > y;
   return a < b;
 }
-template <class Id>
-inline bool asc_before(float x, float y, Id a, Id b) {
-  const bool nx = std::isnan(x), ny = std::isnan(y);
-  if (nx != ny) return ny;
-  if (!nx && x != y) return x < y;
-  return a < b;
-}
 
-// Index of the k-th value (0-based) of a row ranked descending, ties by lower id: we only need
-// the top-k set, so partial_sort over ids with a total order.
+// The top-k ids of a row (blocks 0..i) in ranking order, descending, ties by lower id.
 std::vector<int32_t> topk_of_row(const float* row, int i, int k) {
-  std::vector<int32_t> ids(static_cast<size_t>(i) + 1);
-  std::iota(ids.begin(), ids.end(), 0);
+  thread_local std::vector<uint64_t> keys;
   k = std::clamp(k, 0, i + 1);
-  auto better = [row](int32_t a, int32_t b) {
-    return desc_before(row[a], row[b], a, b);
-  };
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), better);
-  ids.resize(static_cast<size_t>(k));
+  std::vector<int32_t> ids(static_cast<size_t>(k));
+  rank::top_desc(row, i + 1, k, ids.data(), keys);
   return ids;
 }
 
@@ -90,10 +80,11 @@ void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::ve
   const size_t n = x.size();
   ids.resize(n);
   ranks.resize(n);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
-    return asc_before(x[a], x[b], a, b);
-  });
+  thread_local std::vector<uint64_t> keys;
+  keys.resize(n);
+  for (size_t t = 0; t < n; ++t) keys[t] = rank::asc_id_key(x[t], static_cast<uint32_t>(t));
+  std::sort(keys.begin(), keys.end());
+  for (size_t t = 0; t < n; ++t) ids[t] = static_cast<int32_t>(keys[t] & 0xFFFFFFFFu);
   size_t s = 0;
   while (s < n) {
     size_t e = s + 1;
@@ -101,6 +92,29 @@ void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::ve
     const double r = 0.5 * static_cast<double>(s + e - 1) + 1.0;
     for (size_t t = s; t < e; ++t) ranks[ids[t]] = r;
     s = e;
+  }
+}
+
+// out[q] = sum_t x[t] * ys[q][t] for q < m <= 4, each summed in t order (as a single dot would
+// be); the m sums interleave for instruction-level parallelism.
+void dots(const double* x, const std::vector<double>* ys, int m, size_t n, double* out) {
+  if (m == 4) {
+    const double *y0 = ys[0].data(), *y1 = ys[1].data(), *y2 = ys[2].data(), *y3 = ys[3].data();
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t t = 0; t < n; ++t) {
+      s0 += x[t] * y0[t];
+      s1 += x[t] * y1[t];
+      s2 += x[t] * y2[t];
+      s3 += x[t] * y3[t];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+    return;
+  }
+  for (int q = 0; q < m; ++q) {
+    const double* y = ys[q].data();
+    double s = 0;
+    for (size_t t = 0; t < n; ++t) s += x[t] * y[t];
+    out[q] = s;
   }
 }
 
@@ -247,6 +261,67 @@ BlockMask oracle_density_mask(const BlockMass& mass, double density) {
   const int H = mass.heads, nb = mass.num_blocks;
   const int64_t causal = static_cast<int64_t>(nb) * (nb + 1) / 2;
   const int64_t T = std::clamp<int64_t>(std::llround(density * static_cast<double>(causal) * H), 0, causal * H);
+  const int64_t cells_n = causal * H;
+  if (cells_n <= int64_t{0xFFFFFFFF}) {
+    // The T smallest keys (value descending, then the causal index h * causal + i (i + 1) / 2 + j,
+    // which orders ties by head, row, block as the flat index of the path below does), found in
+    // parallel: a histogram of the keys' top 16 bits puts the cut in one bucket; only that
+    // bucket is ordered. Keys are unique, so the set is the one a full sort would give.
+    const bool par = worth_threads(mass);
+    std::vector<uint8_t> picked(static_cast<size_t>(cells_n), T >= cells_n ? 1 : 0);
+    if (T > 0 && T < cells_n) {
+      constexpr int kBuckets = 1 << 16;
+      std::vector<int64_t> hist(kBuckets, 0);
+#pragma omp parallel if (par)
+      {
+        std::vector<int64_t> local(kBuckets, 0);
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < H; ++h)
+          for (int i = 0; i < nb; ++i) {
+            const float* row = mass.row(h, i);
+            for (int j = 0; j <= i; ++j) ++local[rank::desc_key(row[j]) >> 16];
+          }
+#pragma omp critical
+        for (int b = 0; b < kBuckets; ++b) hist[static_cast<size_t>(b)] += local[static_cast<size_t>(b)];
+      }
+      uint32_t cut = 0;
+      int64_t below = 0;
+      while (below + hist[cut] < T) below += hist[cut++];
+      std::vector<std::vector<uint64_t>> cand(static_cast<size_t>(H));
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < nb; ++i) {
+          const float* row = mass.row(h, i);
+          const int64_t base = static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
+          for (int j = 0; j <= i; ++j) {
+            const uint32_t key = rank::desc_key(row[j]);
+            if ((key >> 16) < cut) picked[static_cast<size_t>(base + j)] = 1;
+            else if ((key >> 16) == cut) cand[static_cast<size_t>(h)].push_back((uint64_t{key} << 32) | (base + j));
+          }
+        }
+      std::vector<uint64_t> all;
+      for (auto& c : cand) all.insert(all.end(), c.begin(), c.end());
+      const int64_t need = T - below;
+      std::nth_element(all.begin(), all.begin() + need, all.end());
+      for (int64_t t = 0; t < need; ++t) picked[all[static_cast<size_t>(t)] & 0xFFFFFFFFu] = 1;
+    }
+    std::vector<std::vector<int32_t>> idx(static_cast<size_t>(H));
+    std::vector<int32_t> row_n(static_cast<size_t>(H) * nb);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < nb; ++i) {
+        const uint8_t* p = picked.data() + static_cast<int64_t>(h) * causal + static_cast<int64_t>(i) * (i + 1) / 2;
+        const size_t before = idx[static_cast<size_t>(h)].size();
+        for (int j = 0; j <= i; ++j)
+          if (p[j]) idx[static_cast<size_t>(h)].push_back(j);
+        row_n[static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx[static_cast<size_t>(h)].size() - before);
+      }
+    std::vector<int32_t> indptr(row_n.size() + 1, 0), indices;
+    for (size_t r = 0; r < row_n.size(); ++r) indptr[r + 1] = indptr[r] + row_n[r];
+    indices.reserve(static_cast<size_t>(indptr.back()));
+    for (const auto& x : idx) indices.insert(indices.end(), x.begin(), x.end());
+    return BlockMask(H, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
+  }
   // Cells as (value, flat index h * Nb * Nb + i * Nb + j); the flat index orders ties by head,
   // row, block.
   std::vector<std::pair<float, int64_t>> cells;
@@ -283,6 +358,21 @@ BlockMask auto_density_mask(const MethodInfo& method, const BlockScores& scores,
       break;
   }
   return select_to_density(scores, density, DensityRule::native_adjust, opts);
+}
+
+std::vector<BlockMask> auto_density_masks(const MethodInfo& method, const BlockScores& scores,
+                                          const std::vector<double>& densities,
+                                          const std::function<const Budgets&()>& dynamic,
+                                          const std::function<const BlockMass&()>& mass,
+                                          const std::vector<int32_t>* order) {
+  if (method.auto_density == AutoDensity::native_adjust) {
+    SelectOptions opts;
+    if (!method.forced_blocks) opts.sink = opts.diagonal = false;
+    return select_to_densities(scores, densities, DensityRule::native_adjust, opts);
+  }
+  std::vector<BlockMask> out;
+  for (double d : densities) out.push_back(auto_density_mask(method, scores, d, dynamic, mass, order));
+  return out;
 }
 
 // ---- recall ----------------------------------------------------------------------------------
@@ -382,38 +472,106 @@ std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass&
 
 std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const BlockMass& mass,
                                               const OracleBudget& budget) {
+  return ranking_fidelity(std::span<const ScoreView>(&scores, 1), mass, budget).front();
+}
+
+std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const ScoreView> views, const BlockMass& mass,
+                                                           const OracleBudget& budget) {
   check_mass(mass, "ranking fidelity");
-  if (!scores.data || scores.score_heads <= 0 || scores.q_heads != mass.heads ||
-      scores.q_heads % scores.score_heads != 0 || scores.num_blocks != mass.num_blocks)
-    throw Error("ranking fidelity: scores [" + std::to_string(scores.score_heads) + " heads, " +
-                std::to_string(scores.num_blocks) + " blocks] do not fit " +
-                std::to_string(mass.heads) + " query heads x " + std::to_string(mass.num_blocks) +
-                " blocks");
+  for (const ScoreView& scores : views)
+    if (!scores.data || scores.score_heads <= 0 || scores.q_heads != mass.heads ||
+        scores.q_heads % scores.score_heads != 0 || scores.num_blocks != mass.num_blocks)
+      throw Error("ranking fidelity: scores [" + std::to_string(scores.score_heads) + " heads, " +
+                  std::to_string(scores.num_blocks) + " blocks] do not fit " +
+                  std::to_string(mass.heads) + " query heads x " + std::to_string(mass.num_blocks) +
+                  " blocks");
   if (budget.heads != mass.heads || budget.num_blocks != mass.num_blocks)
     throw Error("ranking fidelity: oracle budget does not match the block mass");
-  std::vector<RankingFidelity> out(static_cast<size_t>(mass.heads));
+  const int nb = mass.num_blocks;
   const bool par = worth_threads(mass);
+  const size_t per_head = static_cast<size_t>(nb) * nb;
+  // Per score set: query heads that read the same scores (one score head, or score heads
+  // bitwise equal to the previous one: the copies of one proxy group) share its ranking: each
+  // distinct score row's top k_max (the largest budget of its readers) once; each reader's top k
+  // is a prefix of it.
+  struct Tops {
+    std::vector<int> leader;     // per score head
+    std::vector<int64_t> sptr;   // per score row: its top ids in stop[sptr[r] .. sptr[r + 1])
+    std::vector<int32_t> stop;
+    int64_t row_of(const ScoreView& v, int h, int i, int nb) const {
+      return static_cast<int64_t>(leader[static_cast<size_t>(v.score_head_of(h))]) * nb + i;
+    }
+  };
+  std::vector<Tops> tops(views.size());
+  for (size_t v = 0; v < views.size(); ++v) {
+    const ScoreView& scores = views[v];
+    Tops& tp = tops[v];
+    tp.leader.resize(static_cast<size_t>(scores.score_heads));
+    for (int sh = 0; sh < scores.score_heads; ++sh) {
+      tp.leader[static_cast<size_t>(sh)] = sh;
+      if (sh > 0 && std::equal(scores.data + sh * per_head, scores.data + (sh + 1) * per_head,
+                               scores.data + (sh - 1) * per_head, [](float x, float y) {
+                                 return std::bit_cast<uint32_t>(x) == std::bit_cast<uint32_t>(y);
+                               }))
+        tp.leader[static_cast<size_t>(sh)] = tp.leader[static_cast<size_t>(sh - 1)];
+    }
+    const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
+    std::vector<int32_t> kmax(static_cast<size_t>(srows), 0);
+    for (int h = 0; h < mass.heads; ++h)
+      for (int i = 0; i < nb; ++i) {
+        int32_t& km = kmax[static_cast<size_t>(tp.row_of(scores, h, i, nb))];
+        km = std::max(km, std::clamp(budget.at(h, i), 0, i + 1));
+      }
+    tp.sptr.assign(static_cast<size_t>(srows) + 1, 0);
+    for (int64_t t = 0; t < srows; ++t)
+      tp.sptr[static_cast<size_t>(t) + 1] = tp.sptr[static_cast<size_t>(t)] + kmax[static_cast<size_t>(t)];
+    tp.stop.resize(static_cast<size_t>(tp.sptr.back()));
+#pragma omp parallel if (par)
+    {
+      std::vector<uint64_t> keys;
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t t = 0; t < srows; ++t) {
+        if (kmax[static_cast<size_t>(t)] <= 0) continue;
+        const int sh = static_cast<int>(t / nb), i = static_cast<int>(t % nb);
+        const float* row = scores.data + (static_cast<size_t>(sh) * nb + i) * nb;
+        rank::top_desc(row, i + 1, kmax[static_cast<size_t>(t)], tp.stop.data() + tp.sptr[static_cast<size_t>(t)],
+                       keys);
+      }
+    }
+  }
+  // Per head: each mass row's top k (the oracle's S*) once for every score set.
+  std::vector<std::vector<RankingFidelity>> out(views.size(), std::vector<RankingFidelity>(static_cast<size_t>(mass.heads)));
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int h = 0; h < mass.heads; ++h) {
-    double br = 0, mr = 0, ratio = 0;
-    for (int i = 0; i < mass.num_blocks; ++i) {
-      const int k = budget.at(h, i);
+    std::vector<uint64_t> keys;
+    std::vector<int32_t> best(static_cast<size_t>(nb));
+    std::vector<uint8_t> flag(static_cast<size_t>(nb), 0);  // bit 0: in S, bit 1: in S*
+    std::vector<double> br(views.size(), 0.0), mr(views.size(), 0.0), ratio(views.size(), 0.0);
+    for (int i = 0; i < nb; ++i) {
+      const int k = budget.at(h, i), kk = std::clamp(k, 0, i + 1);
       const float* m = mass.row(h, i);
-      std::vector<int32_t> s = topk_of_row(scores.row(h, i), i, k);
-      std::vector<int32_t> best = topk_of_row(m, i, k);
-      std::sort(s.begin(), s.end());
-      std::sort(best.begin(), best.end());
-      std::vector<int32_t> common;
-      std::set_intersection(s.begin(), s.end(), best.begin(), best.end(), std::back_inserter(common));
-      double ms = 0, mb = 0;
-      for (int32_t j : s) ms += m[j];
-      for (int32_t j : best) mb += m[j];
-      br += k > 0 ? static_cast<double>(common.size()) / k : 1.0;
-      mr += ms;
-      ratio += mb > 0 ? ms / mb : 1.0;
+      rank::top_desc(m, i + 1, kk, best.data(), keys);
+      for (size_t v = 0; v < views.size(); ++v) {
+        const int32_t* s = tops[v].stop.data() + tops[v].sptr[static_cast<size_t>(tops[v].row_of(views[v], h, i, nb))];
+        for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
+        for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;
+        // Both sets summed in ascending block order (as sorted lists were).
+        double ms = 0, mb = 0;
+        int common = 0;
+        for (int j = 0; j <= i; ++j) {
+          const uint8_t f = flag[static_cast<size_t>(j)];
+          if (!f) continue;
+          if (f & 1) ms += m[j];
+          if (f & 2) mb += m[j];
+          common += f == 3;
+          flag[static_cast<size_t>(j)] = 0;
+        }
+        br[v] += k > 0 ? static_cast<double>(common) / k : 1.0;
+        mr[v] += ms;
+        ratio[v] += mb > 0 ? ms / mb : 1.0;
+      }
     }
-    const double n = mass.num_blocks;
-    out[static_cast<size_t>(h)] = {h, br / n, mr / n, ratio / n};
+    for (size_t v = 0; v < views.size(); ++v) out[v][static_cast<size_t>(h)] = {h, br[v] / nb, mr[v] / nb, ratio[v] / nb};
   }
   return out;
 }
@@ -488,12 +646,11 @@ std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est, const
 std::vector<int64_t> topk_tokens(std::span<const float> probs, int64_t k) {
   const int64_t n = static_cast<int64_t>(probs.size());
   k = std::clamp<int64_t>(k, 0, n);
-  std::vector<int64_t> ids(static_cast<size_t>(n));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int64_t a, int64_t b) {
-    return desc_before(probs[a], probs[b], a, b);
-  });
-  ids.resize(static_cast<size_t>(k));
+  if (n > int64_t{0x7FFFFFFF}) throw Error("top-k tokens: more than 2^31 tokens");
+  std::vector<uint64_t> keys;
+  std::vector<int32_t> top(static_cast<size_t>(k));
+  rank::top_desc(probs.data(), n, k, top.data(), keys);
+  std::vector<int64_t> ids(top.begin(), top.end());
   std::sort(ids.begin(), ids.end());
   return ids;
 }
@@ -572,36 +729,64 @@ HeadSimilarity head_similarity(const BlockMass& mass, std::span<const float> tok
   }
   s.rows_used = static_cast<int>(rows.size());
 
-  // Per row: ranks of every head once, then all pairs. Sums per thread, reduced after.
-  std::vector<double> cos_sum(HH, 0.0), sp_sum(HH, 0.0);
-  std::vector<int64_t> cos_n(HH, 0), sp_n(HH, 0);
+  // Per row: ranks of every head once, then all pairs. Each row's values are kept and summed
+  // in row order afterwards, so the result does not depend on the threads (the serial sums).
+  const size_t R = rows.size();
+  std::vector<double> row_cos(R * HH, kNaN), row_sp(R * HH, kNaN);
   const bool par = worth_threads(mass) || static_cast<int64_t>(HH) * nb * nb > (int64_t{1} << 22);
 #pragma omp parallel if (par)
   {
-    std::vector<double> lcos(HH, 0.0), lsp(HH, 0.0);
-    std::vector<int64_t> lcn(HH, 0), lsn(HH, 0);
     std::vector<std::vector<double>> ranks(static_cast<size_t>(H));
     std::vector<int32_t> ids;
+    // Per head, what cosine_similarity and pearson compute for every pair from one vector alone
+    // (the values as double, the centred ranks, their sums of squares), with the same operations
+    // in the same order: each pair then costs two dot products, four pairs per sweep.
+    std::vector<std::vector<double>> val(static_cast<size_t>(H)), cen(static_cast<size_t>(H));
+    std::vector<double> vsq(static_cast<size_t>(H)), csq(static_cast<size_t>(H));
 #pragma omp for schedule(dynamic, 1)
     for (size_t t = 0; t < rows.size(); ++t) {
       const int i = rows[t];
       const size_t len = static_cast<size_t>(i) + 1;
-      for (int h = 0; h < H; ++h)
-        average_ranks({mass.row(h, i), len}, ranks[static_cast<size_t>(h)], ids);
-      for (int a = 0; a < H; ++a)
-        for (int b = a; b < H; ++b) {
-          const double c = cosine_similarity({mass.row(a, i), len}, {mass.row(b, i), len});
-          const double r = pearson(ranks[static_cast<size_t>(a)].data(),
-                                   ranks[static_cast<size_t>(b)].data(), len);
-          const size_t ab = static_cast<size_t>(a) * H + b;
-          if (std::isfinite(c)) { lcos[ab] += c; ++lcn[ab]; }
-          if (std::isfinite(r)) { lsp[ab] += r; ++lsn[ab]; }
+      for (int h = 0; h < H; ++h) {
+        const size_t hs = static_cast<size_t>(h);
+        average_ranks({mass.row(h, i), len}, ranks[hs], ids);
+        const float* x = mass.row(h, i);
+        val[hs].resize(len);
+        double aa = 0;
+        for (size_t u = 0; u < len; ++u) {
+          val[hs][u] = static_cast<double>(x[u]);
+          aa += val[hs][u] * val[hs][u];
         }
-    }
-#pragma omp critical
-    for (size_t ab = 0; ab < HH; ++ab) {
-      cos_sum[ab] += lcos[ab]; cos_n[ab] += lcn[ab];
-      sp_sum[ab] += lsp[ab]; sp_n[ab] += lsn[ab];
+        vsq[hs] = aa;
+        const std::vector<double>& r = ranks[hs];
+        double m = 0;
+        for (size_t u = 0; u < len; ++u) m += r[u];
+        m /= static_cast<double>(len);
+        cen[hs].resize(len);
+        double cc = 0;
+        for (size_t u = 0; u < len; ++u) {
+          cen[hs][u] = r[u] - m;
+          cc += cen[hs][u] * cen[hs][u];
+        }
+        csq[hs] = cc;
+      }
+      for (int a = 0; a < H; ++a)
+        for (int b0 = a; b0 < H; b0 += 4) {
+          const int nbh = std::min(4, H - b0);
+          double ab[4], rr[4];
+          dots(val[static_cast<size_t>(a)].data(), val.data() + b0, nbh, len, ab);
+          dots(cen[static_cast<size_t>(a)].data(), cen.data() + b0, nbh, len, rr);
+          for (int q = 0; q < nbh; ++q) {
+            const int b = b0 + q;
+            const double aa = vsq[static_cast<size_t>(a)], bb = vsq[static_cast<size_t>(b)];
+            const double ca = csq[static_cast<size_t>(a)], cb = csq[static_cast<size_t>(b)];
+            const double c = (aa <= 0 || bb <= 0) ? kNaN : std::clamp(ab[q] / std::sqrt(aa * bb), -1.0, 1.0);
+            const double r = (ca <= 0 || cb <= 0) ? kNaN : std::clamp(rr[q] / std::sqrt(ca * cb), -1.0, 1.0);
+            const size_t ix = t * HH + static_cast<size_t>(a) * H + b;
+            row_cos[ix] = c;
+            row_sp[ix] = r;
+          }
+        }
     }
   }
   s.cosine.assign(HH, kNaN);
@@ -609,8 +794,15 @@ HeadSimilarity head_similarity(const BlockMass& mass, std::span<const float> tok
   for (int a = 0; a < H; ++a)
     for (int b = a; b < H; ++b) {
       const size_t ab = static_cast<size_t>(a) * H + b, ba = static_cast<size_t>(b) * H + a;
-      const double c = cos_n[ab] ? cos_sum[ab] / cos_n[ab] : kNaN;
-      const double r = sp_n[ab] ? sp_sum[ab] / sp_n[ab] : kNaN;
+      double cs = 0, ss = 0;
+      int64_t cn = 0, sn = 0;
+      for (size_t t = 0; t < R; ++t) {
+        const double x = row_cos[t * HH + ab], y = row_sp[t * HH + ab];
+        if (std::isfinite(x)) { cs += x; ++cn; }
+        if (std::isfinite(y)) { ss += y; ++sn; }
+      }
+      const double c = cn ? cs / cn : kNaN;
+      const double r = sn ? ss / sn : kNaN;
       s.cosine[ab] = s.cosine[ba] = c;
       s.spearman[ab] = s.spearman[ba] = r;
     }

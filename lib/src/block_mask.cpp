@@ -31,6 +31,20 @@ BlockMask::BlockMask(int heads, int64_t seq_len, int block, std::vector<int32_t>
   if (static_cast<size_t>(indptr_.back()) != indices_.size())
     throw Error("BlockMask: indptr.back() = " + std::to_string(indptr_.back()) + " but " +
                 std::to_string(indices_.size()) + " indices");
+  // Check every row in parallel first (a mask of a 128K layer holds millions of entries); only a
+  // mask that fails is walked again in order, for the message naming its first offending entry.
+  bool ok = true;
+#pragma omp parallel for schedule(static) reduction(&& : ok) if (indices_.size() > (size_t{1} << 18))
+  for (int64_t r = 0; r < static_cast<int64_t>(rows); ++r) {
+    const int32_t i = static_cast<int32_t>(r % num_blocks_), b = indptr_[r], e = indptr_[r + 1];
+    bool row_ok = b >= 0 && e >= b && static_cast<size_t>(e) <= indices_.size();
+    for (int32_t p = b; row_ok && p < e; ++p) {
+      const int32_t j = indices_[p];
+      row_ok = j >= 0 && j <= i && (p == b || indices_[p - 1] < j);
+    }
+    ok = ok && row_ok;
+  }
+  if (ok) return;
   for (size_t r = 0; r < rows; ++r) {
     const int h = static_cast<int>(r / num_blocks_), i = static_cast<int>(r % num_blocks_);
     const auto where = [&] { return "BlockMask: head " + std::to_string(h) + ", query block " + std::to_string(i); };
@@ -80,14 +94,24 @@ BlockMask BlockMask::from_rows(int heads, int64_t seq_len, int block,
   if (rows.size() != static_cast<size_t>(heads) * nb)
     throw Error("BlockMask::from_rows: " + std::to_string(rows.size()) + " rows, expected heads * Nb = " +
                 std::to_string(static_cast<size_t>(heads) * nb));
-  std::vector<int32_t> indptr{0}, indices;
-  for (const auto& r : rows) {
-    std::vector<int32_t> s = r;
+  // Rows sorted and deduplicated in parallel (independent), then laid out in order.
+  const int64_t n = static_cast<int64_t>(rows.size());
+  std::vector<std::vector<int32_t>> sorted(rows.size());
+  const bool par = n * 16 > (int64_t{1} << 16);
+#pragma omp parallel for schedule(dynamic, 64) if (par)
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<int32_t>& s = sorted[static_cast<size_t>(r)];
+    s = rows[static_cast<size_t>(r)];
     std::sort(s.begin(), s.end());
     s.erase(std::unique(s.begin(), s.end()), s.end());
-    indices.insert(indices.end(), s.begin(), s.end());
-    indptr.push_back(static_cast<int32_t>(indices.size()));
   }
+  std::vector<int32_t> indptr(rows.size() + 1, 0);
+  for (size_t r = 0; r < rows.size(); ++r) indptr[r + 1] = indptr[r] + static_cast<int32_t>(sorted[r].size());
+  std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+#pragma omp parallel for schedule(dynamic, 64) if (par)
+  for (int64_t r = 0; r < n; ++r)
+    std::copy(sorted[static_cast<size_t>(r)].begin(), sorted[static_cast<size_t>(r)].end(),
+              indices.begin() + indptr[static_cast<size_t>(r)]);
   return BlockMask(heads, seq_len, block, std::move(indptr), std::move(indices));
 }
 
@@ -123,14 +147,17 @@ double BlockMask::density() const {
 double BlockMask::element_density(int h) const {
   // Pairs (q, k) with k <= q inside selected blocks: off-diagonal blocks are full rectangles
   // (rows of block i times columns of block j), the diagonal block is a triangle.
+  // Every term is a whole number, so the double sum is exact in any grouping: per row, its
+  // off-diagonal blocks at once (the row is sorted: the diagonal, if kept, is its last entry).
   const int64_t B = block_, N = seq_len_;
   double pairs = 0;
   for (int i = 0; i < num_blocks_; ++i) {
     const int64_t q0 = i * B, q1 = std::min<int64_t>(N, q0 + B), rows = q1 - q0;
-    for (int32_t j : row(h, i)) {
-      if (j < i) pairs += static_cast<double>(rows) * B;  // key block j < i is always full
-      else pairs += 0.5 * static_cast<double>(rows) * (rows + 1);
-    }
+    const auto r = row(h, i);
+    const bool diag = !r.empty() && r.back() == i;
+    const int64_t off = static_cast<int64_t>(r.size()) - (diag ? 1 : 0);
+    pairs += static_cast<double>(rows * B * off);  // key block j < i is always full
+    if (diag) pairs += 0.5 * static_cast<double>(rows) * (rows + 1);
   }
   return pairs / (0.5 * static_cast<double>(N) * (N + 1));
 }

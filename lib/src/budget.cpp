@@ -132,7 +132,9 @@ class LastBlockBudget final : public Budget {
     } else {
       tok = last_block_tokens(q, k, B);
     }
-    for (int h = 0; h < s.heads; ++h) {
+    // Heads are independent (each writes its own entries): in parallel, same result.
+    detail::parallel_for(s.heads, [&](int64_t h64) {
+      const int h = static_cast<int>(h64);
       const double* t = tok.data() + static_cast<size_t>(h) * N;
       std::vector<double> p(nb, 0.0);
       for (int64_t x = 0; x < N; ++x) p[x / B] += t[x];
@@ -143,7 +145,7 @@ class LastBlockBudget final : public Budget {
       for (int64_t r = 0; r < kh; ++r) b.last_block_mass[h] += p[order[r]];
       for (int i = 0; i < nb; ++i)
         b.per_row_k[static_cast<size_t>(h) * nb + i] = row_budget(static_cast<int32_t>(kh), i, nb, c.mode);
-    }
+    });
     return b;
   }
 
@@ -263,7 +265,8 @@ class OracleBudget final : public Budget {
                   std::to_string(s.block));
     const int nb = s.num_blocks;
     Budgets b = empty_budgets(name(), s);
-    for (int h = 0; h < s.heads; ++h) {
+    detail::parallel_for(s.heads, [&](int64_t h64) {  // heads independent: same result
+      const int h = static_cast<int>(h64);
       double sum = 0;
       for (int i = 0; i < nb; ++i) {
         const int64_t n = count_to_coverage(mass->row(h, i), i + 1, c.gamma);
@@ -271,7 +274,7 @@ class OracleBudget final : public Budget {
         sum += std::max<int64_t>(1, n);
       }
       b.per_head_k[h] = sum / nb;
-    }
+    });
     return b;
   }
 };

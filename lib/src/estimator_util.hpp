@@ -15,6 +15,7 @@
 #include "proxyattn/attention.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/estimator.hpp"
+#include "proxyattn/rank_key.hpp"
 #include "proxyattn/tensor.hpp"
 
 namespace proxyattn::detail {
@@ -58,17 +59,11 @@ inline MatRM block_means(ConstView v, int64_t h, int block) {
   return m;
 }
 
-// Indices 0..n-1 ordered by descending value, ties by lower index; NaN last.
+// Indices 0..n-1 ordered by descending value, ties by lower index; NaN last (rank_key.hpp:
+// integer keys, the order of a stable sort by value).
 template <class T>
 std::vector<int32_t> order_desc(const T* v, int64_t n) {
-  std::vector<int32_t> idx(static_cast<size_t>(n));
-  std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) {
-    const bool na = std::isnan(static_cast<double>(v[a])), nb = std::isnan(static_cast<double>(v[b]));
-    if (na || nb) return !na && nb;
-    return v[a] > v[b];
-  });
-  return idx;
+  return rank::order_desc(v, n);
 }
 
 // Exact causal probabilities of query rows [r0, r0 + L) of query head hq against a transposed

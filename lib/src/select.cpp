@@ -2,11 +2,13 @@
 #include "proxyattn/select.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <string>
 
 #include "estimator_util.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/rank_key.hpp"
 
 namespace proxyattn {
 
@@ -48,7 +50,7 @@ inline bool better(float a, float b) {
 
 // Blocks of row i: forced ones, then by descending score (ties lower j) up to the row total.
 void select_row(const float* score, int i, int64_t budget, const SelectOptions& o,
-                std::vector<uint8_t>& forced, std::vector<int32_t>& out) {
+                std::vector<uint8_t>& forced, std::vector<int32_t>& out, std::vector<uint64_t>& keys) {
   out.clear();
   const int nf = mark_forced(i, o, forced);
   const int64_t total = std::max<int64_t>(nf, std::min<int64_t>(budget, i + 1));
@@ -56,15 +58,13 @@ void select_row(const float* score, int i, int64_t budget, const SelectOptions& 
     for (int j = 0; j <= i; ++j) out.push_back(j);
     return;
   }
-  std::vector<int32_t> rest;
-  for (int j = 0; j <= i; ++j) (forced[j] ? out : rest).push_back(j);
+  keys.clear();
+  for (int j = 0; j <= i; ++j)
+    if (forced[j]) out.push_back(j);
+    else keys.push_back(rank::desc_id_key(score[j], static_cast<uint32_t>(j)));
   const size_t take = static_cast<size_t>(total - nf);
-  std::partial_sort(rest.begin(), rest.begin() + take, rest.end(), [&](int32_t a, int32_t b) {
-    if (better(score[a], score[b])) return true;
-    if (better(score[b], score[a])) return false;
-    return a < b;
-  });
-  out.insert(out.end(), rest.begin(), rest.begin() + take);
+  if (take < keys.size()) std::nth_element(keys.begin(), keys.begin() + take, keys.end());
+  for (size_t t = 0; t < take; ++t) out.push_back(static_cast<int32_t>(keys[t] & 0xFFFFFFFFu));
   std::sort(out.begin(), out.end());
 }
 
@@ -75,9 +75,10 @@ BlockMask select_with(const BlockScores& s, const SelectOptions& o, RowK&& row_k
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(s.heads) * nb);
   detail::parallel_for(s.heads, [&](int64_t h) {
     std::vector<uint8_t> forced(nb);
+    std::vector<uint64_t> keys;
     for (int i = 0; i < nb; ++i)
       select_row(s.row(static_cast<int>(h), i), i, row_k(static_cast<int>(h), i), o, forced,
-                 rows[static_cast<size_t>(h) * nb + i]);
+                 rows[static_cast<size_t>(h) * nb + i], keys);
   });
   std::vector<int32_t> indptr{0}, indices;
   for (const auto& r : rows) {
@@ -88,6 +89,70 @@ BlockMask select_with(const BlockScores& s, const SelectOptions& o, RowK&& row_k
 }
 
 double causal_blocks(int nb) { return 0.5 * nb * (nb + 1.0); }
+
+// head_global / native_adjust for several targets T (blocks per head) of one score set. One key
+// per causal cell: tier (2 bits: forced, native, other), score (descending, NaN lowest), then the
+// causal index i (i + 1) / 2 + j (ties by lower i, then j): the comparator order of
+// select_to_density as plain integers. The keys are built once per head; the largest target
+// is cut first and each smaller one inside the previous cut (the T smallest keys are the T
+// smallest of any larger prefix). Masks go straight into CSR rows.
+constexpr int64_t kKeyedCells = int64_t{1} << 30;
+std::vector<BlockMask> keyed_density_masks(const BlockScores& s, const std::vector<int64_t>& targets, bool use_native,
+                                           const SelectOptions& o) {
+  const int nb = s.num_blocks;
+  const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  const size_t nt = targets.size();
+  std::vector<size_t> by_size(nt);  // targets, largest first
+  for (size_t t = 0; t < nt; ++t) by_size[t] = t;
+  std::stable_sort(by_size.begin(), by_size.end(), [&](size_t x, size_t y) { return targets[x] > targets[y]; });
+  std::vector<std::vector<std::vector<int32_t>>> head_idx(nt, std::vector<std::vector<int32_t>>(s.heads));
+  std::vector<std::vector<int32_t>> row_n(nt, std::vector<int32_t>(static_cast<size_t>(s.heads) * nb));
+  detail::parallel_for(s.heads, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    std::vector<uint64_t> keys(static_cast<size_t>(per_head));
+    std::vector<uint8_t> forced(nb);
+    int64_t nforced = 0;
+    for (int i = 0; i < nb; ++i) {
+      nforced += mark_forced(i, o, forced);
+      const float* row = s.row(h, i);
+      const uint64_t base = static_cast<uint64_t>(i) * (i + 1) / 2;
+      std::span<const int32_t> nat;
+      if (use_native) nat = s.native->row(h, i);
+      size_t p = 0;  // walks the sorted native row alongside j
+      for (int j = 0; j <= i; ++j) {
+        while (p < nat.size() && nat[p] < j) ++p;
+        const uint64_t tier = forced[j] ? 0 : (p < nat.size() && nat[p] == j ? 1 : 2);
+        keys[base + j] = (tier << 62) | (uint64_t{rank::desc_key(row[j])} << 30) | (base + j);
+      }
+    }
+    std::vector<uint8_t> picked(static_cast<size_t>(per_head), 0);
+    int64_t end = per_head;  // keys[0 .. end) hold the `end` smallest keys
+    for (size_t t : by_size) {
+      const int64_t take = std::min<int64_t>(per_head, std::max(nforced, targets[t]));
+      if (take < end) std::nth_element(keys.begin(), keys.begin() + take, keys.begin() + end);
+      end = take;
+      for (int64_t x = 0; x < take; ++x) picked[keys[static_cast<size_t>(x)] & (kKeyedCells - 1)] = 1;
+      std::vector<int32_t>& idx = head_idx[t][static_cast<size_t>(h)];
+      idx.reserve(static_cast<size_t>(take));
+      for (int i = 0; i < nb; ++i) {
+        uint8_t* pr = picked.data() + static_cast<size_t>(i) * (i + 1) / 2;
+        const size_t before = idx.size();
+        for (int j = 0; j <= i; ++j)
+          if (pr[j]) idx.push_back(j), pr[j] = 0;
+        row_n[t][static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx.size() - before);
+      }
+    }
+  });
+  std::vector<BlockMask> out;
+  for (size_t t = 0; t < nt; ++t) {
+    std::vector<int32_t> indptr(row_n[t].size() + 1, 0), indices;
+    for (size_t r = 0; r < row_n[t].size(); ++r) indptr[r + 1] = indptr[r] + row_n[t][r];
+    indices.reserve(static_cast<size_t>(indptr.back()));
+    for (const auto& idx : head_idx[t]) indices.insert(indices.end(), idx.begin(), idx.end());
+    out.emplace_back(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -129,9 +194,28 @@ std::vector<int32_t> selection_order(const BlockScores& s, const SelectOptions& 
   check_options(o);
   const int nb = s.num_blocks;
   std::vector<int32_t> order(order_offset(s.heads, 0, nb));
+  // Heads whose scores are bitwise those of the previous head (the members of one proxy group)
+  // get its order copied instead of sorted again.
+  const size_t per_head = static_cast<size_t>(nb) * nb;
+  std::vector<int> same_as(static_cast<size_t>(s.heads), -1);
+  for (int h = 1; h < s.heads; ++h)
+    if (std::equal(s.score.begin() + h * per_head, s.score.begin() + (h + 1) * per_head,
+                   s.score.begin() + (h - 1) * per_head, [](float a, float b) {
+                     return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b);
+                   }))
+      same_as[static_cast<size_t>(h)] = same_as[static_cast<size_t>(h - 1)] >= 0 ? same_as[static_cast<size_t>(h - 1)] : h - 1;
+  std::vector<int> own;  // heads sorted here; in parallel over (head, row): one head may be all
+  for (int h = 0; h < s.heads; ++h)
+    if (same_as[static_cast<size_t>(h)] < 0) own.push_back(h);
+  detail::parallel_heads_blocks(static_cast<int>(own.size()), nb, [&](int x, int i) {
+    const int h = own[static_cast<size_t>(x)];
+    selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
+  });
   detail::parallel_for(s.heads, [&](int64_t h64) {
-    const int h = static_cast<int>(h64);
-    for (int i = 0; i < nb; ++i) selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
+    const int h = static_cast<int>(h64), from = same_as[static_cast<size_t>(h)];
+    if (from >= 0)
+      std::copy(order.begin() + order_offset(from, 0, nb), order.begin() + order_offset(from + 1, 0, nb),
+                order.begin() + order_offset(h, 0, nb));
   });
   return order;
 }
@@ -141,14 +225,13 @@ void selection_order_row(const float* score, int i, const SelectOptions& o, int3
   int n = 0;
   for (int j = 0; j <= i; ++j)
     if (forced(j)) out[n++] = j;
-  const int first = n;
+  // The others by rank key (descending score, NaN last, ties lower j).
+  thread_local std::vector<uint64_t> keys;
+  keys.clear();
   for (int j = 0; j <= i; ++j)
-    if (!forced(j)) out[n++] = j;
-  std::sort(out + first, out + n, [&](int32_t a, int32_t b) {
-    if (better(score[a], score[b])) return true;
-    if (better(score[b], score[a])) return false;
-    return a < b;
-  });
+    if (!forced(j)) keys.push_back(rank::desc_id_key(score[j], static_cast<uint32_t>(j)));
+  std::sort(keys.begin(), keys.end());
+  for (uint64_t key : keys) out[n++] = static_cast<int32_t>(key & 0xFFFFFFFFu);
 }
 
 BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,
@@ -173,12 +256,20 @@ BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t
   std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
+    std::vector<uint8_t> mark(static_cast<size_t>(nb), 0);
     for (int i = 0; i < nb; ++i) {
       const size_t r = static_cast<size_t>(h) * nb + i;
       const int32_t* src = order.data() + order_offset(h, i, nb);
       int32_t* dst = indices.data() + indptr[r];
-      std::copy(src, src + take[r], dst);
-      std::sort(dst, dst + take[r]);
+      const int32_t n = take[r];
+      if (static_cast<int64_t>(n) * 8 < i + 1) {  // few blocks: sorting them is cheaper than a scan
+        std::copy(src, src + n, dst);
+        std::sort(dst, dst + n);
+        continue;
+      }
+      for (int32_t t = 0; t < n; ++t) mark[static_cast<size_t>(src[t])] = 1;
+      for (int j = 0; j <= i; ++j)
+        if (mark[static_cast<size_t>(j)]) *dst++ = j, mark[static_cast<size_t>(j)] = 0;
     }
   });
   return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
@@ -215,6 +306,8 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
 
   const bool use_native = rule == DensityRule::native_adjust && s.native.has_value();
   const int64_t target = std::llround(density * causal_blocks(nb));
+  const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  if (per_head < kKeyedCells) return keyed_density_masks(s, {target}, use_native, o).front();
   std::vector<uint8_t> bitmap(static_cast<size_t>(s.heads) * nb * nb, 0);
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
@@ -249,6 +342,24 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
   return BlockMask::from_bitmap(s.heads, s.seq_len, s.block, bitmap);
 }
 
+std::vector<BlockMask> select_to_densities(const BlockScores& s, const std::vector<double>& densities, DensityRule rule,
+                                           const SelectOptions& o) {
+  check_scores(s, "select_to_densities");
+  check_options(o);
+  const int nb = s.num_blocks;
+  const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
+  bool keyed = rule != DensityRule::row_uniform && per_head < kKeyedCells;
+  std::vector<int64_t> targets;
+  for (double d : densities) {
+    if (!(d > 0.0 && d <= 1.0)) keyed = false;  // select_to_density names the bad value
+    targets.push_back(std::llround(d * causal_blocks(nb)));
+  }
+  if (keyed) return keyed_density_masks(s, targets, rule == DensityRule::native_adjust && s.native.has_value(), o);
+  std::vector<BlockMask> out;
+  for (double d : densities) out.push_back(select_to_density(s, d, rule, o));
+  return out;
+}
+
 namespace {
 
 // The budgets scaled by the one factor c that brings the mean density over heads closest to the
@@ -268,14 +379,35 @@ Budgets budgets_scaled_to_density(const BlockScores& s, const Budgets& b, double
   auto scaled_k = [&](double c, size_t r) {
     return static_cast<int32_t>(std::max<int64_t>(1, std::llround(c * b.per_row_k[r])));
   };
+  // The selected count is a sum of integers (exact in any order), so it is summed per run of
+  // rows with the same budget: rows with i + 1 <= k keep all i + 1 blocks, the others k (once k
+  // covers the forced blocks), in closed form; ~100 bisection steps then cost O(runs) each.
+  struct Run {
+    int i0, i1;
+    int32_t k;
+  };
+  std::vector<Run> runs;
+  for (int h = 0; h < s.heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      const int32_t k = b.per_row_k[static_cast<size_t>(h) * nb + i];
+      if (i > 0 && runs.back().k == k) runs.back().i1 = i;
+      else runs.push_back({i, i, k});
+    }
+  const int nf_max = *std::max_element(nf.begin(), nf.end());
   auto density_of = [&](double c) {
-    double sel = 0;
-    for (int h = 0; h < s.heads; ++h)
-      for (int i = 0; i < nb; ++i) {
-        const size_t r = static_cast<size_t>(h) * nb + i;
-        sel += std::max<int64_t>(nf[i], std::min<int64_t>(scaled_k(c, r), i + 1));
+    int64_t sel = 0;
+    for (const Run& run : runs) {
+      const int64_t K = static_cast<int32_t>(std::max<int64_t>(1, std::llround(c * run.k)));  // as scaled_k
+      if (K < nf_max) {
+        for (int i = run.i0; i <= run.i1; ++i) sel += std::max<int64_t>(nf[i], std::min<int64_t>(K, i + 1));
+        continue;
       }
-    return sel / (causal_blocks(nb) * s.heads);
+      const int64_t a = run.i0, e = std::min<int64_t>(run.i1, K - 1);  // rows keeping all i + 1
+      if (e >= a) sel += (e + 1) * (e + 2) / 2 - a * (a + 1) / 2;
+      const int64_t lo = std::max<int64_t>(run.i0, K);
+      if (run.i1 >= lo) sel += (run.i1 - lo + 1) * K;
+    }
+    return static_cast<double>(sel) / (causal_blocks(nb) * s.heads);
   };
   int32_t kmin = nb;
   for (int32_t k : b.per_row_k) kmin = std::min(kmin, std::max(1, k));

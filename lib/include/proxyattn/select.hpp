@@ -62,6 +62,10 @@ DensityRule parse_density_rule(std::string_view s);  // throws Error listing the
 BlockMask select_to_density(const BlockScores& scores, double density,
                             DensityRule rule = DensityRule::row_uniform,
                             const SelectOptions& options = {});
+// select_to_density for each of several densities of one score set: the same masks, the cells
+// of each head ranked once for all (head_global, native_adjust).
+std::vector<BlockMask> select_to_densities(const BlockScores& scores, const std::vector<double>& densities,
+                                           DensityRule rule, const SelectOptions& options = {});
 
 // Budgets scaled to a target density: per_row_k' = max(1, round(c * per_row_k)) with the
 // scale c > 0 (bisection) whose mask's mean density over heads is closest to the target; keeps

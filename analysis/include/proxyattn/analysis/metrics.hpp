@@ -95,6 +95,13 @@ BlockMask auto_density_mask(const MethodInfo& method, const BlockScores& scores,
                             const std::function<const Budgets&()>& dynamic,
                             const std::function<const BlockMass&()>& mass,
                             const std::vector<int32_t>* order = nullptr);
+// The same for several densities of one score set (the same masks; native_adjust ranks each
+// head's cells once for all, select_to_densities).
+std::vector<BlockMask> auto_density_masks(const MethodInfo& method, const BlockScores& scores,
+                                          const std::vector<double>& densities,
+                                          const std::function<const Budgets&()>& dynamic,
+                                          const std::function<const BlockMass&()>& mass,
+                                          const std::vector<int32_t>* order = nullptr);
 
 // ---- recall ----------------------------------------------------------------------------------
 
@@ -135,6 +142,9 @@ struct RankingFidelity {
 };
 std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const BlockMass& mass,
                                               const OracleBudget& budget);
+// The same for several score sets ([set][head]): each mass row's top k is ranked once for all.
+std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const ScoreView> views, const BlockMass& mass,
+                                                           const OracleBudget& budget);
 
 // ---- budget accuracy -------------------------------------------------------------------------
 
