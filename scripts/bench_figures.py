@@ -265,13 +265,15 @@ def provenance(ctxs) -> str:
     """Where the numbers come from: one line per tool run (device, torch, date, git, command)."""
     if not ctxs:
         return ""
-    out = "\nMeasured in one run:\n\n"
-    seen = set()
+    uniq, seen = [], set()
     for c in ctxs:
-        key = (c.get("tool"), c.get("command"))
-        if key in seen:
-            continue
-        seen.add(key)
+        key = (c.get("tool"), c.get("command") or c.get("_file"))
+        if key not in seen:
+            seen.add(key)
+            uniq.append(c)
+    # One tool run per line; several lines are several runs (say so: their ratios mix sessions).
+    out = "\nMeasured in one run:\n\n" if len(uniq) == 1 else f"\nMeasured in {len(uniq)} tool runs:\n\n"
+    for c in uniq:
         dev = c.get("device_name", "?")
         extra = f", torch {c['torch']}" if c.get("torch") else ""
         smi = c.get("nvidia_smi_start") or ""
