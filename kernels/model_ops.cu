@@ -50,6 +50,23 @@ __global__ void embed_kernel(const bf16* __restrict__ table, const int32_t* __re
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) out[r * dim + c] = __bfloat162float(src[c]);
 }
 
+// The row norms' block reduction (kThreads threads, one row per block): each thread's float64
+// sum of squares in, 1 / sqrt(mean + eps) out to every thread. Once per kernel (shared scratch).
+__device__ float block_inv_rms(double s, int64_t dim, float eps) {
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  __shared__ double part[kThreads / 32];
+  __shared__ float inv;
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0;
+    for (int i = 0; i < int(blockDim.x) / 32; ++i) t += part[i];
+    inv = 1.0f / sqrtf(float(t / double(dim)) + eps);
+  }
+  __syncthreads();
+  return inv;
+}
+
 // One block per row. kVec: float4 loads and 4-bf16 stores (dim and ldx multiples of 4, 16-byte
 // aligned x): the norms run at memory speed only with wide accesses. The sum of squares is float64
 // in either path (the CPU back end's); only its order differs.
@@ -68,18 +85,7 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __rest
   } else {
     for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) s += double(row[c]) * row[c];
   }
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  __shared__ double part[kThreads / 32];
-  __shared__ float inv;
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0;
-    for (int i = 0; i < int(blockDim.x) / 32; ++i) t += part[i];
-    const float var = float(t / double(dim));
-    inv = 1.0f / sqrtf(var + eps);
-  }
-  __syncthreads();
+  const float inv = block_inv_rms(s, dim, eps);
   if constexpr (kVec) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
     const float4* w4 = reinterpret_cast<const float4*>(w);
@@ -272,17 +278,7 @@ __global__ void rms_norm_add_kernel(const float* __restrict__ y, const float* __
   const float* row = y + r * dim;
   double s = 0;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) s += double(row[c]) * row[c];
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  __shared__ double part[kThreads / 32];
-  __shared__ float inv;
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0;
-    for (int i = 0; i < int(blockDim.x) / 32; ++i) t += part[i];
-    inv = 1.0f / sqrtf(float(t / double(dim)) + eps);
-  }
-  __syncthreads();
+  const float inv = block_inv_rms(s, dim, eps);
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) x[r * dim + c] += row[c] * inv * w[c];
 }
 
