@@ -1,6 +1,7 @@
 // CUDA back end of the model runtime: the Llama-family and Gemma-3 forward of llama_cpu.cpp (the
 // spec) on the GPU. Gemma's local layers run full_attention with its sliding window; its norms,
-// GeGLU, embedding scale and soft-capping are model_ops.cu kernels. Weights and activations bf16 with fp32 accumulation (cuBLAS GEMMs), the residual
+// GeGLU, embedding scale and soft-capping are model_ops.cu kernels. Weights and activations bf16
+// with fp32 accumulation (cuBLASLt GEMMs, kernels/gemm.cu), the residual
 // stream float32 (the output projection and the MLP's down projection accumulate into it with
 // beta = 1), attention by our kernels: full attention, the device pipeline of a method
 // (DevicePipelineAttention), or a host mask (BlockMaskAttention: the CPU estimators' masks,
