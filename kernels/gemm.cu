@@ -90,7 +90,6 @@ struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  size_t ws_needed = 0;
   ~Plan() {
     if (desc) cublasLtMatmulDescDestroy(desc);
     if (a) cublasLtMatrixLayoutDestroy(a);
@@ -136,7 +135,6 @@ cublasStatus_t launch(const ThreadHandle& t, const Plan& plan, const cublasLtMat
 Status tune(const ThreadHandle& t, Plan& plan, const GemmParams& p, int64_t ldy,
             const cublasLtMatmulHeuristicResult_t* cand, int n_cand, cudaStream_t s) {
   plan.algo = cand[0].algo;
-  plan.ws_needed = cand[0].workspaceSize;
   if (n_cand < 2 || !tuning_enabled()) return Status::ok;
   void* y = p.y;
   void* scratch = nullptr;
@@ -167,7 +165,6 @@ Status tune(const ThreadHandle& t, Plan& plan, const GemmParams& p, int64_t ldy,
     if (best_ms < 0 || ms < best_ms) {
       best_ms = ms;
       plan.algo = cand[i].algo;
-      plan.ws_needed = cand[i].workspaceSize;
     }
   }
   if (e0) cudaEventDestroy(e0);

@@ -116,6 +116,18 @@ def _label_len(n):
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def save_figure(fig, out_dir: Path, stem: str) -> list:
+    """Writes STEM.png and STEM.pdf, closes the figure, returns the two paths."""
+    import matplotlib.pyplot as plt
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out_dir / f"{stem}.{ext}"
+        fig.savefig(p, dpi=150)
+        paths.append(str(p))
+    plt.close(fig)
+    return paths
+
+
 def fig4(rows, out_dir: Path) -> list:
     import matplotlib
     matplotlib.use("Agg")
@@ -168,13 +180,7 @@ def fig4(rows, out_dir: Path) -> list:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        p = out_dir / f"fig4_speedup.{ext}"
-        fig.savefig(p, dpi=150)
-        paths.append(str(p))
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_dir, "fig4_speedup")
 
 
 def fig5b(rows, out_dir: Path, n_target=131072) -> list:
@@ -205,13 +211,7 @@ def fig5b(rows, out_dir: Path, n_target=131072) -> list:
     ax.set_xlabel(f"estimation time, % of {base} at {_label_len(n)} ({full:.1f} ms), same run")
     ax.set_title(f"Fig. 5b analogue: estimation latency at {_label_len(n)} (blue: ours, orange: peers)")
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        p = out_dir / f"fig5b_estimation.{ext}"
-        fig.savefig(p, dpi=150)
-        paths.append(str(p))
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_dir, "fig5b_estimation")
 
 
 def p_table(rows, ctxs, n=131072) -> str:
@@ -388,11 +388,7 @@ def fig_prefill(rows, out_dir: Path) -> list:
         bx.grid(True, axis="y", alpha=0.3)
         fig.tight_layout()
         stem = "prefill_" + "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
-        for ext in ("png", "pdf"):
-            p = out_dir / f"{stem}.{ext}"
-            fig.savefig(p, dpi=150)
-            paths.append(str(p))
-        plt.close(fig)
+        paths += save_figure(fig, out_dir, stem)
     return paths
 
 

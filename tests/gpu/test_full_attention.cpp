@@ -37,6 +37,27 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FullAttention, ::testing::Combine(::testing::Va
                                   (std::get<1>(info.param) == DType::bf16 ? "bf16" : "f16");
                          });
 
+// Outputs [heads, n, width] computed from row row_begin = rb on (decoding with a cache): rows
+// before rb must stay NaN (the buffer's poison: never written), rows from rb match the reference.
+void expect_rows_from(const std::vector<float>& got, const std::vector<float>& ref, int heads, int64_t n, int width,
+                      int64_t rb, double tol, const std::string& what) {
+  std::vector<float> got_tail, ref_tail;
+  int64_t untouched = 0;
+  for (int h = 0; h < heads; ++h)
+    for (int64_t t = 0; t < n; ++t)
+      for (int x = 0; x < width; ++x) {
+        const size_t i = (size_t(h) * n + t) * width + x;
+        if (t < rb) {
+          untouched += std::isnan(got[i]) ? 1 : 0;
+        } else {
+          got_tail.push_back(got[i]);
+          ref_tail.push_back(ref[i]);
+        }
+      }
+  EXPECT_EQ(untouched, int64_t(heads) * rb * width) << what << ": rows before row_begin were written";
+  test::expect_rel(what.c_str(), got_tail, ref_tail, tol);
+}
+
 TEST_P(FullAttention, MatchesCpuReference) {
   PROXYATTN_REQUIRE_GPU();
   const auto [c, dt] = GetParam();
@@ -85,20 +106,8 @@ TEST_P(FullAttention, MatchesCpuReference) {
       kk::DeviceBuffer lse2 = test::poisoned(nl, kk::ElemType::f32);
       pl.lse = lse2.as<float>();
       test::kcheck(kk::row_lse(pl), "row_lse row_begin");
-      const std::vector<float> got = test::download_as_float(lse2, nl, kk::ElemType::f32);
-      std::vector<float> g2, r2;
-      int64_t untouched = 0;
-      for (int h = 0; h < c.hq; ++h)
-        for (int64_t t = 0; t < c.n; ++t) {
-          const size_t i = size_t(h) * c.n + t;
-          if (t < rb) untouched += std::isnan(got[i]) ? 1 : 0;
-          else {
-            g2.push_back(got[i]);
-            r2.push_back(ref.lse[i]);
-          }
-        }
-      EXPECT_EQ(untouched, int64_t(c.hq) * rb);
-      test::expect_rel(("row_lse rows >= row_begin, splits " + std::to_string(splits)).c_str(), g2, r2, tol);
+      expect_rows_from(test::download_as_float(lse2, nl, kk::ElemType::f32), ref.lse, c.hq, c.n, 1, rb, tol,
+                       "row_lse rows >= row_begin, splits " + std::to_string(splits));
     }
   }
   // A row range: rows before row_begin stay untouched (NaN), the rest match.
@@ -112,21 +121,8 @@ TEST_P(FullAttention, MatchesCpuReference) {
     pr.variant = 0;
     pr.row_begin = rb;
     test::kcheck(kk::full_attention(pr), "full_attention row_begin");
-    const std::vector<float> got = test::download_as_float(o, no, kk::ElemType::f32);
-    std::vector<float> got_tail, ref_tail;
-    int64_t untouched = 0;
-    for (int h = 0; h < c.hq; ++h)
-      for (int64_t t = 0; t < c.n; ++t)
-        for (int x = 0; x < c.d; ++x) {
-          const size_t i = (size_t(h) * c.n + t) * c.d + x;
-          if (t < rb) untouched += std::isnan(got[i]) ? 1 : 0;
-          else {
-            got_tail.push_back(got[i]);
-            ref_tail.push_back(ref.o.storage()[i]);
-          }
-        }
-    EXPECT_EQ(untouched, int64_t(c.hq) * rb * c.d) << "rows before row_begin were written";
-    test::expect_rel("O rows >= row_begin", got_tail, ref_tail, tol);
+    expect_rows_from(test::download_as_float(o, no, kk::ElemType::f32), ref.o.storage(), c.hq, c.n, c.d, rb, tol,
+                     "O rows >= row_begin");
   }
 }
 
@@ -167,22 +163,8 @@ TEST_P(FullAttention, SlidingWindowMatchesCpuReference) {
     p.window = w;
     p.row_begin = rb;
     test::kcheck(kk::full_attention(p), "full_attention (window, row_begin)");
-    const std::vector<float> got = test::download_as_float(o, no, kk::ElemType::f32);
-    std::vector<float> got_tail, ref_tail;
-    int64_t untouched = 0;
-    for (int h = 0; h < c.hq; ++h)
-      for (int64_t t = 0; t < c.n; ++t)
-        for (int x = 0; x < c.d; ++x) {
-          const size_t i = (size_t(h) * c.n + t) * c.d + x;
-          if (t < rb) {
-            untouched += std::isnan(got[i]) ? 1 : 0;
-          } else {
-            got_tail.push_back(got[i]);
-            ref_tail.push_back(ref.o.storage()[i]);
-          }
-        }
-    EXPECT_EQ(untouched, int64_t(c.hq) * rb * c.d) << "window " << w;
-    test::expect_rel(("O rows >= row_begin, window " + std::to_string(w)).c_str(), got_tail, ref_tail, tol);
+    expect_rows_from(test::download_as_float(o, no, kk::ElemType::f32), ref.o.storage(), c.hq, c.n, c.d, rb, tol,
+                     "O rows >= row_begin, window " + std::to_string(w));
   }
   // What has no window refuses one: the Hopper kernel, row_lse; and a negative window is an error.
   kk::AttentionParams p = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper);

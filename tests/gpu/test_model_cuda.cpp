@@ -407,15 +407,12 @@ TEST(ModelCuda, ForwardMatchesCpuBackEnd) {
   EXPECT_DOUBLE_EQ(st.linear_flops, t.layers * 2.0 * 700 * (W * E + t.heads * t.head_dim * E + 3 * F * E));
 }
 
-TEST(ModelCuda, DecodingWithTheCacheMatchesPrefill) {
-  PROXYATTN_REQUIRE_GPU();
-  const TinyLlama t;
-  Pair p = load_pair(write_tiny_llama(t, "tiny_cuda_decode.gguf"));
-  const auto prompt = random_tokens(300, t.vocab, 5);
+// Greedy decoding of 6 tokens through the GPU's KV cache: each new token is the argmax of the
+// prefill of everything before it (up to near ties: then the two logits must be within the
+// bf16 noise), and the CPU back end decodes the same first token.
+void expect_decoding_matches_prefill(Pair& p, const std::vector<int32_t>& prompt) {
   const auto out = p.gpu->generate(prompt, 6);
   ASSERT_EQ(out.size(), 6u);
-  // Each new token is the argmax of the prefill of everything before it (up to near ties:
-  // then the two logits must be within the bf16 noise).
   std::vector<int32_t> all = prompt;
   for (int32_t tok : out) {
     ForwardOptions o;
@@ -426,8 +423,14 @@ TEST(ModelCuda, DecodingWithTheCacheMatchesPrefill) {
     EXPECT_LE(best - row[tok], 2e-2 * (1 + std::fabs(best))) << "token " << all.size();
     all.push_back(tok);
   }
-  // And the CPU back end decodes the same first token.
   EXPECT_EQ(p.cpu->generate(prompt, 1).front(), out.front());
+}
+
+TEST(ModelCuda, DecodingWithTheCacheMatchesPrefill) {
+  PROXYATTN_REQUIRE_GPU();
+  const TinyLlama t;
+  Pair p = load_pair(write_tiny_llama(t, "tiny_cuda_decode.gguf"));
+  expect_decoding_matches_prefill(p, random_tokens(300, t.vocab, 5));
 }
 
 TEST(ModelCuda, SparseAttentionInEveryLayer) {
@@ -542,20 +545,7 @@ TEST(ModelCuda, GemmaDecodingWithTheCacheMatchesPrefill) {
   PROXYATTN_REQUIRE_GPU();
   const TinyGemma t;
   Pair p = load_pair(write_tiny_gemma(t, "tiny_gemma_cuda_decode.gguf"));
-  const auto prompt = random_tokens(203, t.vocab, 15);
-  const auto out = p.gpu->generate(prompt, 6);
-  ASSERT_EQ(out.size(), 6u);
-  std::vector<int32_t> all = prompt;
-  for (int32_t tok : out) {
-    ForwardOptions o;
-    o.logits_at = {int64_t(all.size()) - 1};
-    const auto r = p.gpu->forward(all, o);
-    const auto row = r.logits_row(0);
-    const float best = *std::max_element(row.begin(), row.end());
-    EXPECT_LE(best - row[tok], 2e-2 * (1 + std::fabs(best))) << "token " << all.size();
-    all.push_back(tok);
-  }
-  EXPECT_EQ(p.cpu->generate(prompt, 1).front(), out.front());
+  expect_decoding_matches_prefill(p, random_tokens(203, t.vocab, 15));
 }
 
 // The policies run the global layers (1, 3) only; the sliding ones are reported windowed.

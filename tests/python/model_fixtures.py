@@ -149,6 +149,20 @@ def tiny_tokenizer(vocab: int) -> tuple[list[str], list[str], list[int]]:
     return pieces, merges, [1] * (len(pieces) - 1) + [3]
 
 
+def tensor_adder(w):
+    """add(name, array, quant type): a float32 array written to the GGUF writer w as F32, F16 or
+    quantised."""
+    def add(name: str, a: np.ndarray, qt: Q) -> None:
+        a = a.astype(np.float32)
+        if qt == Q.F32:
+            w.add_tensor(name, a)
+        elif qt == Q.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    return add
+
+
 def write_tiny(out: Path, rng: np.random.Generator, name: str = "tiny.gguf", tokenizer: bool = False,
                n_ctx: int | None = None) -> None:
     c = TINY
@@ -173,14 +187,7 @@ def write_tiny(out: Path, rng: np.random.Generator, name: str = "tiny.gguf", tok
         w.add_token_types(types)
         w.add_eos_token_id(len(pieces) - 1)
 
-    def add(name: str, a: np.ndarray, qt: Q) -> None:
-        a = a.astype(np.float32)
-        if qt == Q.F32:
-            w.add_tensor(name, a)
-        elif qt == Q.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    add = tensor_adder(w)
 
     s = 1.0 / np.sqrt(E)
     add("token_embd.weight", 0.3 * rng.standard_normal((V, E)), Q.Q8_0)
@@ -229,12 +236,7 @@ def write_tiny_gemma(out: Path, rng: np.random.Generator) -> None:
     w.add_attention_scale(c["attn_scale"])
     w.add_final_logit_softcapping(c["softcap"])
 
-    def add(name: str, a: np.ndarray, qt: Q) -> None:
-        a = a.astype(np.float32)
-        if qt == Q.F32:
-            w.add_tensor(name, a)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    add = tensor_adder(w)
 
     def norm_w(n: int) -> np.ndarray:  # the file holds Gemma's 1 + w
         return 1 + 0.2 * rng.standard_normal(n)
