@@ -7,11 +7,15 @@
 //
 // Shared-memory tiles are [rows][D] with the 16-byte chunk c of row r stored at c ^ (r & 7), so
 // that the 8 row addresses of each ldmatrix hit 8 different bank groups.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace proxyattn::kernels::detail {
 
-enum class AttnMode : int { full = 0, sparse = 1, lse = 2 };
+// prefix: the output errors of several masks that are prefixes of one ranking, in one sparse
+// pass (see prefix_error.cu).
+enum class AttnMode : int { full = 0, sparse = 1, lse = 2, prefix = 3 };
 
 struct AttnArgs {
   const void* q;
@@ -37,6 +41,13 @@ struct AttnArgs {
   float2* part;
   // full mode: W > 0 = sliding window, query i sees keys (i - W, i]; 0 = plain causal.
   int window;
+  // prefix mode: `indices` is a rank order in causal layout (row (h, i) at h Nb (Nb + 1) / 2 +
+  // i (i + 1) / 2, blocks 0..i); mask m's row (h, i) is the first counts[(m Hq + h) Nb + i]
+  // blocks of it; err[m Hq + h] += sum over the row block of (O_m - o_ref)^2.
+  const float* o_ref;
+  const int32_t* counts;
+  int masks;
+  double* err;
 };
 
 template <int D>
@@ -129,14 +140,55 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&qf)[QREG ? MT : 1][QREG 
 
 // Key offset of tile t of this CTA. Full / lse: tiles 0, BKV, 2 BKV, ...; sparse: the sub-tiles
 // of the CSR row's key blocks in order.
-template <int BKV, AttnMode MODE, int SUBT>
-__device__ __forceinline__ int64_t tile_kv0(const AttnArgs& a, int lo, int t) {
-  if constexpr (MODE == AttnMode::sparse) {
+template <int BKV, AttnMode MODE, int SUBT, class L>
+__device__ __forceinline__ int64_t tile_kv0(const AttnArgs& a, L lo, int t) {
+  if constexpr (MODE == AttnMode::sparse || MODE == AttnMode::prefix) {
     const int j = __ldg(a.indices + lo + t / SUBT);
     return int64_t(j) * (SUBT * BKV) + int64_t(t % SUBT) * BKV;
   } else {
     return int64_t(t) * BKV;
   }
+}
+
+// prefix mode: the smallest prefix length > after among the masks of row (h, i) (INT_MAX: none).
+__device__ __forceinline__ int next_prefix(const AttnArgs& a, int h, int i, int after) {
+  int best = 0x7fffffff;
+  for (int m = 0; m < a.masks; ++m) {
+    const int c = __ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + i);
+    if (c > after && c < best) best = c;
+  }
+  return best;
+}
+
+// prefix mode: the warp's rows normalised now (O / l; 0 where l = 0, as an empty row) against
+// o_ref, the squared error summed and added to every mask whose row (h, i) ends here.
+template <int D, int MT>
+__device__ __forceinline__ void prefix_snapshot(const AttnArgs& a, const float (&o)[MT][D / 8][4],
+                                                const float (&l)[MT][2], int h, int i, int64_t row_lo, int lane,
+                                                int count) {
+  float sq = 0.f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const float lt = quad_sum(l[mt][hr]);
+      const int64_t row = row_lo + mt * 16 + (lane >> 2) + hr * 8;
+      if (row >= a.n) continue;
+      const float inv = lt > 0.f ? 1.f / lt : 0.f;
+      const float* ref = a.o_ref + h * a.osh + row * a.ost;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        const float2 r = __ldg(reinterpret_cast<const float2*>(ref + nt * 8 + (lane & 3) * 2));
+        const float d0 = o[mt][nt][2 * hr] * inv - r.x, d1 = o[mt][nt][2 * hr + 1] * inv - r.y;
+        sq = fmaf(d0, d0, fmaf(d1, d1, sq));
+      }
+    }
+  double w = sq;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
+  if (lane == 0)
+    for (int m = 0; m < a.masks; ++m)
+      if (__ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + i) == count) atomicAdd(a.err + m * gridDim.y + h, w);
 }
 
 // PIPE 0: FlashAttention-2's schedule (one K and one V buffer; V(t) loads during S(t) and the
@@ -166,7 +218,8 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
   const int h = blockIdx.y;
   const int kvh = h / a.group;
   // Heaviest query tiles first (causal work grows with the row), for a shorter tail.
-  const int tile = MODE == AttnMode::sparse ? blockIdx.x : a.num_q_tiles - 1 - blockIdx.x;
+  constexpr bool CSR = MODE == AttnMode::sparse || MODE == AttnMode::prefix;
+  const int tile = CSR ? blockIdx.x : a.num_q_tiles - 1 - blockIdx.x;
   const int64_t q0 = a.row_begin + int64_t(tile) * BR;
   const T* gq = static_cast<const T*>(a.q) + h * a.qsh;
   const T* gk = static_cast<const T*>(a.k) + kvh * a.ksh;
@@ -174,9 +227,21 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
 
   // Keys this CTA may see: [0, kv_end).
   const int64_t kv_end = q0 + BR < a.n ? q0 + BR : a.n;
-  int n_tiles, lo = 0;
+  int n_tiles;
+  // Start of the row's block list: indptr (sparse, 32 bits), causal offset (prefix, 64 bits).
+  std::conditional_t<MODE == AttnMode::prefix, int64_t, int> lo = 0;
   constexpr int sub = SUBT;
-  if constexpr (MODE == AttnMode::sparse) {
+  int next_cut = 0;  // prefix mode: the next prefix length (blocks) where some mask's row ends
+  if constexpr (MODE == AttnMode::prefix) {
+    // Every block of the longest prefix in full (the diagonal one may sit anywhere in the
+    // order; its tiles past kv_end are masked whole).
+    const int i = int(q0 / a.mask_block);
+    lo = int64_t(h) * a.nb * (a.nb + 1) / 2 + int64_t(i) * (i + 1) / 2;
+    int longest = 0;
+    for (int m = 0; m < a.masks; ++m) longest = max(longest, __ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + i));
+    n_tiles = longest * sub;
+    next_cut = next_prefix(a, h, i, -1);
+  } else if constexpr (MODE == AttnMode::sparse) {
     const int i = int(q0 / a.mask_block);
     const int64_t r = int64_t(h) * a.nb + i;
     lo = __ldg(a.indptr + r);
@@ -241,6 +306,13 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
       l[mt][hr] = 0.f;
     }
   const int64_t row_lo = q0 + warp_row0;  // smallest row of this warp
+  if constexpr (MODE == AttnMode::prefix) {
+    if (next_cut == 0) {  // masks whose row is empty: O = 0
+      const int i = int(q0 / a.mask_block);
+      prefix_snapshot<D, MT>(a, o, l, h, i, row_lo, lane, 0);
+      next_cut = next_prefix(a, h, i, 0);
+    }
+  }
 
   for (int t = t_begin; t < t_end; ++t) {
     const int64_t kv0 = tile_kv0<BKV, MODE, SUBT>(a, lo, t);
@@ -357,6 +429,13 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_kernel(const AttnArgs a) {
             mma16816<T>(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
           }
         }
+      }
+    }
+    if constexpr (MODE == AttnMode::prefix) {
+      if ((t + 1) % sub == 0 && (t + 1) / sub == next_cut) {  // the first next_cut blocks done
+        const int i = int(q0 / a.mask_block);
+        prefix_snapshot<D, MT>(a, o, l, h, i, row_lo, lane, next_cut);
+        next_cut = next_prefix(a, h, i, next_cut);
       }
     }
   }

@@ -55,6 +55,10 @@ inline Status make_attn_args(const AttentionParams& p, bool need_v, AttnArgs* a)
   a->nb = 0;
   a->kv_splits = 1;
   a->part = nullptr;
+  a->o_ref = nullptr;
+  a->counts = nullptr;
+  a->masks = 0;
+  a->err = nullptr;
   if (p.window < 0) return fail(Status::invalid_argument, "attention: window must be >= 0");
   a->window = p.window >= n ? 0 : int(p.window);  // a window holding every key is plain causal
   return Status::ok;
@@ -139,7 +143,7 @@ Status launch_attn(AttnArgs a, int q_heads, cudaStream_t st) {
                          "attention: cudaFuncSetAttribute");
     if (s != Status::ok) return s;
   }
-  const int64_t rows = MODE == AttnMode::sparse ? a.n : a.n - a.row_begin;
+  const int64_t rows = (MODE == AttnMode::sparse || MODE == AttnMode::prefix) ? a.n : a.n - a.row_begin;
   const int64_t tiles = (rows + Cfg::BR - 1) / Cfg::BR;
   if (tiles > 0x7fffffff) return fail(Status::invalid_argument, "attention: sequence too long");
   a.num_q_tiles = int(tiles);

@@ -52,6 +52,7 @@ size_t fused_block_scores_workspace(const FusedScoreParams&) noexcept { return 0
 Status pool_heads(const PoolHeadsParams&) noexcept { return Status::no_cuda; }
 Status dynamic_budget(const BudgetParams&) noexcept { return Status::no_cuda; }
 Status output_error_sums(const OutputErrorParams&) noexcept { return Status::no_cuda; }
+Status prefix_output_errors(const PrefixErrorParams&) noexcept { return Status::no_cuda; }
 Status select_counts(const SelectParams&) noexcept { return Status::no_cuda; }
 Status select_fill(const SelectParams&) noexcept { return Status::no_cuda; }
 

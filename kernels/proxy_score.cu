@@ -3,9 +3,20 @@
 // one head per group (fp32 sums, stored in the operand dtype); the scores are row_lse (full.cu)
 // on the proxy heads followed by block_scores with reduce = max (oracle_mass.cu); the dispatch
 // layer chains the three.
-// Exact path (proxy_scores_exact; the analysis'): the proxy heads stay float32 and the two
-// passes (row LSE in float64, then the block max) run as fp32 SIMT tiles, so the scores match
-// the CPU estimator to float rounding and its rankings (budgets, masks) up to exact ties.
+// Exact path (proxy_scores_exact; the analysis'): the proxy heads are the CPU's float32 means,
+// and the scores match the CPU estimator to float rounding (its rankings, budgets and masks up
+// to exact ties). Two ways, the same contract:
+//  - split (tensor cores): each float32 proxy value x is carried as two fp16 pieces, hi = fp16(x)
+//    and lo = fp16(x - hi) (22 significant bits); pieces concatenated along d make q.k a sum of
+//    fp16 products that the MMAs form exactly and accumulate in fp32, so row_lse and
+//    block_scores on the concatenated heads give the exact scores at tensor-core speed:
+//      k exact in fp16 (one f16 KV head per group):  q' = [hi, lo]      . k' = [k, k]
+//      otherwise:                                    q' = [hi, hi, lo]  . k' = [hi, lo, hi]
+//                                                    (or [hi,hi,lo,lo] . [hi,lo,hi,lo] when 4d
+//                                                    is a kernel head_dim; lo.lo ~ 2^-22 x|q.k|)
+//    taken when the concatenated width is 64, 128 or 256 and the block 64 or 128;
+//  - SIMT (otherwise, e.g. d 256 or d 128 with pooled KV heads): fp32 tiles, two passes (row LSE
+//    in float64, then the block max).
 #include <algorithm>
 #include <cmath>
 
@@ -108,6 +119,31 @@ __global__ void pool_f32_kernel(const PoolArgs a) {  // a.dst: float32
     float acc = 0.f;
     for (int h = a.begin[g]; h < a.end[g]; ++h) acc += to_float(static_cast<const T*>(a.src)[h * a.sh + t * a.st + c]);
     static_cast<float*>(a.dst)[x] = acc / float(a.end[g] - a.begin[g]);
+  }
+}
+
+// The float32 group mean of pool_f32_kernel, written as fp16 pieces: dst[g, t, u * d + c] =
+// hi or lo (code[u]) of the mean, for the u = 0 .. terms - 1 pieces of the concatenated head.
+struct SplitCodes {
+  int terms;
+  int lo[4];  // piece u is lo (1) or hi (0)
+};
+
+template <class T>
+__global__ void pool_split_kernel(const PoolArgs a, const SplitCodes codes) {  // a.dst: __half
+  const int64_t total = int64_t(a.groups) * a.n * a.d;
+  __half* dst = static_cast<__half*>(a.dst);
+  for (int64_t x = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; x < total; x += int64_t(gridDim.x) * blockDim.x) {
+    const int c = int(x % a.d);
+    const int64_t t = (x / a.d) % a.n;
+    const int g = int(x / (int64_t(a.d) * a.n));
+    float acc = 0.f;
+    for (int h = a.begin[g]; h < a.end[g]; ++h) acc += to_float(static_cast<const T*>(a.src)[h * a.sh + t * a.st + c]);
+    const float v = acc / float(a.end[g] - a.begin[g]);
+    const __half hi = __float2half_rn(v);
+    const __half lo = __float2half_rn(v - __half2float(hi));  // v - hi is exact in float32
+    __half* o = dst + (int64_t(g) * a.n + t) * (int64_t(codes.terms) * a.d) + c;
+    for (int u = 0; u < codes.terms; ++u) o[int64_t(u) * a.d] = codes.lo[u] ? lo : hi;
   }
 }
 
@@ -294,6 +330,79 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
   }
   cudaStream_t st = detail::stream_of(p.stream);
   peer::Scratch scratch(st);
+  const float scale = p.scale > 0.f ? p.scale : 1.0f / std::sqrt(float(d));
+
+  // Split path: the pieces' pattern from whether every group's Q / K is one f16 head (exact).
+  bool q_exact = p.in.in_type == ElemType::f16, k_exact = q_exact;
+  for (int g = 0; g < p.groups; ++g) {
+    q_exact = q_exact && p.q_end[g] - p.q_begin[g] == 1;
+    k_exact = k_exact && p.k_end[g] - p.k_begin[g] == 1;
+  }
+  detail::SplitCodes cq{}, ck{};
+  auto set = [](detail::SplitCodes& c, std::initializer_list<int> lo) {
+    c.terms = 0;
+    for (int x : lo) c.lo[c.terms++] = x;
+  };
+  if (q_exact && k_exact) {
+    set(cq, {0});
+    set(ck, {0});
+  } else if (k_exact) {
+    set(cq, {0, 1});
+    set(ck, {0, 0});
+  } else if (4 * d <= 256) {
+    set(cq, {0, 0, 1, 1});
+    set(ck, {0, 1, 0, 1});
+  } else {
+    set(cq, {0, 0, 1});
+    set(ck, {0, 1, 0});
+  }
+  const int64_t dd = int64_t(cq.terms) * d;
+  if ((dd == 64 || dd == 128 || dd == 256) && (p.block == 64 || p.block == 128)) {
+    __half *qs = nullptr, *ks = nullptr;
+    float* lse = nullptr;
+    const size_t elems = size_t(p.groups) * n * dd;
+    if ((s = scratch.get(&qs, elems, "proxy_scores_exact: split proxy q")) != Status::ok) return s;
+    if ((s = scratch.get(&ks, elems, "proxy_scores_exact: split proxy k")) != Status::ok) return s;
+    if ((s = scratch.get(&lse, size_t(p.groups) * n, "proxy_scores_exact: lse")) != Status::ok) return s;
+    pq.dst = qs;
+    pk.dst = ks;
+    const unsigned grid = unsigned(std::min<int64_t>((int64_t(p.groups) * n * d + 255) / 256, 65535 * 8));
+    if (p.in.in_type == ElemType::bf16) {
+      detail::pool_split_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pq, cq);
+      detail::pool_split_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pk, ck);
+    } else {
+      detail::pool_split_kernel<__half><<<grid, 256, 0, st>>>(pq, cq);
+      detail::pool_split_kernel<__half><<<grid, 256, 0, st>>>(pk, ck);
+    }
+    if ((s = detail::check_launch("proxy_scores_exact: split pooling launch")) != Status::ok) return s;
+    AttentionParams ap;
+    ap.q = qs;
+    ap.k = ks;
+    ap.lse = lse;
+    ap.in_type = ElemType::f16;
+    ap.q_heads = ap.kv_heads = p.groups;
+    ap.head_dim = int(dd);
+    ap.seq_len = n;
+    ap.scale = scale;  // the proxy head's 1 / sqrt(d), not the concatenation's
+    ap.stream = p.stream;
+    if ((s = row_lse(ap)) != Status::ok) return s;
+    BlockScoreParams bp;
+    bp.q = qs;
+    bp.k = ks;
+    bp.lse = lse;
+    bp.out = p.out;
+    bp.in_type = ElemType::f16;
+    bp.q_heads = bp.kv_heads = p.groups;
+    bp.head_dim = int(dd);
+    bp.seq_len = n;
+    bp.scale = scale;
+    bp.block = p.block;
+    bp.query_stride = p.query_stride;
+    bp.reduce = BlockReduce::max;
+    bp.stream = p.stream;
+    return block_scores(bp);
+  }
+
   float *qg = nullptr, *kg = nullptr;
   double* lse = nullptr;
   const size_t elems = size_t(p.groups) * n * d;
@@ -322,7 +431,7 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
   a.nb = int(nb);
   a.query_stride = p.query_stride;
   a.row_tiles = int((n + detail::kXT - 1) / detail::kXT);
-  a.scale = p.scale > 0.f ? p.scale : 1.0f / std::sqrt(float(d));
+  a.scale = scale;
   const dim3 g2{unsigned(a.row_tiles), unsigned(p.groups)};
   detail::exact_lse_kernel<<<g2, detail::kXNT, 0, st>>>(a);
   if ((s = detail::check_launch("proxy_scores_exact: LSE launch")) != Status::ok) return s;

@@ -1,5 +1,4 @@
 // Fused oracle pass and multi-mask output-error pass; see layer_oracle.hpp.
-#include "proxyattn/select.hpp"
 #include "proxyattn/analysis/layer_oracle.hpp"
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 
 #include "analysis_kernels.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/select.hpp"
 
 namespace proxyattn::analysis {
 
@@ -118,18 +118,7 @@ std::vector<int32_t> rank_orders(const float* scores, int heads, int nb, bool si
 }
 
 bool is_prefix_mask(const BlockMask& mask, const std::vector<int32_t>& order) {
-  const int nb = mask.num_blocks();
-  if (order.size() != causal_offset(mask.heads(), 0, nb)) return false;
-  std::vector<int32_t> pre;
-  for (int h = 0; h < mask.heads(); ++h)
-    for (int i = 0; i < nb; ++i) {
-      const auto row = mask.row(h, i);
-      const int32_t* o = order.data() + causal_offset(h, i, nb);
-      pre.assign(o, o + row.size());
-      std::sort(pre.begin(), pre.end());
-      if (!std::equal(pre.begin(), pre.end(), row.begin(), row.end())) return false;
-    }
-  return true;
+  return is_prefix_of_order(mask, order);  // the same causal layout as selection_order
 }
 
 bool prefix_mask_errors(const PrefixErrors& table, const std::vector<double>& full_sq,

@@ -491,8 +491,10 @@ void LayerRun::gpu_pass() {
   for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
 }
 
-// Output error of every selection on the device: the full output once, each distinct mask's
-// block-sparse output, their difference reduced per head.
+// Output error of every selection on the device: the full output once, then each distinct
+// mask's block-sparse output against it, reduced per head. The masks built from a score set's
+// selection order (budgets, head-global densities) and the oracle's selections are prefixes of
+// one ranking per score set: each ranking's masks share one pass (the CPU's prefix tables).
 void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
   std::vector<const BlockMask*> masks;
   std::vector<size_t> mask_of(sels_.size());
@@ -503,7 +505,17 @@ void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vec
     if (found == masks.size()) masks.push_back(&sels_[i].mask);
     mask_of[i] = found;
   }
-  const MaskErrors o = gpu().output_errors(masks);
+  std::vector<std::vector<int32_t>> own_orders;  // the oracle's ranking: no forced blocks
+  for (const auto& [key, sc] : score_cache_)
+    if (find_method(sc.method).exact_mass) {
+      SelectOptions none;
+      none.sink = none.diagonal = false;
+      own_orders.push_back(selection_order(sc, none));
+    }
+  std::vector<const std::vector<int32_t>*> orders;
+  for (const auto& [sc, order] : order_cache_) orders.push_back(&order);
+  for (const std::vector<int32_t>& order : own_orders) orders.push_back(&order);
+  const MaskErrors o = gpu().output_errors(masks, orders);
   for (size_t i = 0; i < sels_.size(); ++i) {
     rel[i] = o.rel_error[mask_of[i]];
     empty[i] = o.empty_rows[mask_of[i]];

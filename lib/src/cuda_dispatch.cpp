@@ -2,6 +2,7 @@
 // CUDA-free kernels API. Plain C++: conversion to bf16/fp16 happens on the device, every Status
 // becomes an Error naming the operation.
 #include "proxyattn/cuda_dispatch.hpp"
+#include "proxyattn/select.hpp"
 #include "proxyattn/methods.hpp"
 
 #include <algorithm>
@@ -290,17 +291,32 @@ AttentionOutput CudaLayer::sparse_attention(const BlockMask& mask) const {
   return out;
 }
 
-MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks) const {
+MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks,
+                                     const std::vector<const std::vector<int32_t>*>& orders) const {
   const Impl& m = *impl_;
   if (!m.has_v) throw Error("cuda: output_errors needs V (the layer was uploaded without it)");
   const int H = m.s.q_heads;
-  const size_t no = size_t(H) * m.s.seq_len * m.s.head_dim;
+  const int64_t N = m.s.seq_len;
+  const size_t no = size_t(H) * N * m.s.head_dim;
   MaskErrors out;
   out.rel_error.assign(masks.size(), std::vector<double>(size_t(H), 0.0));
   out.empty_rows.assign(masks.size(), 0);
   if (masks.empty()) return out;
+  for (const BlockMask* mask : masks) {
+    if (mask->heads() != H || mask->seq_len() != N)
+      throw Error("cuda: output_errors: mask is for " + std::to_string(mask->heads()) + " heads x " +
+                  std::to_string(mask->seq_len()) + " tokens, layer has " + std::to_string(H) + " x " +
+                  std::to_string(N));
+    check_block(mask->block(), "output_errors");
+  }
+  // Each mask to the first order it is a prefix of (same block size), else to its own pass.
+  std::vector<int> order_of(masks.size(), -1);
+  for (size_t x = 0; x < masks.size(); ++x)
+    for (size_t r = 0; r < orders.size() && order_of[x] < 0; ++r)
+      if (is_prefix_of_order(*masks[x], *orders[r])) order_of[x] = int(r);
+
   KernelTimer t;
-  kk::DeviceBuffer o_full = alloc(no * sizeof(float), "full output"), o = alloc(no * sizeof(float), "sparse output");
+  kk::DeviceBuffer o_full = alloc(no * sizeof(float), "full output");
   kk::DeviceBuffer sums = alloc(size_t(2) * H * sizeof(double), "error sums");
   kk::AttentionParams p = m.attn_params();
   p.o = o_full.data();
@@ -309,13 +325,69 @@ MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks) 
   double* sq_diff = sums.as<double>();
   double* sq_ref = sq_diff + H;
   std::vector<double> host(size_t(2) * H);
-  for (size_t x = 0; x < masks.size(); ++x) {
+  auto download_sums = [&](kk::DeviceBuffer& b, std::vector<double>& to) {
+    check(b.download(to.data(), to.size() * sizeof(double)), "downloading error sums");
+  };
+  // ||O_full_h||^2 once (the reference against itself).
+  check(kk::memset_device(sums.data(), 0, sums.bytes()), "zeroing error sums");
+  kk::OutputErrorParams rp;
+  rp.o_ref = rp.o = o_full.as<float>();
+  rp.heads = H;
+  rp.head_dim = m.s.head_dim;
+  rp.seq_len = N;
+  rp.sq_diff = sq_diff;
+  rp.sq_ref = sq_ref;
+  check(kk::output_error_sums(rp), "output_error_sums");
+  download_sums(sums, host);
+  const std::vector<double> ref(host.begin() + H, host.end());
+  auto finish = [&](size_t x, const double* diff) {
     const BlockMask& mask = *masks[x];
-    if (mask.heads() != H || mask.seq_len() != m.s.seq_len)
-      throw Error("cuda: output_errors: mask is for " + std::to_string(mask.heads()) + " heads x " +
-                  std::to_string(mask.seq_len()) + " tokens, layer has " + std::to_string(H) + " x " +
-                  std::to_string(m.s.seq_len));
-    check_block(mask.block(), "output_errors");
+    for (int h = 0; h < H; ++h) {
+      out.rel_error[x][size_t(h)] = ref[size_t(h)] > 0 ? std::sqrt(diff[h] / ref[size_t(h)]) : 0.0;
+      // A query block with no selected key block gives o = 0 on its rows (as the CPU's empty rows).
+      for (int i = 0; i < mask.num_blocks(); ++i)
+        if (mask.row(h, i).empty()) out.empty_rows[x] += std::min<int64_t>(mask.block(), N - int64_t(i) * mask.block());
+    }
+  };
+
+  // One pass per order over the masks that are its prefixes.
+  for (size_t r = 0; r < orders.size(); ++r) {
+    std::vector<size_t> group;
+    for (size_t x = 0; x < masks.size(); ++x)
+      if (order_of[x] == int(r)) group.push_back(x);
+    if (group.empty()) continue;
+    const int nb = masks[group[0]]->num_blocks(), block = masks[group[0]]->block();
+    const std::vector<int32_t>& order = *orders[r];
+    std::vector<int32_t> counts(group.size() * H * nb);
+    for (size_t g = 0; g < group.size(); ++g)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < nb; ++i)
+          counts[(g * H + h) * nb + i] = int32_t(masks[group[g]]->row(h, i).size());
+    kk::DeviceBuffer d_order = alloc(order.size() * 4, "rank order");
+    kk::DeviceBuffer d_counts = alloc(counts.size() * 4, "prefix counts");
+    kk::DeviceBuffer d_err = alloc(group.size() * H * sizeof(double), "prefix error sums");
+    check(d_order.upload(order.data(), order.size() * 4), "uploading rank order");
+    check(d_counts.upload(counts.data(), counts.size() * 4), "uploading prefix counts");
+    check(kk::memset_device(d_err.data(), 0, d_err.bytes()), "zeroing prefix error sums");
+    kk::PrefixErrorParams pp;
+    pp.attn = m.attn_params();
+    pp.o_ref = o_full.as<float>();
+    pp.order = d_order.as<int32_t>();
+    pp.counts = d_counts.as<int32_t>();
+    pp.masks = int(group.size());
+    pp.block = block;
+    pp.sq_diff = d_err.as<double>();
+    check(kk::prefix_output_errors(pp), "prefix_output_errors");
+    std::vector<double> err(group.size() * H);
+    download_sums(d_err, err);
+    for (size_t g = 0; g < group.size(); ++g) finish(group[g], err.data() + g * H);
+  }
+
+  // The rest: one block-sparse pass each.
+  kk::DeviceBuffer o = alloc(no * sizeof(float), "sparse output");
+  for (size_t x = 0; x < masks.size(); ++x) {
+    if (order_of[x] >= 0) continue;
+    const BlockMask& mask = *masks[x];
     kk::DeviceBuffer ip = alloc(mask.indptr().size() * 4, "mask indptr");
     kk::DeviceBuffer ix = alloc(std::max<size_t>(1, mask.indices().size()) * 4, "mask indices");
     check(ip.upload(mask.indptr().data(), mask.indptr().size() * 4), "uploading mask indptr");
@@ -334,19 +406,11 @@ MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks) 
     ep.o = o.as<float>();
     ep.heads = H;
     ep.head_dim = m.s.head_dim;
-    ep.seq_len = m.s.seq_len;
+    ep.seq_len = N;
     ep.sq_diff = sq_diff;
-    ep.sq_ref = sq_ref;
     check(kk::output_error_sums(ep), "output_error_sums");
-    check(sums.download(host.data(), host.size() * sizeof(double)), "downloading error sums");
-    for (int h = 0; h < H; ++h) {
-      const double ref = host[size_t(H) + h];
-      out.rel_error[x][size_t(h)] = ref > 0 ? std::sqrt(host[size_t(h)] / ref) : 0.0;
-      // A query block with no selected key block gives o = 0 on its rows (as the CPU's empty rows).
-      for (int i = 0; i < mask.num_blocks(); ++i)
-        if (mask.row(h, i).empty())
-          out.empty_rows[x] += std::min<int64_t>(mask.block(), m.s.seq_len - int64_t(i) * mask.block());
-    }
+    download_sums(sums, host);
+    finish(x, host.data());
   }
   impl_->last_ms = t.stop();
   return out;

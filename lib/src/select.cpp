@@ -2,6 +2,7 @@
 #include "proxyattn/select.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <string>
@@ -232,6 +233,33 @@ void selection_order_row(const float* score, int i, const SelectOptions& o, int3
     if (!forced(j)) keys.push_back(rank::desc_id_key(score[j], static_cast<uint32_t>(j)));
   std::sort(keys.begin(), keys.end());
   for (uint64_t key : keys) out[n++] = static_cast<int32_t>(key & 0xFFFFFFFFu);
+}
+
+bool is_prefix_of_order(const BlockMask& mask, const std::vector<int32_t>& order) {
+  const int nb = mask.num_blocks(), H = mask.heads();
+  if (order.size() != order_offset(H, 0, nb)) return false;
+  std::atomic<bool> ok{true};
+  detail::parallel_for(H, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    // A row is a prefix when each of the order's first |row| blocks is in it (the row is sorted
+    // and unique, the order a permutation of 0..i): a stamp per block, O(|row|).
+    std::vector<int32_t> stamp(static_cast<size_t>(nb), -1);
+    for (int i = 0; i < nb && ok.load(std::memory_order_relaxed); ++i) {
+      const auto row = mask.row(h, i);
+      if (row.size() > static_cast<size_t>(i) + 1) {
+        ok = false;
+        return;
+      }
+      for (int32_t j : row) stamp[static_cast<size_t>(j)] = i;
+      const int32_t* o = order.data() + order_offset(h, i, nb);
+      for (size_t x = 0; x < row.size(); ++x)
+        if (stamp[static_cast<size_t>(o[x])] != i) {
+          ok = false;
+          return;
+        }
+    }
+  });
+  return ok.load();
 }
 
 BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,

@@ -1,6 +1,7 @@
 // Selection: the forced blocks, ranking and tie rules by hand, fixed-density rules, bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -178,6 +179,44 @@ TEST(Select, InOrderEqualsSelectBlocks) {
       EXPECT_EQ(select_budgets_to_density(s, order, b, d, o), select_budgets_to_density(s, b, d, o)) << d;
   }
   EXPECT_THROW(select_blocks_in_order(s, std::vector<int32_t>(5), b), Error);
+}
+
+// is_prefix_of_order: the selections from an order are its prefixes (each forcing option);
+// a mask with one block swapped for a later-ranked one, or an order of another shape, is not.
+TEST(Select, PrefixOfOrder) {
+  const int heads = 2, nb = 23;
+  BlockScores s;
+  s.method = "hand";
+  s.heads = heads;
+  s.num_blocks = nb;
+  s.block = 64;
+  s.seq_len = int64_t(nb) * 64 - 5;
+  std::uniform_int_distribution<int> level(0, 9), budget(0, nb + 1);
+  for (int x = 0; x < heads * nb * nb; ++x) s.score.push_back(0.1f * level(test::rng()));
+  Budgets b = budgets_of(heads, nb, {});
+  for (int r = 0; r < heads * nb; ++r) b.per_row_k.push_back(budget(test::rng()));
+  for (const SelectOptions& o : {SelectOptions{}, SelectOptions{false, false, 0}}) {
+    const std::vector<int32_t> order = selection_order(s, o);
+    const BlockMask m = select_blocks_in_order(s, order, b, o);
+    EXPECT_TRUE(is_prefix_of_order(m, order));
+    EXPECT_TRUE(is_prefix_of_order(select_to_density(s, 0.3, DensityRule::head_global, o), order));
+    // Row (1, 15) with its last-taken block replaced by the next one in the order.
+    std::vector<std::vector<int32_t>> rows;
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < nb; ++i) rows.emplace_back(m.row(h, i).begin(), m.row(h, i).end());
+    const int h = 1, i = 15;
+    const size_t at = size_t(h) * nb + i, off = size_t(h) * nb * (nb + 1) / 2 + size_t(i) * (i + 1) / 2;
+    std::vector<int32_t> r(order.begin() + long(off), order.begin() + long(off) + 4);  // 4 of 16 blocks
+    std::sort(r.begin(), r.end());
+    rows[at] = r;
+    EXPECT_TRUE(is_prefix_of_order(BlockMask::from_rows(heads, s.seq_len, 64, rows), order));
+    r.assign(order.begin() + long(off), order.begin() + long(off) + 3);
+    r.push_back(order[off + 4]);
+    std::sort(r.begin(), r.end());
+    rows[at] = r;
+    EXPECT_FALSE(is_prefix_of_order(BlockMask::from_rows(heads, s.seq_len, 64, rows), order));
+    EXPECT_FALSE(is_prefix_of_order(m, std::vector<int32_t>(order.begin(), order.end() - 1)));
+  }
 }
 
 TEST(Select, BadInput) {

@@ -3,15 +3,19 @@
 //   - the output error (CudaLayer::output_errors: full output once, each mask's block-sparse
 //     output, a float64 reduction per head on the device) vs analysis::output_errors, masks of
 //     several densities, one with empty rows and the full causal mask (error 0);
+//   - the same with masks that are prefixes of a rank order (one shared pass per order);
 //   - the oracle's block max with GQA (CudaLayer::maxpool_block_scores) vs LayerOracle::block_max.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <random>
 
 #include "gpu_test_util.hpp"
 #include "proxyattn/analysis/layer_oracle.hpp"
 #include "proxyattn/block_mask.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
+#include "proxyattn/select.hpp"
 
 namespace proxyattn {
 namespace {
@@ -88,6 +92,82 @@ TEST_P(OutputError, MatchesCpuSpec) {
   std::printf("output error GPU vs CPU: max |diff| %.3g, %d of %zu over tolerance\n", max_err, over,
               masks.size() * size_t(c.hq));
   EXPECT_EQ(over, 0);
+}
+
+// A random rank order per row (selection_order's causal layout) and masks that are prefixes of
+// it: per row a random length in [0, i + 1] (so empty rows and whole rows too).
+std::vector<int32_t> random_order(int heads, int nb) {
+  std::vector<int32_t> order;
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      std::vector<int32_t> row(size_t(i) + 1);
+      for (int j = 0; j <= i; ++j) row[size_t(j)] = j;
+      std::shuffle(row.begin(), row.end(), test::rng());
+      order.insert(order.end(), row.begin(), row.end());
+    }
+  return order;
+}
+
+BlockMask prefix_mask(const std::vector<int32_t>& order, int heads, int64_t n, int block, double fill) {
+  const int nb = num_blocks_for(n, block);
+  std::vector<std::vector<int32_t>> rows(size_t(heads) * nb);
+  size_t at = 0;
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      const int c = std::min(i + 1, int(std::floor(fill * (i + 1) * std::uniform_real_distribution<double>(0.5, 1.5)(test::rng()))));
+      auto& r = rows[size_t(h) * nb + i];
+      r.assign(order.begin() + long(at), order.begin() + long(at) + c);
+      std::sort(r.begin(), r.end());
+      at += size_t(i) + 1;
+    }
+  return BlockMask::from_rows(heads, n, block, rows);
+}
+
+// Masks that are prefixes of a ranking share one pass (prefix_output_errors); the others keep
+// their own. Both against the CPU spec and against one pass per mask.
+TEST_P(OutputError, PrefixMasksShareAPass) {
+  PROXYATTN_REQUIRE_GPU();
+  const Case c = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, DType::f16, 1.5f),
+                k = test::random_rounded(c.hkv, c.n, c.d, DType::f16), v = test::random_rounded(c.hkv, c.n, c.d, DType::f16);
+  const int nb = num_blocks_for(c.n, c.block);
+  const std::vector<int32_t> a = random_order(c.hq, nb), b = random_order(c.hq, nb);
+  std::vector<BlockMask> masks;
+  for (double fill : {0.0, 0.2, 0.5, 2.0}) masks.push_back(prefix_mask(a, c.hq, c.n, c.block, fill));
+  masks.push_back(random_mask(c.hq, c.n, c.block, 0.3, true));  // a prefix of neither (almost surely)
+  for (double fill : {0.1, 0.7}) masks.push_back(prefix_mask(b, c.hq, c.n, c.block, fill));
+  std::vector<const BlockMask*> ptrs;
+  for (const BlockMask& m : masks) ptrs.push_back(&m);
+  EXPECT_TRUE(is_prefix_of_order(masks[1], a));
+  EXPECT_TRUE(is_prefix_of_order(masks[5], b));
+
+  const analysis::LayerOracle oracle = analysis::layer_oracle(q, k, c.block);
+  const analysis::OutputErrors ref = analysis::output_errors(q, k, v, oracle, ptrs);
+  const CudaLayer layer(q, k, v, DType::f16);
+  const MaskErrors shared = layer.output_errors(ptrs, {&a, &b}), alone = layer.output_errors(ptrs);
+  ASSERT_EQ(shared.rel_error.size(), masks.size());
+  const double atol = 3e-3, rtol = 2e-2;
+  int over = 0;
+  double max_vs_alone = 0;
+  for (size_t x = 0; x < masks.size(); ++x) {
+    EXPECT_EQ(shared.empty_rows[x], ref.empty_rows[x]) << "mask " << x;
+    for (int h = 0; h < c.hq; ++h) {
+      const double g = shared.rel_error[x][size_t(h)], r = ref.rel_error[x][size_t(h)];
+      ASSERT_TRUE(std::isfinite(g)) << "mask " << x << " head " << h;
+      if (std::abs(g - r) > atol + rtol * std::abs(r)) ++over;
+      // The same products in another block order: float rounding apart.
+      max_vs_alone = std::max(max_vs_alone, std::abs(g - alone.rel_error[x][size_t(h)]));
+    }
+  }
+  // The empty prefix (fill 0 keeps nothing): O = 0, error 1; the whole rows: error ~0.
+  for (int h = 0; h < c.hq; ++h) {
+    EXPECT_NEAR(shared.rel_error[0][size_t(h)], 1.0, 1e-9) << "empty mask, head " << h;
+    EXPECT_LT(shared.rel_error[3][size_t(h)], 2e-3) << "whole rows, head " << h;
+  }
+  std::printf("prefix errors: %d of %zu over tolerance vs CPU, max |shared - alone| %.3g\n", over,
+              masks.size() * size_t(c.hq), max_vs_alone);
+  EXPECT_EQ(over, 0);
+  EXPECT_LT(max_vs_alone, 1e-3);
 }
 
 TEST_P(OutputError, BlockMaxMatchesCpuPass) {

@@ -205,6 +205,25 @@ struct OutputErrorParams {
 };
 Status output_error_sums(const OutputErrorParams& p) noexcept;
 
+// Output errors of several masks that are all prefixes of one ranking, in one block-sparse pass
+// (prefix_error.cu; the GPU form of the analysis' prefix tables): each CTA walks its row's key
+// blocks in rank order up to the longest prefix, and where a mask's row ends it normalises its
+// rows (O / l; 0 for an empty row) and adds sum (O - o_ref)^2 to that mask's head sum. The cost
+// is one sparse attention at the densest mask instead of one per mask.
+struct PrefixErrorParams {
+  AttentionParams attn;           // q, k, v, types, shape, strides (o_stride_* lay out o_ref);
+                                  // o / lse unused; row_begin 0, no window
+  const float* o_ref = nullptr;   // [Hq, N, d] float32: the full output
+  const int32_t* order = nullptr; // causal layout: row (h, i) at h Nb (Nb+1)/2 + i (i+1)/2 holds
+                                  // the blocks 0..i in rank order (select.hpp selection_order)
+  const int32_t* counts = nullptr;  // [masks, Hq, Nb]: mask m's row (h, i) = the first
+                                    // counts[m, h, i] (0..i+1) blocks of the order
+  int masks = 0;
+  int block = 128;                // 64 or 128
+  double* sq_diff = nullptr;      // [masks, Hq], device: += (the caller zeroes)
+};
+Status prefix_output_errors(const PrefixErrorParams& p) noexcept;
+
 // ---- block scores (oracle mass, proxy max-pool) ----------------------------------------------
 enum class BlockReduce : int {
   mean_sum = 0,  // out[h,i,j] = (1/rows of block i) * sum_{q in i, k in j, k <= q} P[q,k]
@@ -413,10 +432,13 @@ Status csr_fill(const CsrParams& p) noexcept;
 // analysis use it). The fast path (pool_heads into the operand dtype, row_lse, block_scores max)
 // rounds the pooled heads to bf16/fp16, which moves a few block scores enough to flip near-equal
 // rankings; here the proxy heads are the fp32 means of the 16-bit inputs (the CPU's values when
-// the inputs are 16-bit exact), the logits fp32 FMA (SIMT), the row LSE float64, and
+// the inputs are 16-bit exact) and
 //   out[g, i, j] = max over rows q of block i (q - iB multiple of query_stride) of
-//                  float(exp(max_{k in j, k <= q} logit[q, k] - lse[q]))   (as the CPU).
-// Cost: 2 * N^2/2 * d fp32 FMA per group (SIMT): for analysis lengths, not for the benchmark.
+//                  exp(max_{k in j, k <= q} logit[q, k] - lse[q])   (as the CPU, to float rounding).
+// Where the concatenated width allows (proxy_score.cu: d 64; d 128 with one KV head per group;
+// block 64/128) the float32 heads travel as fp16 hi/lo pieces through the tensor-core row_lse
+// and block_scores (about the fast path's cost times the pieces); otherwise fp32 SIMT tiles with
+// a float64 row LSE (2 * N^2/2 * d FMA per group).
 struct ProxyExactParams {
   PeerInput in;
   int groups = 0;  // <= kMaxPoolGroups per call

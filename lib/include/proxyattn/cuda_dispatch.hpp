@@ -66,9 +66,10 @@ struct MaskErrors {
 
 // How CudaLayer::proxy_scores builds and scores the proxy heads.
 enum class ProxyPrecision {
-  // float32 proxy heads (the means of the 16-bit inputs, in the CPU's order), fp32 SIMT logits,
-  // float64 row LSE (kernels::proxy_scores_exact): the CPU estimator's scores to float rounding,
-  // so its budgets and masks up to exact ties. What the analysis uses.
+  // float32 proxy heads (the means of the 16-bit inputs, in the CPU's order) scored exactly
+  // (kernels::proxy_scores_exact: fp16 hi/lo pieces on the tensor cores, or fp32 SIMT): the CPU
+  // estimator's scores to float rounding, so its budgets and masks up to exact ties. What the
+  // analysis uses.
   exact,
   // Heads pooled into the operand dtype, tensor-core row LSE + block max (pool_heads, row_lse,
   // block_scores): the benchmark's fast path. The rounding of the pooled heads moves block scores
@@ -94,9 +95,13 @@ class CudaLayer {
   AttentionOutput sparse_attention(const BlockMask& mask) const;
   std::vector<float> row_lse() const;
   // Output error of each mask (analysis::output_errors on the device): the full output once,
-  // then per mask block-sparse attention and a float64 reduction per head; outputs float32 on
-  // the device, never downloaded. Needs V.
-  MaskErrors output_errors(const std::vector<const BlockMask*>& masks) const;
+  // then a float64 reduction per head of each mask's block-sparse output; outputs float32 on
+  // the device, never downloaded. Needs V. The masks that are prefixes (select.hpp
+  // is_prefix_of_order) of one of `orders` (rank orders in selection_order's causal layout) are
+  // evaluated together, one sparse pass per order at its densest mask (prefix_output_errors);
+  // the others one pass each.
+  MaskErrors output_errors(const std::vector<const BlockMask*>& masks,
+                           const std::vector<const std::vector<int32_t>*>& orders = {}) const;
   BlockMass block_mass(int block) const;
 
   // estimator.hpp: make_estimator("proxy")->estimate(q, k, config) (score broadcast to the

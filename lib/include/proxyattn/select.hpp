@@ -31,6 +31,9 @@ BlockMask select_blocks(const BlockScores& scores, const Budgets& budgets,
 std::vector<int32_t> selection_order(const BlockScores& scores, const SelectOptions& options = {});
 // One row of it: the blocks 0..i of `row` into out[0..i].
 void selection_order_row(const float* row, int i, const SelectOptions& options, int32_t* out);
+// True when every row of mask holds (as a set) the first |row| blocks of that row of `order`
+// (selection_order's layout): then the mask is a prefix per row of that ranking. O(selected).
+bool is_prefix_of_order(const BlockMask& mask, const std::vector<int32_t>& order);
 // select_blocks(scores, budgets, options) from selection_order(scores, options): the same mask,
 // O(selected) per row instead of a partial sort.
 BlockMask select_blocks_in_order(const BlockScores& scores, const std::vector<int32_t>& order, const Budgets& budgets,

@@ -1,0 +1,65 @@
+// Output errors of masks that are prefixes of one ranking, one block-sparse pass for all of them
+// (attn_kernel in attention_core.cuh, prefix mode): the analysis' budget-driven and fixed-density
+// masks of one score set are all prefixes of its selection order, so their errors cost one
+// sparse attention at the densest of them. Same tiles and numerics as sparse.cu.
+#include "attention_launch.cuh"
+
+namespace proxyattn::kernels {
+
+using detail::AttnArgs;
+using detail::AttnMode;
+using detail::fail;
+using detail::launch_attn;
+
+namespace {
+
+template <class T>
+Status dispatch_prefix(const AttnArgs& a, const PrefixErrorParams& p) {
+  cudaStream_t st = detail::stream_of(p.attn.stream);
+  constexpr AttnMode M = AttnMode::prefix;
+  if (p.block == 128) {
+    switch (p.attn.head_dim) {
+      case 64: return launch_attn<64, 2, 4, 64, T, M, 0, false, 2>(a, p.attn.q_heads, st);
+      case 128: return launch_attn<128, 2, 4, 64, T, M, 0, false, 2>(a, p.attn.q_heads, st);
+      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false, 2>(a, p.attn.q_heads, st);
+    }
+  } else {
+    switch (p.attn.head_dim) {
+      case 64: return launch_attn<64, 1, 4, 64, T, M, 0, false>(a, p.attn.q_heads, st);
+      case 128: return launch_attn<128, 1, 4, 64, T, M, 0, false>(a, p.attn.q_heads, st);
+      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false>(a, p.attn.q_heads, st);
+    }
+  }
+  return fail(Status::unsupported, "prefix_output_errors: head_dim must be 64, 128 or 256");
+}
+
+}  // namespace
+
+Status prefix_output_errors(const PrefixErrorParams& p) noexcept {
+  AttnArgs a{};
+  AttentionParams ap = p.attn;
+  ap.o = nullptr;
+  ap.lse = nullptr;
+  Status s = detail::make_attn_args(ap, true, &a);
+  if (s != Status::ok) return s;
+  if (ap.window != 0) return fail(Status::unsupported, "prefix_output_errors: no sliding window");
+  if (ap.row_begin != 0) return fail(Status::invalid_argument, "prefix_output_errors: row_begin must be 0");
+  if (p.block != 64 && p.block != 128) return fail(Status::unsupported, "prefix_output_errors: block must be 64 or 128");
+  if (!p.o_ref || !p.order || !p.counts || !p.sq_diff)
+    return fail(Status::invalid_argument, "prefix_output_errors: null o_ref/order/counts/sq_diff");
+  if (p.masks < 1) return fail(Status::invalid_argument, "prefix_output_errors: masks must be >= 1");
+  if (!detail::aligned16(p.o_ref) || (a.ost | a.osh) % 8 != 0)
+    return fail(Status::invalid_argument, "prefix_output_errors: o_ref must be 16-byte aligned, strides multiples of 8");
+  const int64_t nb = (ap.seq_len + p.block - 1) / p.block;
+  if (nb > 65535) return fail(Status::invalid_argument, "prefix_output_errors: too many blocks");
+  a.indices = p.order;
+  a.mask_block = p.block;
+  a.nb = int(nb);
+  a.o_ref = p.o_ref;
+  a.counts = p.counts;
+  a.masks = p.masks;
+  a.err = p.sq_diff;
+  return ap.in_type == ElemType::bf16 ? dispatch_prefix<__nv_bfloat16>(a, p) : dispatch_prefix<__half>(a, p);
+}
+
+}  // namespace proxyattn::kernels
