@@ -61,15 +61,25 @@ __device__ __forceinline__ int swz(int row, int col) {  // element offset of (ro
 template <int ROWS, int D, int NT, class T>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride, int64_t row0, int64_t n, int tid) {
   constexpr int CH = D / 8;
-  constexpr int RPP = NT / CH;  // rows per pass
-  static_assert(NT % CH == 0 && ROWS % RPP == 0, "tile shape");
-  const int ch = tid % CH, r0 = tid / CH;
-  const T* src = g + (row0 + r0) * stride + ch * 8;
-  const int64_t avail = n - row0 - r0;  // rows of this thread's column that exist
+  if constexpr (NT % CH == 0) {
+    constexpr int RPP = NT / CH;  // rows per pass
+    static_assert(ROWS % RPP == 0, "tile shape");
+    const int ch = tid % CH, r0 = tid / CH;
+    const T* src = g + (row0 + r0) * stride + ch * 8;
+    const int64_t avail = n - row0 - r0;  // rows of this thread's column that exist
 #pragma unroll
-  for (int k = 0; k < ROWS / RPP; ++k) {
-    const bool ok = k * RPP < avail;
-    cp_async16(smem_u32(s + swz<D>(r0 + k * RPP, ch * 8)), ok ? src + int64_t(k * RPP) * stride : g, ok ? 16 : 0);
+    for (int k = 0; k < ROWS / RPP; ++k) {
+      const bool ok = k * RPP < avail;
+      cp_async16(smem_u32(s + swz<D>(r0 + k * RPP, ch * 8)), ok ? src + int64_t(k * RPP) * stride : g, ok ? 16 : 0);
+    }
+  } else {
+    // A width whose chunks do not divide the threads (d 384: the exact proxy's fp16 pieces):
+    // one flat loop over the tile's chunks.
+    for (int e = tid; e < ROWS * CH; e += NT) {
+      const int r = e / CH, ch = e % CH;
+      const bool ok = row0 + r < n;
+      cp_async16(smem_u32(s + swz<D>(r, ch * 8)), ok ? g + (row0 + r) * stride + ch * 8 : g, ok ? 16 : 0);
+    }
   }
 }
 

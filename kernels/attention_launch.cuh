@@ -12,8 +12,10 @@ namespace proxyattn::kernels::detail {
 inline Status make_attn_args(const AttentionParams& p, bool need_v, AttnArgs* a) {
   if (p.in_type != ElemType::bf16 && p.in_type != ElemType::f16)
     return fail(Status::unsupported, "attention: in_type must be bf16 or f16");
-  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)
-    return fail(Status::unsupported, "attention: head_dim must be 64, 128 or 256");
+  // 384 (row_lse of fp16 operands only): the exact proxy's three-piece heads (proxy_score.cu).
+  const bool wide = p.head_dim == 384 && !need_v && p.in_type == ElemType::f16;
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256 && !wide)
+    return fail(Status::unsupported, "attention: head_dim must be 64, 128 or 256 (384: f16 row_lse only)");
   if (p.q_heads <= 0 || p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0)
     return fail(Status::invalid_argument, "attention: q_heads must be a positive multiple of kv_heads");
   if (p.q_heads > 65535) return fail(Status::invalid_argument, "attention: more than 65535 query heads");
@@ -80,8 +82,9 @@ inline Status make_block_score_args(const BlockScoreParams& p, const char* who, 
     return fail(s, msg);
   };
   if (p.in_type != ElemType::bf16 && p.in_type != ElemType::f16) return bad(Status::unsupported, "in_type must be bf16 or f16");
-  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)
-    return bad(Status::unsupported, "head_dim must be 64, 128 or 256");
+  const bool wide = p.head_dim == 384 && p.in_type == ElemType::f16;  // as make_attn_args
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256 && !wide)
+    return bad(Status::unsupported, "head_dim must be 64, 128 or 256 (384: f16 only)");
   if (p.block != 64 && p.block != 128) return bad(Status::unsupported, "block must be 64 or 128");
   if (p.q_heads <= 0 || p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || p.q_heads > 65535)
     return bad(Status::invalid_argument, "q_heads must be a positive multiple of kv_heads");

@@ -14,6 +14,8 @@
 // it skips the key tiles left of a query tile's first window and masks the band's left edge.
 #include <algorithm>
 
+#include <type_traits>
+
 #include "attention_launch.cuh"
 #include "attention_sm90_launch.cuh"
 
@@ -75,6 +77,10 @@ Status dispatch_full(const AttnArgs& a, const AttentionParams& p) {
       }
       return launch_attn<128, 2, 4, 64, T, MODE, 0, false>(a, p.q_heads, st);
     case 256: return launch_attn<256, 1, 4, 64, T, MODE, 0, false>(a, p.q_heads, st);
+    case 384:  // row_lse of the exact proxy's fp16 pieces (make_attn_args admits nothing else)
+      if constexpr (MODE == AttnMode::lse && std::is_same_v<T, __half>)
+        return launch_attn<384, 2, 4, 64, T, MODE, 0, false>(a, p.q_heads, st);
+      break;
   }
   return fail(Status::unsupported, "attention: head_dim must be 64, 128 or 256");
 }

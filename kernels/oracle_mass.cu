@@ -3,6 +3,7 @@
 // reduce = max, of the ProxyAttn token-level max-pool. One CTA per (query block, head); tiles
 // of P live only in registers, the output is [H, Nb, Nb] floats.
 #include <algorithm>
+#include <type_traits>
 
 #include "attention_launch.cuh"
 #include "attention_sm90_launch.cuh"
@@ -37,12 +38,18 @@ Status dispatch_scores(const BlockScoreArgs& a, const BlockScoreParams& p) {
       case 64: return launch_scores<64, 2, 4, 64, T>(a, p.q_heads, st);
       case 128: return launch_scores<128, 2, 4, 64, T>(a, p.q_heads, st);
       case 256: return launch_scores<256, 2, 4, 64, T>(a, p.q_heads, st);
+      case 384:  // the exact proxy's fp16 pieces (make_block_score_args admits f16 only)
+        if constexpr (std::is_same_v<T, __half>) return launch_scores<384, 2, 4, 64, T>(a, p.q_heads, st);
+        break;
     }
   } else {
     switch (p.head_dim) {
       case 64: return launch_scores<64, 1, 4, 64, T>(a, p.q_heads, st);
       case 128: return launch_scores<128, 1, 4, 64, T>(a, p.q_heads, st);
       case 256: return launch_scores<256, 1, 4, 64, T>(a, p.q_heads, st);
+      case 384:
+        if constexpr (std::is_same_v<T, __half>) return launch_scores<384, 1, 4, 64, T>(a, p.q_heads, st);
+        break;
     }
   }
   return fail(Status::unsupported, "block_scores: head_dim must be 64, 128 or 256");

@@ -14,9 +14,9 @@
 //      otherwise:                                    q' = [hi, hi, lo]  . k' = [hi, lo, hi]
 //                                                    (or [hi,hi,lo,lo] . [hi,lo,hi,lo] when 4d
 //                                                    is a kernel head_dim; lo.lo ~ 2^-22 x|q.k|)
-//    taken when the concatenated width is 64, 128 or 256 and the block 64 or 128;
-//  - SIMT (otherwise, e.g. d 256 or d 128 with pooled KV heads): fp32 tiles, two passes (row LSE
-//    in float64, then the block max).
+//    taken when the concatenated width is 64, 128, 256 or 384 and the block 64 or 128;
+//  - SIMT (otherwise: d 256 with pooled heads): fp32 tiles, two passes (row LSE in float64,
+//    then the block max).
 #include <algorithm>
 #include <cmath>
 
@@ -357,7 +357,7 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
     set(ck, {0, 1, 0});
   }
   const int64_t dd = int64_t(cq.terms) * d;
-  if ((dd == 64 || dd == 128 || dd == 256) && (p.block == 64 || p.block == 128)) {
+  if ((dd == 64 || dd == 128 || dd == 256 || dd == 384) && (p.block == 64 || p.block == 128)) {
     __half *qs = nullptr, *ks = nullptr;
     float* lse = nullptr;
     const size_t elems = size_t(p.groups) * n * dd;

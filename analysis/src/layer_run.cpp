@@ -505,13 +505,20 @@ void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vec
     if (found == masks.size()) masks.push_back(&sels_[i].mask);
     mask_of[i] = found;
   }
-  std::vector<std::vector<int32_t>> own_orders;  // the oracle's ranking: no forced blocks
-  for (const auto& [key, sc] : score_cache_)
-    if (find_method(sc.method).exact_mass) {
+  // Beyond the cached selection orders: the oracle's (no forced blocks), and per native mask the
+  // order its native_adjust densities are prefixes of (forced, native, the rest).
+  std::vector<std::vector<int32_t>> own_orders;
+  for (const auto& [key, sc] : score_cache_) {
+    const MethodInfo& m = find_method(sc.method);
+    if (m.exact_mass) {
       SelectOptions none;
       none.sink = none.diagonal = false;
       own_orders.push_back(selection_order(sc, none));
+    } else if (sc.native && m.forced_blocks) {
+      const auto it = order_cache_.find(&sc);
+      if (it != order_cache_.end()) own_orders.push_back(native_first_order(*sc.native, it->second));
     }
+  }
   std::vector<const std::vector<int32_t>*> orders;
   for (const auto& [sc, order] : order_cache_) orders.push_back(&order);
   for (const std::vector<int32_t>& order : own_orders) orders.push_back(&order);

@@ -168,6 +168,12 @@ struct CudaLayer::Impl {
     p.seq_len = s.seq_len;
     return p;
   }
+  // The layer's own row LSE [Hq, N] (block mass, block max, row_lse read it): computed once.
+  mutable kk::DeviceBuffer own_lse;
+  const kk::DeviceBuffer& layer_lse() const {
+    if (!own_lse.data()) own_lse = lse_of(q.data(), k.data(), s.q_heads, s.kv_heads, 0);
+    return own_lse;
+  }
   // Row LSE of (qp, kp) with hq / hk heads into a [hq, N] device buffer.
   kk::DeviceBuffer lse_of(const void* qp, const void* kp, int hq, int hk, int64_t row_begin) const {
     kk::DeviceBuffer lse = alloc(sizeof(float) * hq * s.seq_len, "lse");
@@ -428,7 +434,7 @@ size_t cuda_device_memory_bytes() noexcept {
 std::vector<float> CudaLayer::row_lse() const {
   const Impl& m = *impl_;
   KernelTimer t;
-  kk::DeviceBuffer lse = m.lse_of(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, 0);
+  const kk::DeviceBuffer& lse = m.layer_lse();
   impl_->last_ms = t.stop();
   return download<float>(lse, size_t(m.s.q_heads) * m.s.seq_len, "lse");
 }
@@ -440,7 +446,7 @@ BlockMass CudaLayer::block_mass(int block) const {
   const size_t nm = size_t(m.s.q_heads) * nb * nb;
   kk::DeviceBuffer out = alloc(nm * sizeof(float), "block mass");
   KernelTimer t;
-  kk::DeviceBuffer lse = m.lse_of(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, 0);
+  const kk::DeviceBuffer& lse = m.layer_lse();
   kk::BlockScoreParams p = m.score_params(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, lse.as<float>(),
                                           out.as<float>(), block);
   p.reduce = kk::BlockReduce::mean_sum;
@@ -463,7 +469,7 @@ std::vector<float> CudaLayer::maxpool_block_scores(int block, int query_stride) 
   const size_t nm = size_t(m.s.q_heads) * nb * nb;
   kk::DeviceBuffer out = alloc(nm * sizeof(float), "block scores");
   KernelTimer t;
-  kk::DeviceBuffer lse = m.lse_of(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, 0);
+  const kk::DeviceBuffer& lse = m.layer_lse();
   kk::BlockScoreParams p = m.score_params(m.q.data(), m.k.data(), m.s.q_heads, m.s.kv_heads, lse.as<float>(),
                                           out.as<float>(), block);
   p.reduce = kk::BlockReduce::max;

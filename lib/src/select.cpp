@@ -262,6 +262,34 @@ bool is_prefix_of_order(const BlockMask& mask, const std::vector<int32_t>& order
   return ok.load();
 }
 
+std::vector<int32_t> native_first_order(const BlockMask& native, const std::vector<int32_t>& order,
+                                        const SelectOptions& o) {
+  check_options(o);
+  const int nb = native.num_blocks(), H = native.heads();
+  if (order.size() != order_offset(H, 0, nb)) throw Error("native_first_order: order of another shape");
+  std::vector<int32_t> out(order.size());
+  detail::parallel_for(H, [&](int64_t h64) {
+    const int h = static_cast<int>(h64);
+    std::vector<int32_t> stamp(static_cast<size_t>(nb), -1), rest;
+    for (int i = 0; i < nb; ++i) {
+      for (int32_t j : native.row(h, i)) stamp[static_cast<size_t>(j)] = i;
+      const int32_t* src = order.data() + order_offset(h, i, nb);
+      int32_t* dst = out.data() + order_offset(h, i, nb);
+      auto forced = [&](int j) { return (o.sink && j == 0) || (o.diagonal && j == i) || (j < i && i - j <= o.local_window); };
+      int n = 0;
+      rest.clear();
+      for (int x = 0; x <= i; ++x) {
+        const int32_t j = src[x];
+        // The forced blocks lead `order`'s row, so they stay first.
+        if (forced(j) || stamp[static_cast<size_t>(j)] == i) dst[n++] = j;
+        else rest.push_back(j);
+      }
+      std::copy(rest.begin(), rest.end(), dst + n);
+    }
+  });
+  return out;
+}
+
 BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t>& order, const Budgets& b,
                                  const SelectOptions& o) {
   check_scores(s, "select_blocks_in_order");

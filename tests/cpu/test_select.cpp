@@ -219,6 +219,35 @@ TEST(Select, PrefixOfOrder) {
   }
 }
 
+// The native_adjust selections (cut or grown by score) of a native mask, and the native
+// itself, are prefixes of native_first_order.
+TEST(Select, NativeAdjustIsPrefixOfNativeFirstOrder) {
+  const int heads = 3, nb = 29;
+  BlockScores s;
+  s.method = "hand";
+  s.heads = heads;
+  s.num_blocks = nb;
+  s.block = 64;
+  s.seq_len = int64_t(nb) * 64 - 9;
+  std::uniform_int_distribution<int> level(0, 12);
+  std::bernoulli_distribution keep(0.3);
+  for (int x = 0; x < heads * nb * nb; ++x) s.score.push_back(0.05f * level(test::rng()));
+  std::vector<std::vector<int32_t>> rows;
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      std::vector<int32_t> r;
+      for (int j = 0; j <= i; ++j)
+        if (j == 0 || j == i || keep(test::rng())) r.push_back(j);
+      rows.push_back(r);
+    }
+  s.native = BlockMask::from_rows(heads, s.seq_len, 64, rows);
+  const std::vector<int32_t> order = native_first_order(*s.native, selection_order(s));
+  EXPECT_TRUE(is_prefix_of_order(*s.native, order));
+  for (const BlockMask& m : select_to_densities(s, {0.05, 0.2, 0.5, 0.9}, DensityRule::native_adjust))
+    EXPECT_TRUE(is_prefix_of_order(m, order)) << m.density();
+  EXPECT_THROW(native_first_order(*s.native, std::vector<int32_t>(7)), Error);
+}
+
 TEST(Select, BadInput) {
   const BlockScores s = test::make_block_scores(1, 9, 2, kScores);
   EXPECT_THROW(select_top_k(s, 0), Error);

@@ -161,7 +161,7 @@ TEST_P(OutputError, PrefixMasksShareAPass) {
   }
   // The empty prefix (fill 0 keeps nothing): O = 0, error 1; the whole rows: error ~0.
   for (int h = 0; h < c.hq; ++h) {
-    EXPECT_NEAR(shared.rel_error[0][size_t(h)], 1.0, 1e-9) << "empty mask, head " << h;
+    EXPECT_NEAR(shared.rel_error[0][size_t(h)], 1.0, 1e-6) << "empty mask, head " << h;
     EXPECT_LT(shared.rel_error[3][size_t(h)], 2e-3) << "whole rows, head " << h;
   }
   std::printf("prefix errors: %d of %zu over tolerance vs CPU, max |shared - alone| %.3g\n", over,

@@ -155,7 +155,7 @@ struct AttentionParams {
   float* lse = nullptr;     // [Hq, N]; may be null
   ElemType in_type = ElemType::bf16;   // bf16 or f16
   ElemType out_type = ElemType::bf16;  // in_type or f32
-  int q_heads = 0, kv_heads = 0, head_dim = 0;  // head_dim 64, 128 or 256
+  int q_heads = 0, kv_heads = 0, head_dim = 0;  // head_dim 64, 128 or 256 (384: f16 row_lse and block_scores, the exact proxy's pieces)
   int64_t seq_len = 0;
   // Element strides (0 = contiguous).
   int64_t q_stride_head = 0, q_stride_token = 0;
@@ -435,8 +435,7 @@ Status csr_fill(const CsrParams& p) noexcept;
 // the inputs are 16-bit exact) and
 //   out[g, i, j] = max over rows q of block i (q - iB multiple of query_stride) of
 //                  exp(max_{k in j, k <= q} logit[q, k] - lse[q])   (as the CPU, to float rounding).
-// Where the concatenated width allows (proxy_score.cu: d 64; d 128 with one KV head per group;
-// block 64/128) the float32 heads travel as fp16 hi/lo pieces through the tensor-core row_lse
+// Where the concatenated width allows (proxy_score.cu: d 64 and 128; block 64/128) the float32 heads travel as fp16 hi/lo pieces through the tensor-core row_lse
 // and block_scores (about the fast path's cost times the pieces); otherwise fp32 SIMT tiles with
 // a float64 row LSE (2 * N^2/2 * d FMA per group).
 struct ProxyExactParams {

@@ -34,6 +34,11 @@ void selection_order_row(const float* row, int i, const SelectOptions& options, 
 // True when every row of mask holds (as a set) the first |row| blocks of that row of `order`
 // (selection_order's layout): then the mask is a prefix per row of that ranking. O(selected).
 bool is_prefix_of_order(const BlockMask& mask, const std::vector<int32_t>& order);
+// The order the native_adjust selections of a native mask are prefixes of: per row the forced
+// blocks, then the native mask's other blocks, then the rest, each part in the order of `order`
+// (selection_order(scores, options) of the scores the native came with).
+std::vector<int32_t> native_first_order(const BlockMask& native, const std::vector<int32_t>& order,
+                                        const SelectOptions& options = {});
 // select_blocks(scores, budgets, options) from selection_order(scores, options): the same mask,
 // O(selected) per row instead of a partial sort.
 BlockMask select_blocks_in_order(const BlockScores& scores, const std::vector<int32_t>& order, const Budgets& budgets,
