@@ -15,6 +15,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <future>
 #include <mutex>
 
 #include "analyze_internal.hpp"
@@ -41,6 +43,17 @@ class LayerRun {
  private:
   enum class Phase { before, after };
   const BlockScores& scores(const MethodInfo& method, int groups, double gamma);
+  std::string score_key(const MethodInfo& method, int groups, double gamma) const {
+    // Only the coverage-driven natives depend on gamma; grouped methods on their groups.
+    return method.name + "/" + std::to_string(groups) + "/" + (method.set_coverage ? short_num(gamma) : "");
+  }
+  // --device cuda: the CPU-only estimates (methods whose GPU estimate the analysis does not
+  // take) start on a background thread when the layer starts, so they run while the GPU works.
+  void start_cpu_estimates();
+  struct Background {
+    std::future<BlockScores> scores;
+    double wall = 0, cpu = 0;  // of the estimate on its own thread
+  };
   const Budgets& budgets(const BudgetKindInfo& kind, const BlockScores& sc, double gamma);
   BlockMask fixed_selection(const MethodInfo& method, const BlockScores& sc, double density, std::string& rule);
   EstimatorConfig config_for(const MethodInfo& method, int groups, double gamma) const;
@@ -112,6 +125,9 @@ class LayerRun {
     size_t sel;
   };
   std::vector<PendingBudget> pending_;
+  // Last member: destroyed first, so an estimate still running (after an error) is waited for
+  // while the layer's data it reads is alive.
+  std::map<std::string, std::unique_ptr<Background>> background_;
 };
 
 EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
@@ -122,12 +138,45 @@ EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, doubl
   return c;
 }
 
+void LayerRun::start_cpu_estimates() {
+  const int threads = cpu_threads();
+  for (const std::string& name : cfg_.methods) {
+    const MethodInfo& m = find_method(name);
+    if (m.grouped() || m.exact_mass || (m.has_gpu() && m.gpu_in_analysis)) continue;
+    const double gamma = m.set_coverage ? gamma_ref(cfg_) : kNaN;
+    auto bg = std::make_unique<Background>();
+    Background* b = bg.get();
+    const EstimatorConfig c = config_for(m, 0, gamma);
+    bg->scores = std::async(std::launch::async, [this, &m, c, b, threads] {
+      set_cpu_threads(threads);  // the lane's share of the cores, as on this thread
+      const auto w0 = std::chrono::steady_clock::now();
+      const double c0 = cpu_now(true);
+      BlockScores s = m.estimate(q_, k_, c);
+      b->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+      b->cpu = cpu_now(true) - c0;
+      return s;
+    });
+    background_.emplace(score_key(m, 0, gamma), std::move(bg));
+  }
+}
+
 const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double gamma) {
-  // Only the coverage-driven natives depend on gamma; grouped methods on their groups.
-  const bool by_gamma = method.set_coverage != nullptr;
-  const std::string key = method.name + "/" + std::to_string(groups) + "/" + (by_gamma ? short_num(gamma) : "");
+  const std::string key = score_key(method, groups, gamma);
   auto it = score_cache_.find(key);
   if (it != score_cache_.end()) return it->second;
+  if (auto bg = background_.find(key); bg != background_.end()) {
+    // Waiting for it is this stage's wall time; its own run is reported beside, as "background".
+    BlockScores s;
+    {
+      Timing::Scope scope(tm_, "estimate:" + method.name);
+      s = bg->second->scores.get();
+    }
+    Timing::Stage& st = tm_.stages["estimate:" + method.name + " (background)"];
+    st.wall += bg->second->wall;
+    st.cpu += bg->second->cpu;
+    background_.erase(bg);
+    return score_cache_.emplace(key, std::move(s)).first->second;
+  }
   if (method.native == NativeRule::from_scores && gamma != gamma_ref(cfg_)) {
     // The native selection is a function of the scores: score once (at the reference gamma),
     // then only redo the native rule for this gamma.
@@ -658,7 +707,10 @@ void LayerRun::run() {
   errors_ = topics_.error && store_.error_ok && data_.v.has_value();
   // The same phases on both devices, so the rows come in the same order; on the GPU the exact
   // quantities come first and nothing waits for a pass.
-  if (cuda()) gpu_pass();
+  if (cuda()) {
+    if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
+    gpu_pass();
+  }
   phase_ = Phase::before;
   if (topics_.recall) recall_selections();
   if (topics_.budget) budget_selections();

@@ -258,7 +258,6 @@ class GpuRunner : public Runner {
     const double nb = double((n + sw_.block - 1) / sw_.block);
     const double causal_blocks = nb * (nb + 1) / 2;
     double b = (2 * hq + 2 * hkv) * n * d * es + hq * n * 4 + 2.0 * double(info_.l2_bytes) + (256 << 20);
-    const double csr_max = (hq * nb + 1) * 4 + hq * causal_blocks * 4;
     switch (m.family) {
       case Family::full:
         break;

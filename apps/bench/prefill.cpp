@@ -4,8 +4,8 @@
 // layers' TFLOP/s beside a plain cuBLAS GEMM ceiling measured in the same run, peak memory.
 //
 //   proxyattn-bench prefill --sweep configs/sweeps/prefill.json --out results/prefill
-//   proxyattn-bench prefill --models configs/models/llama-3.1-8b.json --lengths 8K,32K \
-//       --methods full,proxyattn@density=0.1 --reps 3
+//   proxyattn-bench prefill --models configs/models/llama-3.1-8b.json --lengths 8K,32K
+//       --methods full,proxyattn@density=0.1 --reps 3      (one command)
 //
 // Sweep file (kind "prefill"): name, description, figure, models [paths], lengths, methods,
 // repetitions, warmup, seed, token_chunk, block, gpu_mem_fraction, and "peers" (read by
