@@ -3,6 +3,8 @@
 
 #include <hdf5.h>
 
+#include <cstring>
+
 #include "proxyattn/error.hpp"
 
 namespace proxyattn::h5edit {
@@ -128,6 +130,88 @@ void write_f32(const std::string& file, const std::string& dataset, const std::v
   H5Pclose(lcpl);
   H5Sclose(sp);
   if (st < 0) f.fail(dataset + ": cannot write");
+}
+
+void write_float(const std::string& file, const std::string& dataset, const std::vector<uint64_t>& dims,
+                 const std::vector<float>& data, const DatasetSpec& spec) {
+  File f(file);
+  uint64_t n = 1;
+  for (uint64_t d : dims) n *= d;
+  if (n != data.size()) f.fail(dataset + ": data size does not match dims");
+  if (!spec.chunk.empty() && spec.chunk.size() != dims.size()) f.fail(dataset + ": chunk rank differs");
+  if (H5Lexists(f.id, dataset.c_str(), H5P_DEFAULT) > 0 && H5Ldelete(f.id, dataset.c_str(), H5P_DEFAULT) < 0)
+    f.fail(dataset + ": cannot replace");
+  const size_t elem = spec.dtype == DType::f32 ? 4 : 2;
+  // The file type; memory type = file type, so the bytes below are written as they are.
+  const hid_t t = H5Tcopy(H5T_IEEE_F32LE);
+  if (spec.dtype == DType::f16) {
+    H5Tset_fields(t, 15, 10, 5, 0, 10);
+    H5Tset_size(t, 2);
+    H5Tset_ebias(t, 15);
+  } else if (spec.dtype == DType::bf16) {
+    H5Tset_fields(t, 15, 7, 8, 0, 7);
+    H5Tset_size(t, 2);
+    H5Tset_ebias(t, 127);
+  }
+  if (spec.big_endian) H5Tset_order(t, H5T_ORDER_BE);
+  std::vector<unsigned char> bytes(n * elem);
+  for (uint64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    if (spec.dtype == DType::f32) {
+      std::memcpy(&bits, &data[i], 4);
+    } else {
+      bits = spec.dtype == DType::f16 ? float_to_half(data[i]) : float_to_bf16(data[i]);
+    }
+    for (size_t b = 0; b < elem; ++b) {  // little-endian, or big-endian, whatever this machine is
+      const unsigned char byte = static_cast<unsigned char>(bits >> (8 * b));
+      bytes[i * elem + (spec.big_endian ? elem - 1 - b : b)] = byte;
+    }
+  }
+  std::vector<hsize_t> hd(dims.begin(), dims.end());
+  const hid_t sp = H5Screate_simple(static_cast<int>(hd.size()), hd.data(), nullptr);
+  const hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+  if (!spec.chunk.empty()) {
+    std::vector<hsize_t> hc(spec.chunk.begin(), spec.chunk.end());
+    H5Pset_chunk(dcpl, static_cast<int>(hc.size()), hc.data());
+    for (int id : spec.filters) {
+      if (id == H5Z_FILTER_DEFLATE) H5Pset_deflate(dcpl, 4);
+      else if (id == H5Z_FILTER_SHUFFLE) H5Pset_shuffle(dcpl);
+      else if (id == H5Z_FILTER_FLETCHER32) H5Pset_fletcher32(dcpl);
+    }
+  }
+  const hid_t ds = H5Dcreate2(f.id, dataset.c_str(), t, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+  const herr_t st = ds >= 0 ? H5Dwrite(ds, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) : -1;
+  if (ds >= 0) H5Dclose(ds);
+  H5Pclose(dcpl);
+  H5Sclose(sp);
+  H5Tclose(t);
+  if (st < 0) f.fail(dataset + ": cannot write");
+}
+
+ChunkLocation chunk_location(const std::string& file, const std::string& dataset, uint64_t index) {
+  File f(file);
+  const hid_t ds = H5Dopen2(f.id, dataset.c_str(), H5P_DEFAULT);
+  if (ds < 0) f.fail(dataset + ": cannot open");
+  const hid_t sp = H5Dget_space(ds);
+  hsize_t offset[8] = {}, size = 0;
+  haddr_t addr = 0;
+  unsigned mask = 0;
+  const herr_t st = H5Dget_chunk_info(ds, sp, index, offset, &mask, &addr, &size);
+  H5Sclose(sp);
+  H5Dclose(ds);
+  if (st < 0) f.fail(dataset + ": no chunk " + std::to_string(index));
+  return {static_cast<uint64_t>(addr), static_cast<uint64_t>(size), mask};
+}
+
+void write_chunk_raw(const std::string& file, const std::string& dataset, const std::vector<uint64_t>& origin,
+                     uint32_t filter_mask, const std::string& bytes) {
+  File f(file);
+  const hid_t ds = H5Dopen2(f.id, dataset.c_str(), H5P_DEFAULT);
+  if (ds < 0) f.fail(dataset + ": cannot open");
+  std::vector<hsize_t> o(origin.begin(), origin.end());
+  const herr_t st = H5Dwrite_chunk(ds, H5P_DEFAULT, filter_mask, o.data(), bytes.size(), bytes.data());
+  H5Dclose(ds);
+  if (st < 0) f.fail(dataset + ": cannot write the chunk");
 }
 
 }  // namespace proxyattn::h5edit

@@ -18,15 +18,24 @@
 #include <hdf5.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <omp.h>
 #include <unistd.h>
+#if PROXYATTN_HAVE_ZLIB
+#include <zlib.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
 #include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <string_view>
 #include <utility>
 
 #include "proxyattn/checked.hpp"
@@ -48,11 +57,24 @@ std::recursive_mutex& h5_mutex() {
   return m;
 }
 
+// How many H5Locks this thread holds (a parallel region must not start while the calling thread
+// holds one: its workers would wait on the lock while the caller waits for them).
+int& h5_lock_depth() {
+  thread_local int depth = 0;
+  return depth;
+}
+
 // Holds the HDF5 lock; also (re)silences automatic error printing, which is per thread in
 // thread-safe builds.
 struct H5Lock {
   std::lock_guard<std::recursive_mutex> guard{h5_mutex()};
-  H5Lock() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+  H5Lock() {
+    ++h5_lock_depth();
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  }
+  ~H5Lock() { --h5_lock_depth(); }
+  H5Lock(const H5Lock&) = delete;
+  H5Lock& operator=(const H5Lock&) = delete;
 };
 
 herr_t innermost_cb(unsigned n, const H5E_error2_t* e, void* data) {
@@ -462,6 +484,237 @@ std::vector<hsize_t> dims_of(hid_t ds, const std::string& what) {
   return d;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Direct chunk reads
+//
+// libhdf5 is not thread-safe, so inside H5Dread every chunk's Fletcher-32 check, inflate and
+// copy run on one core under the lock. For a chunked dataset whose filters are the ones we know
+// (shuffle, gzip, Fletcher-32, in any order), read_window instead takes only each chunk's stored
+// bytes under the lock (H5Dread_chunk, HDF5 >= 1.10.2) and undoes the filters outside it, in
+// parallel over chunks, as HDF5's own filters do (H5Zfletcher32.c with H5_checksum_fletcher32,
+// H5Zdeflate.c, H5Zshuffle.c). A chunk that is not exactly as expected (a filter skipped other
+// than gzip, a size that disagrees, a checksum or inflate failure, any HDF5 error) is read again
+// through H5Dread, so the values and every error message are HDF5's own.
+// PROXYATTN_H5_DIRECT=0 reads everything through H5Dread (the path before this one).
+
+bool direct_reads_enabled() {
+  const char* e = std::getenv("PROXYATTN_H5_DIRECT");
+  return !(e && std::string_view(e) == "0");
+}
+
+void reduce16(uint32_t& s) { s = (s & 0xffffu) + (s >> 16); }
+
+// H5_checksum_fletcher32 (H5checksum.c): big-endian 16-bit words, both sums start at 0 and are
+// reduced by end-around carry after every 360 words; an odd last byte is the high byte of a last
+// word. Over a block of L words sum2 grows by L * sum1 + sum_k (L - k) w_k: the same uint32 as the
+// word-by-word loop (both are arithmetic modulo 2^32), in a form the compiler vectorises.
+uint32_t h5_fletcher32(const uint8_t* data, size_t bytes) {
+  size_t len = bytes / 2;
+  uint32_t sum1 = 0, sum2 = 0;
+  while (len) {
+    const uint32_t L = static_cast<uint32_t>(len > 360 ? 360 : len);
+    len -= L;
+    uint32_t s = 0, t = 0;
+    for (uint32_t k = 0; k < L; ++k) {
+      const uint32_t w = (static_cast<uint32_t>(data[2 * k]) << 8) | data[2 * k + 1];
+      s += w;
+      t += (L - k) * w;
+    }
+    data += 2 * static_cast<size_t>(L);
+    sum2 += L * sum1 + t;
+    sum1 += s;
+    reduce16(sum1);
+    reduce16(sum2);
+  }
+  if (bytes % 2) {
+    sum1 += static_cast<uint32_t>(*data) << 8;
+    sum2 += sum1;
+    reduce16(sum1);
+    reduce16(sum2);
+  }
+  reduce16(sum1);
+  reduce16(sum2);
+  return (sum2 << 16) | sum1;
+}
+
+// H5Z_filter_fletcher32 on read: n >= 4 stored bytes end with the checksum of the others, little
+// endian; the checksum with the two bytes of each 16-bit half swapped is accepted too (what
+// HDF5 <= 1.6.2 wrote on little-endian machines).
+bool fletcher32_matches(const uint8_t* p, size_t n) {
+  const uint32_t stored = static_cast<uint32_t>(p[n - 4]) | static_cast<uint32_t>(p[n - 3]) << 8 |
+                          static_cast<uint32_t>(p[n - 2]) << 16 | static_cast<uint32_t>(p[n - 1]) << 24;
+  const uint32_t f = h5_fletcher32(p, n - 4);
+  const uint32_t reversed = ((f & 0x00ff00ffu) << 8) | ((f >> 8) & 0x00ff00ffu);
+  return stored == f || stored == reversed;
+}
+
+// H5Z_filter_shuffle on read (only called with elem > 1 and at least 2 elements): byte j of
+// element i is at j * (n / elem) + i; the n % elem bytes left over are copied last.
+void unshuffle(const uint8_t* src, uint8_t* dst, size_t n, size_t elem) {
+  const size_t m = n / elem;
+  if (elem == 2) {
+    for (size_t i = 0; i < m; ++i) {
+      dst[2 * i] = src[i];
+      dst[2 * i + 1] = src[m + i];
+    }
+  } else {
+    for (size_t j = 0; j < elem; ++j)
+      for (size_t i = 0; i < m; ++i) dst[i * elem + j] = src[j * m + i];
+  }
+  std::memcpy(dst + m * elem, src + m * elem, n % elem);
+}
+
+// How to read a dataset's chunks directly; made under the lock from the creation properties.
+struct DirectPlan {
+  hsize_t chunk[3] = {};
+  size_t elem = 0;                    // bytes per value
+  size_t chunk_bytes = 0;             // a chunk's values (edge chunks are stored whole too)
+  size_t capacity = 0;                // the most bytes a chunk has at any filter stage (stored
+                                      // gzip output may exceed its input: zlib's compressBound)
+  std::vector<H5Z_filter_t> filters;  // pipeline order (undone last to first)
+};
+
+// The plan for a dataset, or nothing when its chunks must go through H5Dread: not chunked
+// [c0, c1, c2], a filter (or a parameter of one) other than those H5Dread would apply as
+// decode_chunk does, or (float32) a type whose conversion to float is not a plain copy.
+std::optional<DirectPlan> direct_plan(hid_t ds, hid_t ftype, const FloatKind& kind) {
+#if H5_VERSION_GE(1, 10, 2)
+  Handle dcpl = h5plist(H5Dget_create_plist(ds));
+  if (!dcpl.valid() || H5Pget_layout(dcpl) != H5D_CHUNKED) return std::nullopt;
+  DirectPlan p;
+  p.elem = static_cast<size_t>(dtype_size(kind.dtype));
+  if (H5Tget_size(ftype) != p.elem) return std::nullopt;
+  if (kind.dtype == DType::f32 && !(H5Tequal(ftype, H5T_IEEE_F32LE) > 0 || H5Tequal(ftype, H5T_IEEE_F32BE) > 0))
+    return std::nullopt;
+  if (H5Pget_chunk(dcpl, 3, p.chunk) != 3) return std::nullopt;
+  uint64_t cb = p.elem;
+  for (hsize_t c : p.chunk) {
+    if (c == 0 || c > (hsize_t{1} << 30)) return std::nullopt;
+    cb *= c;
+    if (cb > (uint64_t{1} << 30)) return std::nullopt;  // check_storage refuses these anyway
+  }
+  p.chunk_bytes = static_cast<size_t>(cb);
+  size_t fletchers = 0;
+  const int nf = H5Pget_nfilters(dcpl);
+  if (nf < 0 || nf > 3) return std::nullopt;
+  for (int i = 0; i < nf; ++i) {
+    unsigned flags = 0, fc = 0, vals[8] = {};
+    size_t ne = 8;
+    const H5Z_filter_t id = H5Pget_filter2(dcpl, static_cast<unsigned>(i), &flags, &ne, vals, 0, nullptr, &fc);
+    if ((flags & ~static_cast<unsigned>(H5Z_FLAG_OPTIONAL)) != 0) return std::nullopt;
+    if (std::find(p.filters.begin(), p.filters.end(), id) != p.filters.end()) return std::nullopt;
+    if (id == H5Z_FILTER_FLETCHER32) {
+      ++fletchers;
+    } else if (id == H5Z_FILTER_SHUFFLE) {
+      if (ne != 1 || vals[0] != p.elem) return std::nullopt;
+    } else if (id == H5Z_FILTER_DEFLATE) {
+#if PROXYATTN_HAVE_ZLIB
+      if (ne != 1 || vals[0] > 9 || H5Zfilter_avail(H5Z_FILTER_DEFLATE) <= 0) return std::nullopt;
+#else
+      return std::nullopt;
+#endif
+    } else {
+      return std::nullopt;
+    }
+    p.filters.push_back(id);
+  }
+  p.capacity = p.chunk_bytes + 4 * fletchers;
+#if PROXYATTN_HAVE_ZLIB
+  if (std::find(p.filters.begin(), p.filters.end(), H5Z_FILTER_DEFLATE) != p.filters.end())
+    p.capacity = static_cast<size_t>(::compressBound(static_cast<uLong>(p.capacity))) + 4 * fletchers;
+#endif
+  return p;
+#else
+  (void)ds;
+  (void)ftype;
+  (void)kind;
+  return std::nullopt;
+#endif
+}
+
+// Undoes the filters of one stored chunk (n bytes in a; a and b hold plan.capacity bytes) as
+// H5Z_pipeline does on read: last filter first, skipping those whose bit is set in the chunk's
+// filter mask. Returns the chunk's chunk_bytes bytes (in a or b), or nullptr where H5Dread must
+// decide: a skipped filter other than gzip (which HDF5 skips when it would not compress), a
+// checksum mismatch, an inflate error or any size other than expected.
+const uint8_t* decode_chunk(const DirectPlan& plan, uint32_t mask, uint8_t* a, uint8_t* b, size_t n) {
+  const size_t nf = plan.filters.size();
+  if ((mask >> nf) != 0) return nullptr;
+  uint8_t* cur = a;
+  uint8_t* spare = b;
+  for (size_t i = nf; i-- > 0;) {
+    const H5Z_filter_t id = plan.filters[i];
+    if (mask & (uint32_t{1} << i)) {
+      if (id != H5Z_FILTER_DEFLATE) return nullptr;
+      continue;
+    }
+    if (id == H5Z_FILTER_FLETCHER32) {
+      if (n < 4 || !fletcher32_matches(cur, n)) return nullptr;
+      n -= 4;
+    } else if (id == H5Z_FILTER_SHUFFLE) {
+      if (plan.elem > 1 && n / plan.elem > 1) {
+        unshuffle(cur, spare, n, plan.elem);
+        std::swap(cur, spare);
+      }
+    } else if (id == H5Z_FILTER_DEFLATE) {
+#if PROXYATTN_HAVE_ZLIB
+      // Its input on write was the chunk plus the checksums of the Fletcher-32 filters before it.
+      size_t want = plan.chunk_bytes;
+      for (size_t j = 0; j < i; ++j)
+        if (plan.filters[j] == H5Z_FILTER_FLETCHER32) want += 4;
+      uLongf got = static_cast<uLongf>(want);
+      if (::uncompress(spare, &got, cur, static_cast<uLong>(n)) != Z_OK || got != want) return nullptr;
+      std::swap(cur, spare);
+      n = want;
+#else
+      return nullptr;
+#endif
+    } else {
+      return nullptr;
+    }
+  }
+  return n == plan.chunk_bytes ? cur : nullptr;
+}
+
+// n stored values (file byte order) to float, counting NaN and Inf.
+template <DType T, bool Swap>
+void convert_values(const uint8_t* src, float* dst, int64_t n, int64_t& nan, int64_t& inf) {
+  int64_t a = 0, b = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    if constexpr (T == DType::f32) {
+      std::memcpy(&bits, src + 4 * i, 4);
+      if constexpr (Swap) bits = __builtin_bswap32(bits);
+    } else {
+      uint16_t v;
+      std::memcpy(&v, src + 2 * i, 2);
+      if constexpr (Swap) v = __builtin_bswap16(v);
+      bits = T == DType::f16 ? half_to_float_bits(v) : static_cast<uint32_t>(v) << 16;
+    }
+    std::memcpy(dst + i, &bits, 4);
+    const uint32_t mag = bits & 0x7fffffffu;
+    a += mag > 0x7f800000u;
+    b += mag == 0x7f800000u;
+  }
+  nan += a;
+  inf += b;
+}
+
+void convert_values(const FloatKind& kind, const uint8_t* src, float* dst, int64_t n, int64_t& nan, int64_t& inf) {
+  const bool swap = kind.big_endian != (std::endian::native == std::endian::big);
+  switch (kind.dtype) {
+    case DType::f16:
+      return swap ? convert_values<DType::f16, true>(src, dst, n, nan, inf)
+                  : convert_values<DType::f16, false>(src, dst, n, nan, inf);
+    case DType::bf16:
+      return swap ? convert_values<DType::bf16, true>(src, dst, n, nan, inf)
+                  : convert_values<DType::bf16, false>(src, dst, n, nan, inf);
+    case DType::f32:
+      return swap ? convert_values<DType::f32, true>(src, dst, n, nan, inf)
+                  : convert_values<DType::f32, false>(src, dst, n, nan, inf);
+  }
+}
+
 }  // namespace
 
 std::string_view tensor_name(Tensor t) {
@@ -531,6 +784,19 @@ struct StoreReader::Impl {
   void scan_layers();
   DatasetInfo check_dataset(hid_t group, const std::string& gpath, Tensor t, bool required) const;
   Tensor3 read_window(int l, Tensor t, int64_t h0, int64_t h1, int64_t t0, int64_t t1) const;
+
+  struct Window {
+    const std::string& dpath;  // "/layers/NN/q"
+    const std::string& what;   // "<file>: /layers/NN/q"
+    FloatKind kind;
+    int64_t h0, h1, t0, t1;
+  };
+  bool read_direct(const Window& w, Tensor3& out, int64_t& nan, int64_t& inf) const;
+  void read_h5dread(const Window& w, Tensor3& out, int64_t& nan, int64_t& inf) const;
+  struct AtomicStats {
+    std::atomic<int64_t> direct_chunks{0}, h5dread_chunks{0}, h5dread_windows{0};
+  };
+  mutable AtomicStats stats;
 };
 
 void StoreReader::Impl::open_file() {
@@ -716,27 +982,42 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
   const std::string dpath = li.group + "/" + std::string(tensor_name(t));
   const std::string what = ctx(dpath);
   if (!di.present) throw Error(what + ": missing dataset");
-  const int64_t H = heads_of(t), N = meta.seq_len, d = meta.head_dim;
+  const int64_t H = heads_of(t), N = meta.seq_len;
   if (h0 < 0 || h1 < h0 || h1 > H)
     throw Error(what + ": heads " + std::to_string(h0) + ":" + std::to_string(h1) + " outside [0, " +
                 std::to_string(H) + "]");
   if (t0 < 0 || t1 < t0 || t1 > N)
     throw Error(what + ": tokens " + std::to_string(t0) + ":" + std::to_string(t1) + " outside [0, " +
                 std::to_string(N) + "]");
-  Tensor3 out(h1 - h0, t1 - t0, d);
+  Tensor3 out(h1 - h0, t1 - t0, meta.head_dim);
   if (out.size() == 0) return out;
 
+  int64_t nan = 0, inf = 0;
+  const Window w{dpath, what, di.kind, h0, h1, t0, t1};
+  if (!(direct_reads_enabled() && read_direct(w, out, nan, inf))) read_h5dread(w, out, nan, inf);
+  if (!opts.allow_nonfinite && (nan || inf))
+    throw Error(what + ": " + std::to_string(nan) + " NaN and " + std::to_string(inf) +
+                " Inf values (non-finite data is an error unless allowed, e.g. --allow-nonfinite)");
+  return out;
+}
+
+// The window through H5Dread (the path for datasets read_direct does not take, and with
+// PROXYATTN_H5_DIRECT=0 for all).
+void StoreReader::Impl::read_h5dread(const Window& w, Tensor3& out, int64_t& nan, int64_t& inf) const {
+  const std::string& what = w.what;
+  const int64_t d = meta.head_dim;
+  ++stats.h5dread_windows;
   {
     H5Lock lock;
-    const hid_t dh = H5Dopen2(file, dpath.c_str(), H5P_DEFAULT);
+    const hid_t dh = H5Dopen2(file, w.dpath.c_str(), H5P_DEFAULT);
     if (dh < 0) throw Error(what + ": cannot open" + h5_detail());
     Handle ds(dh, H5Dclose);
     Handle fspace = h5space(check_id(H5Dget_space(ds), what + ": cannot read dataspace"));
-    const hsize_t n = static_cast<hsize_t>(t1 - t0);
-    if (di.kind.dtype == DType::f32) {
+    const hsize_t n = static_cast<hsize_t>(w.t1 - w.t0);
+    if (w.kind.dtype == DType::f32) {
       // HDF5 converts float32 of either byte order to native directly; one read for the window.
-      const hsize_t start[3] = {static_cast<hsize_t>(h0), static_cast<hsize_t>(t0), 0};
-      const hsize_t count[3] = {static_cast<hsize_t>(h1 - h0), n, static_cast<hsize_t>(d)};
+      const hsize_t start[3] = {static_cast<hsize_t>(w.h0), static_cast<hsize_t>(w.t0), 0};
+      const hsize_t count[3] = {static_cast<hsize_t>(w.h1 - w.h0), n, static_cast<hsize_t>(d)};
       check_status(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr),
                    what + ": bad selection");
       Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
@@ -749,13 +1030,13 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
       const hsize_t count[3] = {1, n, static_cast<hsize_t>(d)};
       Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
       std::vector<uint16_t> raw(static_cast<size_t>(checked_product({static_cast<int64_t>(n), d}, what)));
-      const bool half = di.kind.dtype == DType::f16, swap = di.kind.big_endian;
-      for (int64_t h = h0; h < h1; ++h) {
-        const hsize_t start[3] = {static_cast<hsize_t>(h), static_cast<hsize_t>(t0), 0};
+      const bool half = w.kind.dtype == DType::f16, swap = w.kind.big_endian;
+      for (int64_t h = w.h0; h < w.h1; ++h) {
+        const hsize_t start[3] = {static_cast<hsize_t>(h), static_cast<hsize_t>(w.t0), 0};
         check_status(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr),
                      what + ": bad selection");
         check_status(H5Dread(ds, ftype, mspace, fspace, H5P_DEFAULT, raw.data()), what + ": read failed");
-        float* dst = out.row(h - h0, 0);
+        float* dst = out.row(h - w.h0, 0);
         const int64_t m = static_cast<int64_t>(raw.size());
 #pragma omp parallel for schedule(static) if (m > (1 << 16))
         for (int64_t i = 0; i < m; ++i) {
@@ -766,21 +1047,151 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
       }
     }
   }
-
-  if (!opts.allow_nonfinite) {
-    int64_t nan = 0, inf = 0;
-    const float* p = out.data();
-    const int64_t m = out.size();
-#pragma omp parallel for reduction(+ : nan, inf) schedule(static) if (m > (1 << 16))
-    for (int64_t i = 0; i < m; ++i) {
-      if (std::isnan(p[i])) ++nan;
-      else if (std::isinf(p[i])) ++inf;
-    }
-    if (nan || inf)
-      throw Error(what + ": " + std::to_string(nan) + " NaN and " + std::to_string(inf) +
-                  " Inf values (non-finite data is an error unless allowed, e.g. --allow-nonfinite)");
+  const float* p = out.data();
+  const int64_t m = out.size();
+  int64_t a = 0, b = 0;
+#pragma omp parallel for reduction(+ : a, b) schedule(static) if (m > (1 << 16))
+  for (int64_t i = 0; i < m; ++i) {
+    if (std::isnan(p[i])) ++a;
+    else if (std::isinf(p[i])) ++b;
   }
-  return out;
+  nan += a;
+  inf += b;
+}
+
+// The window chunk by chunk (see "Direct chunk reads" above): each chunk's stored bytes are
+// taken under the HDF5 lock, then checked, decoded and converted outside it, in parallel; a
+// chunk that does not decode exactly as expected is read again through H5Dread, in chunk order
+// after the others, so the first error is the one H5Dread would give. Scratch: two chunk
+// buffers per thread (at most 256 MiB in all). Returns false, having read nothing, when the
+// dataset's layout or filters are not ones decode_chunk handles.
+bool StoreReader::Impl::read_direct(const Window& w, Tensor3& out, int64_t& nan, int64_t& inf) const {
+  const std::string& what = w.what;
+  // HDF5 objects are opened, used and closed only under the lock.
+  struct Objects {
+    Handle ds, ftype;
+    ~Objects() {
+      H5Lock lock;
+      ftype.reset();
+      ds.reset();
+    }
+  } obj;
+  std::optional<DirectPlan> plan;
+  {
+    H5Lock lock;
+    const hid_t dh = H5Dopen2(file, w.dpath.c_str(), H5P_DEFAULT);
+    if (dh < 0) throw Error(what + ": cannot open" + h5_detail());
+    obj.ds = Handle(dh, H5Dclose);
+    obj.ftype = h5type(check_id(H5Dget_type(obj.ds), what + ": cannot read type"));
+    plan = direct_plan(obj.ds, obj.ftype, w.kind);
+    H5Eclear2(H5E_DEFAULT);
+  }
+  if (!plan) return false;
+  const DirectPlan& P = *plan;
+  const hid_t ds = obj.ds;
+  const int64_t d = meta.head_dim, c0 = static_cast<int64_t>(P.chunk[0]), c1 = static_cast<int64_t>(P.chunk[1]),
+                c2 = static_cast<int64_t>(P.chunk[2]);
+  const int64_t hc0 = w.h0 / c0, nhc = (w.h1 - 1) / c0 + 1 - hc0;
+  const int64_t tc0 = w.t0 / c1, ntc = (w.t1 - 1) / c1 + 1 - tc0;
+  const int64_t ndc = (d - 1) / c2 + 1;
+  const int64_t nchunks = nhc * ntc * ndc;
+  struct Box {
+    int64_t ha, hb, ta, tb, da, db;  // the chunk's part of the window (dataset coordinates)
+    hsize_t origin[3];               // the chunk's first element
+  };
+  auto box = [&](int64_t k) {
+    const int64_t hc = hc0 + k / (ntc * ndc), tc = tc0 + (k / ndc) % ntc, dc = k % ndc;
+    Box b;
+    b.ha = std::max(w.h0, hc * c0), b.hb = std::min(w.h1, (hc + 1) * c0);
+    b.ta = std::max(w.t0, tc * c1), b.tb = std::min(w.t1, (tc + 1) * c1);
+    b.da = dc * c2, b.db = std::min(d, (dc + 1) * c2);
+    b.origin[0] = static_cast<hsize_t>(hc * c0), b.origin[1] = static_cast<hsize_t>(tc * c1),
+    b.origin[2] = static_cast<hsize_t>(dc * c2);
+    return b;
+  };
+  // Values of a box from a decoded chunk (c0 x c1 x c2 values, file byte order) into out.
+  auto place = [&](const Box& b, const uint8_t* chunk, int64_t& bad_nan, int64_t& bad_inf) {
+    const int64_t ct = b.tb - b.ta, cd = b.db - b.da;
+    for (int64_t h = b.ha; h < b.hb; ++h) {
+      const int64_t first = ((h - static_cast<int64_t>(b.origin[0])) * c1 + (b.ta - static_cast<int64_t>(b.origin[1]))) * c2 +
+                            (b.da - static_cast<int64_t>(b.origin[2]));
+      if (cd == c2 && cd == d) {  // whole rows on both sides: one run per head
+        convert_values(w.kind, chunk + first * static_cast<int64_t>(P.elem), out.row(h - w.h0, b.ta - w.t0), ct * d,
+                       bad_nan, bad_inf);
+        continue;
+      }
+      for (int64_t t = 0; t < ct; ++t)
+        convert_values(w.kind, chunk + (first + t * c2) * static_cast<int64_t>(P.elem),
+                       out.row(h - w.h0, b.ta - w.t0 + t) + b.da, cd, bad_nan, bad_inf);
+    }
+  };
+
+  std::vector<uint8_t> redo(static_cast<size_t>(nchunks), 0);
+  const int64_t scratch_limit = int64_t{256} << 20;
+  const int64_t per_thread = 2 * static_cast<int64_t>(P.capacity);
+  int threads = static_cast<int>(std::min<int64_t>({omp_get_max_threads(), nchunks, std::max<int64_t>(1, scratch_limit / per_thread)}));
+  if (h5_lock_depth() > 0) threads = 1;  // our caller holds the lock: workers could never take it
+  int64_t sum_nan = 0, sum_inf = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sum_nan, sum_inf)
+  {
+    std::unique_ptr<uint8_t[]> a, b;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < nchunks; ++k) {
+      try {
+        if (!a) {
+          a.reset(new uint8_t[P.capacity]);
+          b.reset(new uint8_t[P.capacity]);
+        }
+        const Box bx = box(k);
+        hsize_t stored = 0;
+        uint32_t mask = 0;
+        bool got = false;
+        {
+          H5Lock lock;
+          if (H5Dget_chunk_storage_size(ds, bx.origin, &stored) >= 0 && stored > 0 && stored <= P.capacity)
+            got = H5Dread_chunk(ds, H5P_DEFAULT, bx.origin, &mask, a.get()) >= 0;
+          H5Eclear2(H5E_DEFAULT);
+        }
+        const uint8_t* chunk = got ? decode_chunk(P, mask, a.get(), b.get(), static_cast<size_t>(stored)) : nullptr;
+        if (chunk) place(bx, chunk, sum_nan, sum_inf);
+        else redo[static_cast<size_t>(k)] = 1;
+      } catch (...) {  // e.g. no memory for the scratch: H5Dread's turn (outside the parallel region)
+        redo[static_cast<size_t>(k)] = 1;
+      }
+    }
+  }
+  nan += sum_nan;
+  inf += sum_inf;
+
+  // The chunks left, through H5Dread: HDF5's values, or HDF5's error.
+  const int64_t redone = std::count(redo.begin(), redo.end(), uint8_t{1});
+  stats.direct_chunks += nchunks - redone;
+  stats.h5dread_chunks += redone;
+  for (int64_t k = 0; k < nchunks; ++k) {
+    if (!redo[static_cast<size_t>(k)]) continue;
+    const Box bx = box(k);
+    const hsize_t start[3] = {static_cast<hsize_t>(bx.ha), static_cast<hsize_t>(bx.ta), static_cast<hsize_t>(bx.da)};
+    const hsize_t count[3] = {static_cast<hsize_t>(bx.hb - bx.ha), static_cast<hsize_t>(bx.tb - bx.ta),
+                              static_cast<hsize_t>(bx.db - bx.da)};
+    const bool f32 = w.kind.dtype == DType::f32;
+    std::vector<uint8_t> raw(static_cast<size_t>(count[0] * count[1] * count[2]) * P.elem);
+    {
+      H5Lock lock;
+      Handle fspace = h5space(check_id(H5Dget_space(ds), what + ": cannot read dataspace"));
+      check_status(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr), what + ": bad selection");
+      Handle mspace = h5space(H5Screate_simple(3, count, nullptr));
+      check_status(H5Dread(ds, f32 ? H5T_NATIVE_FLOAT : hid_t(obj.ftype), mspace, fspace, H5P_DEFAULT, raw.data()),
+                   what + ": read failed");
+    }
+    // 16-bit: the file's bits as they are; float32: already native.
+    const FloatKind kind = f32 ? FloatKind{DType::f32, std::endian::native == std::endian::big} : w.kind;
+    const int64_t cd = bx.db - bx.da;
+    for (int64_t h = bx.ha; h < bx.hb; ++h)
+      for (int64_t t = bx.ta; t < bx.tb; ++t)
+        convert_values(kind, raw.data() + (((h - bx.ha) * (bx.tb - bx.ta) + (t - bx.ta)) * cd) * static_cast<int64_t>(P.elem),
+                       out.row(h - w.h0, t - w.t0) + bx.da, cd, nan, inf);
+  }
+  return true;
 }
 
 namespace {
@@ -1179,6 +1590,10 @@ LayerAttention read_layer_attention(hid_t group, const std::string& ctx) {
 }  // namespace
 
 const LayerAttention& StoreReader::attention(int layer) const { return impl_->layer(layer).attention; }
+
+ReadStats StoreReader::read_stats() const {
+  return {impl_->stats.direct_chunks.load(), impl_->stats.h5dread_chunks.load(), impl_->stats.h5dread_windows.load()};
+}
 
 void StoreWriter::set_attention(int layer, const LayerAttention& att) {
   auto& I = *impl_;

@@ -59,6 +59,13 @@ TEST(DType, HalfToFloatAllPatternsRoundTrip) {
   EXPECT_EQ(nan, 2 * 1023);
 }
 
+TEST(DType, BranchFreeHalfConversionMatchesOnAllPatterns) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const uint32_t want = std::bit_cast<uint32_t>(half_to_float(static_cast<uint16_t>(h)));
+    ASSERT_EQ(half_to_float_bits(static_cast<uint16_t>(h)), want) << "pattern " << h;
+  }
+}
+
 TEST(DType, FloatToHalfMatchesExactRounding) {
   // Every float near each half boundary, plus random floats over the whole range.
   std::uniform_int_distribution<uint32_t> bits;

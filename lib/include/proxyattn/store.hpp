@@ -70,6 +70,16 @@ struct ReadOptions {
   bool allow_nonfinite = false;  // otherwise NaN/Inf in a read dataset is an Error
 };
 
+// How a reader's reads so far went (for tests and benchmarks). Chunked datasets with shuffle,
+// gzip and Fletcher-32 are read chunk by chunk, decoded in parallel outside the HDF5 lock; a
+// chunk that does not decode exactly as expected is read again through H5Dread, and other
+// datasets (or all, with PROXYATTN_H5_DIRECT=0) are read whole through H5Dread.
+struct ReadStats {
+  int64_t direct_chunks = 0;    // chunks decoded by the reader
+  int64_t h5dread_chunks = 0;   // chunks read again through H5Dread
+  int64_t h5dread_windows = 0;  // windows read whole through H5Dread
+};
+
 class StoreReader {
  public:
   explicit StoreReader(const std::string& path, ReadOptions opts = {});
@@ -92,6 +102,7 @@ class StoreReader {
   DType dataset_dtype(int layer, Tensor which) const;
   // The layer's attention, validated when the store is opened.
   const LayerAttention& attention(int layer) const;
+  ReadStats read_stats() const;
 
  private:
   struct Impl;
