@@ -125,9 +125,19 @@ EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, doubl
 const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double gamma) {
   // Only the coverage-driven natives depend on gamma; grouped methods on their groups.
   const bool by_gamma = method.set_coverage != nullptr;
-  const std::string key = method.name + "/" + std::to_string(groups) + "/" + (by_gamma ? short_num(gamma) : "");
+  auto key_of = [&](double x) { return method.name + "/" + std::to_string(groups) + "/" + (by_gamma ? short_num(x) : ""); };
+  const std::string key = key_of(gamma);
   auto it = score_cache_.find(key);
   if (it != score_cache_.end()) return it->second;
+  const bool on_gpu = cuda() && method.has_gpu() && method.gpu_in_analysis;
+  if (method.native == NativeRule::estimate && method.estimate_cpu_coverages && !on_gpu && by_gamma &&
+      std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
+    // The native selection depends on gamma through the estimate: every gamma in one estimate.
+    Timing::Scope scope(tm_, "estimate:" + method.name);
+    std::vector<BlockScores> all = method.estimate_coverages(q_, k_, config_for(method, groups, kNaN), cfg_.gamma);
+    for (size_t x = 0; x < all.size(); ++x) score_cache_.try_emplace(key_of(cfg_.gamma[x]), std::move(all[x]));
+    return score_cache_.at(key);
+  }
   if (method.native == NativeRule::from_scores && gamma != gamma_ref(cfg_)) {
     // The native selection is a function of the scores: score once (at the reference gamma),
     // then only redo the native rule for this gamma.
@@ -157,7 +167,7 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     // --device cuda: the methods whose GPU estimate the analysis trusts run there (the exact
     // ProxyAttn path: float32 proxy heads, so the scores are the CPU's to float rounding); their
     // native rules as on the CPU. The others (gpu_note) stay on the CPU.
-    if (cuda() && method.has_gpu() && method.gpu_in_analysis)
+    if (on_gpu)
       s = gpu().estimate(method.name, c);
     else
       s = method.estimate(q_, k_, c);
