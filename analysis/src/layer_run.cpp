@@ -89,6 +89,13 @@ class LayerRun {
   LayerPass pass_;                      // errors and prefix tables (oracle moved to oracle_)
   std::vector<int> explicit_of_;        // per selection: index into pass_.errors, or -1
   std::vector<OracleBudget> obudget_;   // per cfg.gamma
+  // Each oracle mass row's ranking (mass_rank_positions), once: oracle budgets, top-k masks and
+  // block recall read it.
+  std::vector<int32_t> rank_pos_;
+  const std::vector<int32_t>& rank_pos() {
+    if (rank_pos_.empty()) rank_pos_ = mass_rank_positions(oracle_.mass);
+    return rank_pos_;
+  }
   std::map<std::string, BlockScores> score_cache_;
   std::map<std::string, Budgets> budget_cache_;
   // Selection order of each budget-driven score set (select.hpp selection_order): its budgets'
@@ -370,7 +377,7 @@ void LayerRun::recall_selections() {
       const BlockScores& sc = scores(m, 0, kNaN);
       for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi)
         add({m.name, 0, "native", "", cfg_.gamma[gi], kNaN},
-            [&] { return oracle_topk_mask(oracle_.mass, obudget_[gi].per_row); });
+            [&] { return oracle_topk_mask(oracle_.mass, obudget_[gi].per_row, rank_pos()); });
       for (double s : cfg_.sparsity) {
         std::string rule = rule0;
         add({m.name, 0, "fixed", rule, kNaN, s}, [&] { return fixed_selection(m, sc, 1.0 - s, rule); });
@@ -479,7 +486,7 @@ void LayerRun::pass() {
   }
   Timing::Scope scope(tm_, "oracle");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
-  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
+  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g, rank_pos()));
 }
 
 void LayerRun::gpu_pass() {
@@ -498,7 +505,7 @@ void LayerRun::gpu_pass() {
   }
   Timing::Scope scope(tm_, "oracle");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
-  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
+  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g, rank_pos()));
 }
 
 // Output error of every selection on the device: the full output once, each distinct mask's
@@ -526,7 +533,7 @@ void LayerRun::evaluate() {
   std::optional<Timing::Scope> scope(std::in_place, tm_, "metrics");
   std::vector<std::vector<HeadDensity>> dens(S);
   std::vector<std::vector<double>> mass(S), block(S);
-  const std::vector<int32_t> rank_pos = mass_rank_positions(oracle_.mass);
+  const std::vector<int32_t>& rank_pos = this->rank_pos();
   for (size_t i = 0; i < S; ++i) {
     dens[i] = density_per_head(sels_[i].mask);
     mass[i] = mass_recall_per_head(sels_[i].mask, oracle_.mass);

@@ -233,6 +233,81 @@ OracleBudget oracle_budget(const BlockMass& mass, double gamma) {
   return b;
 }
 
+namespace {
+void check_rank_pos(const BlockMass& mass, const std::vector<int32_t>& rank_pos, const char* what) {
+  const size_t per_head = static_cast<size_t>(mass.num_blocks) * (mass.num_blocks + 1) / 2;
+  if (rank_pos.size() != per_head * static_cast<size_t>(mass.heads))
+    throw Error(std::string(what) + ": rank positions are not of this mass");
+}
+}  // namespace
+
+OracleBudget oracle_budget(const BlockMass& mass, double gamma, const std::vector<int32_t>& rank_pos) {
+  check_mass(mass, "oracle budget");
+  check_gamma(gamma);
+  check_rank_pos(mass, rank_pos, "oracle budget");
+  OracleBudget b;
+  b.heads = mass.heads;
+  b.num_blocks = mass.num_blocks;
+  b.gamma = gamma;
+  b.per_row.assign(static_cast<size_t>(b.heads) * b.num_blocks, 0);
+  const int nb = b.num_blocks;
+  const int64_t rows = static_cast<int64_t>(b.heads) * nb;
+  const bool par = worth_threads(mass);
+#pragma omp parallel if (par)
+  {
+    std::vector<int32_t> order(static_cast<size_t>(nb));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int h = static_cast<int>(r / nb), i = static_cast<int>(r % nb);
+      const float* row = mass.row(h, i);
+      const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * (static_cast<size_t>(nb) * (nb + 1) / 2) +
+                         static_cast<size_t>(i) * (i + 1) / 2;
+      for (int j = 0; j <= i; ++j) order[static_cast<size_t>(p[j])] = j;
+      // row_budget() on that order.
+      const double target = gamma * row_sum(row, i) * (1.0 - kGammaSlack);
+      double cum = 0;
+      int k = i + 1;
+      for (int t = 0; t <= i; ++t) {
+        cum += row[order[static_cast<size_t>(t)]];
+        if (cum >= target) {
+          k = t + 1;
+          break;
+        }
+      }
+      b.per_row[static_cast<size_t>(r)] = k;
+    }
+  }
+  return b;
+}
+
+BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row,
+                           const std::vector<int32_t>& rank_pos) {
+  check_mass(mass, "oracle top-k");
+  check_rank_pos(mass, rank_pos, "oracle top-k");
+  const int nb = mass.num_blocks;
+  const int64_t rows = static_cast<int64_t>(mass.heads) * nb;
+  if (k_per_row.size() != static_cast<size_t>(rows))
+    throw Error("oracle top-k: " + std::to_string(k_per_row.size()) + " budgets for " +
+                std::to_string(rows) + " rows");
+  std::vector<int32_t> indptr(static_cast<size_t>(rows) + 1, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    indptr[static_cast<size_t>(r) + 1] =
+        indptr[static_cast<size_t>(r)] + std::clamp<int32_t>(k_per_row[static_cast<size_t>(r)], 0, static_cast<int32_t>(r % nb) + 1);
+  std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 64) if (par)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int h = static_cast<int>(r / nb), i = static_cast<int>(r % nb);
+    const int32_t k = indptr[static_cast<size_t>(r) + 1] - indptr[static_cast<size_t>(r)];
+    const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * (static_cast<size_t>(nb) * (nb + 1) / 2) +
+                       static_cast<size_t>(i) * (i + 1) / 2;
+    int32_t* out = indices.data() + indptr[static_cast<size_t>(r)];
+    for (int j = 0; j <= i; ++j)
+      if (p[j] < k) *out++ = j;  // the row's k best blocks, ascending
+  }
+  return BlockMask(mass.heads, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
+}
+
 BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row) {
   check_mass(mass, "oracle top-k");
   const int64_t rows = static_cast<int64_t>(mass.heads) * mass.num_blocks;

@@ -69,10 +69,15 @@ struct OracleBudget {
   std::vector<double> rows(int h) const;
 };
 OracleBudget oracle_budget(const BlockMass& mass, double gamma);
+// The same from mass_rank_positions(mass): each row's order read from its rank positions.
+OracleBudget oracle_budget(const BlockMass& mass, double gamma, const std::vector<int32_t>& rank_pos);
 
 // Oracle selections: per row the top-ranked blocks of the mass. No sink/diagonal forcing (the
 // oracle needs none). k per row from a callback-free array [heads * Nb] (clamped to [0, i + 1]).
 BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row);
+// The same from mass_rank_positions(mass): row i keeps the blocks of rank < k, no sort.
+BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row,
+                           const std::vector<int32_t>& rank_pos);
 // Per row the fewest blocks reaching gamma (the mask whose row sizes are oracle_budget()).
 BlockMask oracle_gamma_mask(const BlockMass& mass, double gamma);
 
