@@ -83,7 +83,8 @@ void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::ve
   thread_local std::vector<uint64_t> keys;
   keys.resize(n);
   for (size_t t = 0; t < n; ++t) keys[t] = rank::asc_id_key(x[t], static_cast<uint32_t>(t));
-  std::sort(keys.begin(), keys.end());
+  thread_local std::vector<uint64_t> scratch;
+  rank::sort_id_keys(keys, scratch);  // ids ascend in input order
   for (size_t t = 0; t < n; ++t) ids[t] = static_cast<int32_t>(keys[t] & 0xFFFFFFFFu);
   size_t s = 0;
   while (s < n) {
