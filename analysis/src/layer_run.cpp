@@ -434,7 +434,7 @@ void LayerRun::budget_selections() {
   const BlockScores& sc = scores(m, g0, kNaN);
   for (double s : cfg_.sparsity)
     add({m.name, g0, "uniform", "row_uniform", kNaN, s},
-        [&] { return select_to_density(sc, 1.0 - s, DensityRule::row_uniform); });
+        [&] { return select_to_density(sc, order_of(sc), 1.0 - s, DensityRule::row_uniform); });
 }
 
 void LayerRun::pass() {
