@@ -392,10 +392,13 @@ BlockMask oracle_density_mask(const BlockMass& mass, double density) {
           if (p[j]) idx[static_cast<size_t>(h)].push_back(j);
         row_n[static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx[static_cast<size_t>(h)].size() - before);
       }
-    std::vector<int32_t> indptr(row_n.size() + 1, 0), indices;
+    std::vector<int32_t> indptr(row_n.size() + 1, 0);
     for (size_t r = 0; r < row_n.size(); ++r) indptr[r + 1] = indptr[r] + row_n[r];
-    indices.reserve(static_cast<size_t>(indptr.back()));
-    for (const auto& x : idx) indices.insert(indices.end(), x.begin(), x.end());
+    std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int h = 0; h < H; ++h)  // each head's rows at their offset
+      std::copy(idx[static_cast<size_t>(h)].begin(), idx[static_cast<size_t>(h)].end(),
+                indices.begin() + indptr[static_cast<size_t>(h) * nb]);
     return BlockMask(H, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
   }
   // Cells as (value, flat index h * Nb * Nb + i * Nb + j); the flat index orders ties by head,

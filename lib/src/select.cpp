@@ -154,7 +154,7 @@ std::vector<BlockMask> keyed_density_masks(const BlockScores& s, const std::vect
       const size_t t = by_size[x];
       const int64_t take = std::min<int64_t>(per_head, std::max(nforced, targets[t]));
       idx[x] = &head_idx[t][static_cast<size_t>(h)];
-      idx[x]->reserve(static_cast<size_t>(take));
+      idx[x]->resize(static_cast<size_t>(take));  // a target's set holds exactly `take` cells
       int64_t below = 0, b = 0;
       while (b < kKeyBuckets && below + hist[static_cast<size_t>(b)] < take) below += hist[static_cast<size_t>(b++)];
       cut[x] = take > 0 ? b : -1;
@@ -175,22 +175,26 @@ std::vector<BlockMask> keyed_density_masks(const BlockScores& s, const std::vect
       if (need[x] < static_cast<int64_t>(c.size())) std::nth_element(c.begin(), c.begin() + need[x], c.end());
       for (int64_t y = 0; y < need[x]; ++y) ++level[c[static_cast<size_t>(y)] & (kKeyedCells - 1)];
     }
-    std::vector<size_t> before(nt);
+    std::vector<int32_t*> out(nt), before(nt);
+    for (size_t x = 0; x < nt; ++x) out[x] = idx[x]->data();
     for (int i = 0; i < nb; ++i) {
       const uint16_t* lv = level.data() + static_cast<size_t>(i) * (i + 1) / 2;
-      for (size_t x = 0; x < nt; ++x) before[x] = idx[x]->size();
+      for (size_t x = 0; x < nt; ++x) before[x] = out[x];
       for (int j = 0; j <= i; ++j)
-        for (int x = 0; x < lv[j]; ++x) idx[static_cast<size_t>(x)]->push_back(j);
+        for (int x = 0; x < lv[j]; ++x) *out[static_cast<size_t>(x)]++ = j;
       for (size_t x = 0; x < nt; ++x)
-        row_n[by_size[x]][static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx[x]->size() - before[x]);
+        row_n[by_size[x]][static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(out[x] - before[x]);
     }
   });
   std::vector<BlockMask> out;
   for (size_t t = 0; t < nt; ++t) {
-    std::vector<int32_t> indptr(row_n[t].size() + 1, 0), indices;
+    std::vector<int32_t> indptr(row_n[t].size() + 1, 0);
     for (size_t r = 0; r < row_n[t].size(); ++r) indptr[r + 1] = indptr[r] + row_n[t][r];
-    indices.reserve(static_cast<size_t>(indptr.back()));
-    for (const auto& idx : head_idx[t]) indices.insert(indices.end(), idx.begin(), idx.end());
+    std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+    detail::parallel_for(s.heads, [&](int64_t h) {  // each head's rows at their offset
+      const std::vector<int32_t>& idx = head_idx[t][static_cast<size_t>(h)];
+      std::copy(idx.begin(), idx.end(), indices.begin() + indptr[static_cast<size_t>(h) * nb]);
+    });
     out.emplace_back(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
   }
   return out;
