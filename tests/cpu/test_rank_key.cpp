@@ -91,6 +91,10 @@ TEST(RankKey, SortIdKeysEqualsStdSort) {
       rank::sort_id_keys(keys, scratch);
       EXPECT_EQ(keys, ref) << n << " " << kind;
     }
+    // order_desc of doubles over the whole range (its radix path): the stable comparator sort.
+    std::vector<double> d(static_cast<size_t>(n));
+    for (double& x : d) x = ln(g) * (wide(g) < 0 ? -1.0 : 1.0) * 1e-3;
+    EXPECT_EQ(rank::order_desc(d.data(), n), ref_order(d.data(), n)) << n;
   }
 }
 

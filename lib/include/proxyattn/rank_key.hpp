@@ -98,7 +98,27 @@ inline std::vector<int32_t> order_desc(const double* values, int64_t n) {
   };
   std::vector<Key> keys(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) keys[static_cast<size_t>(j)] = {desc_key(values[j]), static_cast<int32_t>(j)};
-  std::sort(keys.begin(), keys.end());
+  if (n < 96) {
+    std::sort(keys.begin(), keys.end());
+  } else {
+    // Ids ascend in input order: a stable LSD radix sort by the key alone (8-bit digits, a digit
+    // all keys share skipped) gives the (key, id) order.
+    std::vector<uint32_t> count(8 * 256, 0);
+    for (const Key& k : keys)
+      for (int d = 0; d < 8; ++d) ++count[static_cast<size_t>(d) * 256 + ((k.key >> (8 * d)) & 0xFF)];
+    std::vector<Key> scratch(keys.size());
+    Key *src = keys.data(), *dst = scratch.data();
+    for (int d = 0; d < 8; ++d) {
+      const uint32_t* c = count.data() + static_cast<size_t>(d) * 256;
+      if (c[(src[0].key >> (8 * d)) & 0xFF] == static_cast<uint64_t>(n)) continue;
+      uint32_t pos[256];
+      uint32_t sum = 0;
+      for (int b = 0; b < 256; ++b) pos[b] = sum, sum += c[b];
+      for (int64_t t = 0; t < n; ++t) dst[pos[(src[t].key >> (8 * d)) & 0xFF]++] = src[t];
+      std::swap(src, dst);
+    }
+    if (src != keys.data()) std::copy(src, src + n, keys.data());
+  }
   std::vector<int32_t> ids(static_cast<size_t>(n));
   for (int64_t t = 0; t < n; ++t) ids[static_cast<size_t>(t)] = keys[static_cast<size_t>(t)].id;
   return ids;
