@@ -536,8 +536,7 @@ void LayerRun::evaluate() {
   const std::vector<int32_t>& rank_pos = this->rank_pos();
   for (size_t i = 0; i < S; ++i) {
     dens[i] = density_per_head(sels_[i].mask);
-    mass[i] = mass_recall_per_head(sels_[i].mask, oracle_.mass);
-    block[i] = block_recall_per_head(sels_[i].mask, oracle_.mass, rank_pos);
+    recall_per_head(sels_[i].mask, oracle_.mass, rank_pos, mass[i], block[i]);
   }
 
   // Output errors: from the pass (explicit masks), else from a prefix table; a mask neither

@@ -517,6 +517,43 @@ std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass&
   return out;
 }
 
+void recall_per_head(const BlockMask& sel, const BlockMass& mass, const std::vector<int32_t>& rank_pos,
+                     std::vector<double>& mass_recall, std::vector<double>& block_recall) {
+  check_mask_vs_mass(sel, mass, "recall");
+  const int nb = mass.num_blocks;
+  const size_t per_head = static_cast<size_t>(nb) * (nb + 1) / 2;
+  if (rank_pos.size() != per_head * static_cast<size_t>(mass.heads))
+    throw Error("block recall: rank positions are not of this mass");
+  mass_recall.assign(static_cast<size_t>(mass.heads), 0.0);
+  block_recall.assign(static_cast<size_t>(mass.heads), 0.0);
+  const bool par = worth_threads(mass);
+  // Heads differ in selected blocks: dynamic. Each head's sums in the order of the two
+  // functions above.
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    double mass_total = 0, block_total = 0;
+    int used = 0;
+    for (int i = 0; i < nb; ++i) {
+      const float* row = mass.row(h, i);
+      const auto sr = sel.row(h, i);
+      const int k = static_cast<int>(sr.size());
+      const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * per_head + static_cast<size_t>(i) * (i + 1) / 2;
+      double s = 0;
+      int hit = 0;
+      for (int32_t j : sr) {
+        s += row[j];
+        hit += p[j] < k;  // j is among the row's k best blocks
+      }
+      mass_total += s;
+      if (k == 0) continue;
+      block_total += static_cast<double>(hit) / k;
+      ++used;
+    }
+    mass_recall[static_cast<size_t>(h)] = mass_total / nb;
+    block_recall[static_cast<size_t>(h)] = used ? block_total / used : kNaN;
+  }
+}
+
 std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass) {
   check_mask_vs_mass(sel, mass, "block recall");
   std::vector<double> out(static_cast<size_t>(mass.heads));

@@ -291,6 +291,13 @@ TEST_P(OracleCase, BlockRecallFromRankPositionsEqualsTheDefinition) {
     const std::vector<double> a = block_recall_per_head(m, o.mass), b = block_recall_per_head(m, o.mass, pos);
     ASSERT_EQ(a.size(), b.size());
     for (size_t h = 0; h < a.size(); ++h) EXPECT_EQ(a[h], b[h]) << "density " << density << " head " << h;
+    // Both recalls in one pass: bitwise the two functions.
+    std::vector<double> mr, br;
+    recall_per_head(m, o.mass, pos, mr, br);
+    EXPECT_EQ(mr, mass_recall_per_head(m, o.mass)) << "density " << density;
+    ASSERT_EQ(br.size(), b.size());
+    for (size_t h = 0; h < b.size(); ++h)
+      EXPECT_TRUE(br[h] == b[h] || (std::isnan(br[h]) && std::isnan(b[h]))) << "density " << density << " head " << h;
   }
   EXPECT_THROW(block_recall_per_head(test::random_mask(c.hq, c.n, c.block, 0.5), o.mass, std::vector<int32_t>(3)), Error);
 }

@@ -119,6 +119,9 @@ std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass&
 // layer: O(selected blocks) per mask instead of a partial sort of every row.
 std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass,
                                           const std::vector<int32_t>& rank_pos);
+// mass_recall_per_head and block_recall_per_head(sel, mass, rank_pos) in one pass over the mask.
+void recall_per_head(const BlockMask& sel, const BlockMass& mass, const std::vector<int32_t>& rank_pos,
+                     std::vector<double>& mass_recall, std::vector<double>& block_recall);
 // Position of block j in the descending order of row (h, i) of the mass (ties: lower j first),
 // in the causal layout of layer_oracle.hpp (row (h, i) at h Nb (Nb + 1) / 2 + i (i + 1) / 2).
 std::vector<int32_t> mass_rank_positions(const BlockMass& mass);
