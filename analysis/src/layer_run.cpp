@@ -51,9 +51,13 @@ class LayerRun {
   // take) start on a background thread when the layer starts, so they run while the GPU works.
   void start_cpu_estimates();
   struct Background {
-    std::future<BlockScores> scores;
+    std::future<std::vector<std::pair<std::string, BlockScores>>> scores;  // by score_key
     double wall = 0, cpu = 0;  // of the estimate on its own thread
   };
+  // Methods whose estimate gives every gamma's native at once (estimate_coverages).
+  static bool coverages_in_one(const MethodInfo& m) {
+    return m.native == NativeRule::estimate && m.estimate_cpu_coverages && m.set_coverage;
+  }
   const Budgets& budgets(const BudgetKindInfo& kind, const BlockScores& sc, double gamma);
   BlockMask fixed_selection(const MethodInfo& method, const BlockScores& sc, double density, std::string& rule);
   EstimatorConfig config_for(const MethodInfo& method, int groups, double gamma) const;
@@ -102,6 +106,13 @@ class LayerRun {
   LayerPass pass_;                      // errors and prefix tables (oracle moved to oracle_)
   std::vector<int> explicit_of_;        // per selection: index into pass_.errors, or -1
   std::vector<OracleBudget> obudget_;   // per cfg.gamma
+  // Each oracle mass row's ranking (mass_rank_positions), once: oracle budgets, top-k masks and
+  // block recall read it.
+  std::vector<int32_t> rank_pos_;
+  const std::vector<int32_t>& rank_pos() {
+    if (rank_pos_.empty()) rank_pos_ = mass_rank_positions(oracle_.mass);
+    return rank_pos_;
+  }
   std::map<std::string, BlockScores> score_cache_;
   std::map<std::string, Budgets> budget_cache_;
   // Selection order of each budget-driven score set (select.hpp selection_order): its budgets'
@@ -127,7 +138,7 @@ class LayerRun {
   std::vector<PendingBudget> pending_;
   // Last member: destroyed first, so an estimate still running (after an error) is waited for
   // while the layer's data it reads is alive.
-  std::map<std::string, std::unique_ptr<Background>> background_;
+  std::map<std::string, std::shared_ptr<Background>> background_;  // one entry per key it fills
 };
 
 EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
@@ -143,20 +154,28 @@ void LayerRun::start_cpu_estimates() {
   for (const std::string& name : cfg_.methods) {
     const MethodInfo& m = find_method(name);
     if (m.grouped() || m.exact_mass || (m.has_gpu() && m.gpu_in_analysis)) continue;
-    const double gamma = m.set_coverage ? gamma_ref(cfg_) : kNaN;
-    auto bg = std::make_unique<Background>();
-    Background* b = bg.get();
-    const EstimatorConfig c = config_for(m, 0, gamma);
-    bg->scores = std::async(std::launch::async, [this, &m, c, b, threads] {
+    // One estimate for every gamma where the method gives them at once, else the reference one.
+    const bool all_gammas = coverages_in_one(m);
+    std::vector<double> gammas = all_gammas ? cfg_.gamma : std::vector<double>{m.set_coverage ? gamma_ref(cfg_) : kNaN};
+    std::vector<std::string> keys;
+    for (double g : gammas) keys.push_back(score_key(m, 0, g));
+    auto b = std::make_shared<Background>();
+    const EstimatorConfig c = config_for(m, 0, all_gammas ? kNaN : gammas.front());
+    Background* raw = b.get();
+    b->scores = std::async(std::launch::async, [this, &m, c, raw, threads, all_gammas, gammas, keys] {
       set_cpu_threads(threads);  // the lane's share of the cores, as on this thread
       const auto w0 = std::chrono::steady_clock::now();
       const double c0 = cpu_now(true);
-      BlockScores s = m.estimate(q_, k_, c);
-      b->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
-      b->cpu = cpu_now(true) - c0;
-      return s;
+      std::vector<BlockScores> s;
+      if (all_gammas) s = m.estimate_coverages(q_, k_, c, gammas);
+      else s.push_back(m.estimate(q_, k_, c));
+      raw->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+      raw->cpu = cpu_now(true) - c0;
+      std::vector<std::pair<std::string, BlockScores>> out;
+      for (size_t x = 0; x < s.size(); ++x) out.emplace_back(keys[x], std::move(s[x]));
+      return out;
     });
-    background_.emplace(score_key(m, 0, gamma), std::move(bg));
+    for (const std::string& k : keys) background_.emplace(k, b);
   }
 }
 
@@ -166,16 +185,28 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
   if (it != score_cache_.end()) return it->second;
   if (auto bg = background_.find(key); bg != background_.end()) {
     // Waiting for it is this stage's wall time; its own run is reported beside, as "background".
-    BlockScores s;
+    const std::shared_ptr<Background> b = bg->second;
+    std::vector<std::pair<std::string, BlockScores>> got;
     {
       Timing::Scope scope(tm_, "estimate:" + method.name);
-      s = bg->second->scores.get();
+      got = b->scores.get();
     }
     Timing::Stage& st = tm_.stages["estimate:" + method.name + " (background)"];
-    st.wall += bg->second->wall;
-    st.cpu += bg->second->cpu;
-    background_.erase(bg);
-    return score_cache_.emplace(key, std::move(s)).first->second;
+    st.wall += b->wall;
+    st.cpu += b->cpu;
+    for (auto& [k, sc] : got) {
+      background_.erase(k);
+      score_cache_.try_emplace(k, std::move(sc));
+    }
+    return score_cache_.at(key);
+  }
+  const bool on_gpu = cuda() && method.has_gpu() && method.gpu_in_analysis;
+  if (coverages_in_one(method) && !on_gpu && std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
+    // The native selection depends on gamma through the estimate: every gamma in one estimate.
+    Timing::Scope scope(tm_, "estimate:" + method.name);
+    std::vector<BlockScores> all = method.estimate_coverages(q_, k_, config_for(method, groups, kNaN), cfg_.gamma);
+    for (size_t x = 0; x < all.size(); ++x) score_cache_.try_emplace(score_key(method, groups, cfg_.gamma[x]), std::move(all[x]));
+    return score_cache_.at(key);
   }
   if (method.native == NativeRule::from_scores && gamma != gamma_ref(cfg_)) {
     // The native selection is a function of the scores: score once (at the reference gamma),
@@ -206,7 +237,7 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     // --device cuda: the methods whose GPU estimate the analysis trusts run there (the exact
     // ProxyAttn path: float32 proxy heads, so the scores are the CPU's to float rounding); their
     // native rules as on the CPU. The others (gpu_note) stay on the CPU.
-    if (cuda() && method.has_gpu() && method.gpu_in_analysis)
+    if (on_gpu)
       s = gpu().estimate(method.name, c);
     else
       s = method.estimate(q_, k_, c);
@@ -409,7 +440,7 @@ void LayerRun::recall_selections() {
       const BlockScores& sc = scores(m, 0, kNaN);
       for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi)
         add({m.name, 0, "native", "", cfg_.gamma[gi], kNaN},
-            [&] { return oracle_topk_mask(oracle_.mass, obudget_[gi].per_row); });
+            [&] { return oracle_topk_mask(oracle_.mass, obudget_[gi].per_row, rank_pos()); });
       for (double s : cfg_.sparsity) {
         std::string rule = rule0;
         add({m.name, 0, "fixed", rule, kNaN, s}, [&] { return fixed_selection(m, sc, 1.0 - s, rule); });
@@ -466,7 +497,7 @@ void LayerRun::budget_selections() {
   const BlockScores& sc = scores(m, g0, kNaN);
   for (double s : cfg_.sparsity)
     add({m.name, g0, "uniform", "row_uniform", kNaN, s},
-        [&] { return select_to_density(sc, 1.0 - s, DensityRule::row_uniform); });
+        [&] { return select_to_density(sc, order_of(sc), 1.0 - s, DensityRule::row_uniform); });
 }
 
 void LayerRun::pass() {
@@ -518,7 +549,7 @@ void LayerRun::pass() {
   }
   Timing::Scope scope(tm_, "oracle");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
-  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
+  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g, rank_pos()));
 }
 
 void LayerRun::gpu_pass() {
@@ -537,7 +568,7 @@ void LayerRun::gpu_pass() {
   }
   Timing::Scope scope(tm_, "oracle");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
-  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g));
+  for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g, rank_pos()));
 }
 
 // Output error of every selection on the device: the full output once, then each distinct
@@ -584,11 +615,10 @@ void LayerRun::evaluate() {
   std::optional<Timing::Scope> scope(std::in_place, tm_, "metrics");
   std::vector<std::vector<HeadDensity>> dens(S);
   std::vector<std::vector<double>> mass(S), block(S);
-  const std::vector<int32_t> rank_pos = mass_rank_positions(oracle_.mass);
+  const std::vector<int32_t>& rank_pos = this->rank_pos();
   for (size_t i = 0; i < S; ++i) {
     dens[i] = density_per_head(sels_[i].mask);
-    mass[i] = mass_recall_per_head(sels_[i].mask, oracle_.mass);
-    block[i] = block_recall_per_head(sels_[i].mask, oracle_.mass, rank_pos);
+    recall_per_head(sels_[i].mask, oracle_.mass, rank_pos, mass[i], block[i]);
   }
 
   // Output errors: from the pass (explicit masks), else from a prefix table; a mask neither

@@ -83,7 +83,8 @@ void average_ranks(std::span<const float> x, std::vector<double>& ranks, std::ve
   thread_local std::vector<uint64_t> keys;
   keys.resize(n);
   for (size_t t = 0; t < n; ++t) keys[t] = rank::asc_id_key(x[t], static_cast<uint32_t>(t));
-  std::sort(keys.begin(), keys.end());
+  thread_local std::vector<uint64_t> scratch;
+  rank::sort_id_keys(keys, scratch);  // ids ascend in input order
   for (size_t t = 0; t < n; ++t) ids[t] = static_cast<int32_t>(keys[t] & 0xFFFFFFFFu);
   size_t s = 0;
   while (s < n) {
@@ -233,6 +234,81 @@ OracleBudget oracle_budget(const BlockMass& mass, double gamma) {
   return b;
 }
 
+namespace {
+void check_rank_pos(const BlockMass& mass, const std::vector<int32_t>& rank_pos, const char* what) {
+  const size_t per_head = static_cast<size_t>(mass.num_blocks) * (mass.num_blocks + 1) / 2;
+  if (rank_pos.size() != per_head * static_cast<size_t>(mass.heads))
+    throw Error(std::string(what) + ": rank positions are not of this mass");
+}
+}  // namespace
+
+OracleBudget oracle_budget(const BlockMass& mass, double gamma, const std::vector<int32_t>& rank_pos) {
+  check_mass(mass, "oracle budget");
+  check_gamma(gamma);
+  check_rank_pos(mass, rank_pos, "oracle budget");
+  OracleBudget b;
+  b.heads = mass.heads;
+  b.num_blocks = mass.num_blocks;
+  b.gamma = gamma;
+  b.per_row.assign(static_cast<size_t>(b.heads) * b.num_blocks, 0);
+  const int nb = b.num_blocks;
+  const int64_t rows = static_cast<int64_t>(b.heads) * nb;
+  const bool par = worth_threads(mass);
+#pragma omp parallel if (par)
+  {
+    std::vector<int32_t> order(static_cast<size_t>(nb));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int h = static_cast<int>(r / nb), i = static_cast<int>(r % nb);
+      const float* row = mass.row(h, i);
+      const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * (static_cast<size_t>(nb) * (nb + 1) / 2) +
+                         static_cast<size_t>(i) * (i + 1) / 2;
+      for (int j = 0; j <= i; ++j) order[static_cast<size_t>(p[j])] = j;
+      // row_budget() on that order.
+      const double target = gamma * row_sum(row, i) * (1.0 - kGammaSlack);
+      double cum = 0;
+      int k = i + 1;
+      for (int t = 0; t <= i; ++t) {
+        cum += row[order[static_cast<size_t>(t)]];
+        if (cum >= target) {
+          k = t + 1;
+          break;
+        }
+      }
+      b.per_row[static_cast<size_t>(r)] = k;
+    }
+  }
+  return b;
+}
+
+BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row,
+                           const std::vector<int32_t>& rank_pos) {
+  check_mass(mass, "oracle top-k");
+  check_rank_pos(mass, rank_pos, "oracle top-k");
+  const int nb = mass.num_blocks;
+  const int64_t rows = static_cast<int64_t>(mass.heads) * nb;
+  if (k_per_row.size() != static_cast<size_t>(rows))
+    throw Error("oracle top-k: " + std::to_string(k_per_row.size()) + " budgets for " +
+                std::to_string(rows) + " rows");
+  std::vector<int32_t> indptr(static_cast<size_t>(rows) + 1, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    indptr[static_cast<size_t>(r) + 1] =
+        indptr[static_cast<size_t>(r)] + std::clamp<int32_t>(k_per_row[static_cast<size_t>(r)], 0, static_cast<int32_t>(r % nb) + 1);
+  std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 64) if (par)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int h = static_cast<int>(r / nb), i = static_cast<int>(r % nb);
+    const int32_t k = indptr[static_cast<size_t>(r) + 1] - indptr[static_cast<size_t>(r)];
+    const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * (static_cast<size_t>(nb) * (nb + 1) / 2) +
+                       static_cast<size_t>(i) * (i + 1) / 2;
+    int32_t* out = indices.data() + indptr[static_cast<size_t>(r)];
+    for (int j = 0; j <= i; ++j)
+      if (p[j] < k) *out++ = j;  // the row's k best blocks, ascending
+  }
+  return BlockMask(mass.heads, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
+}
+
 BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row) {
   check_mass(mass, "oracle top-k");
   const int64_t rows = static_cast<int64_t>(mass.heads) * mass.num_blocks;
@@ -316,10 +392,13 @@ BlockMask oracle_density_mask(const BlockMass& mass, double density) {
           if (p[j]) idx[static_cast<size_t>(h)].push_back(j);
         row_n[static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx[static_cast<size_t>(h)].size() - before);
       }
-    std::vector<int32_t> indptr(row_n.size() + 1, 0), indices;
+    std::vector<int32_t> indptr(row_n.size() + 1, 0);
     for (size_t r = 0; r < row_n.size(); ++r) indptr[r + 1] = indptr[r] + row_n[r];
-    indices.reserve(static_cast<size_t>(indptr.back()));
-    for (const auto& x : idx) indices.insert(indices.end(), x.begin(), x.end());
+    std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int h = 0; h < H; ++h)  // each head's rows at their offset
+      std::copy(idx[static_cast<size_t>(h)].begin(), idx[static_cast<size_t>(h)].end(),
+                indices.begin() + indptr[static_cast<size_t>(h) * nb]);
     return BlockMask(H, mass.seq_len, mass.block, std::move(indptr), std::move(indices));
   }
   // Cells as (value, flat index h * Nb * Nb + i * Nb + j); the flat index orders ties by head,
@@ -436,6 +515,43 @@ std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass&
     out[static_cast<size_t>(h)] = used ? total / used : kNaN;
   }
   return out;
+}
+
+void recall_per_head(const BlockMask& sel, const BlockMass& mass, const std::vector<int32_t>& rank_pos,
+                     std::vector<double>& mass_recall, std::vector<double>& block_recall) {
+  check_mask_vs_mass(sel, mass, "recall");
+  const int nb = mass.num_blocks;
+  const size_t per_head = static_cast<size_t>(nb) * (nb + 1) / 2;
+  if (rank_pos.size() != per_head * static_cast<size_t>(mass.heads))
+    throw Error("block recall: rank positions are not of this mass");
+  mass_recall.assign(static_cast<size_t>(mass.heads), 0.0);
+  block_recall.assign(static_cast<size_t>(mass.heads), 0.0);
+  const bool par = worth_threads(mass);
+  // Heads differ in selected blocks: dynamic. Each head's sums in the order of the two
+  // functions above.
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    double mass_total = 0, block_total = 0;
+    int used = 0;
+    for (int i = 0; i < nb; ++i) {
+      const float* row = mass.row(h, i);
+      const auto sr = sel.row(h, i);
+      const int k = static_cast<int>(sr.size());
+      const int32_t* p = rank_pos.data() + static_cast<size_t>(h) * per_head + static_cast<size_t>(i) * (i + 1) / 2;
+      double s = 0;
+      int hit = 0;
+      for (int32_t j : sr) {
+        s += row[j];
+        hit += p[j] < k;  // j is among the row's k best blocks
+      }
+      mass_total += s;
+      if (k == 0) continue;
+      block_total += static_cast<double>(hit) / k;
+      ++used;
+    }
+    mass_recall[static_cast<size_t>(h)] = mass_total / nb;
+    block_recall[static_cast<size_t>(h)] = used ? block_total / used : kNaN;
+  }
 }
 
 std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass) {

@@ -47,6 +47,27 @@ int64_t cover_count(const std::vector<float>& v, double gamma) {
   return static_cast<int64_t>(cover_indices(v.data(), static_cast<int64_t>(v.size()), gamma).size());
 }
 
+// cover_count for each of several gammas: one order and total, the prefix walked per gamma.
+std::vector<int64_t> cover_counts(const float* v, int64_t n, const std::vector<double>& gammas) {
+  const std::vector<int32_t> order = order_desc(v, n);
+  double total = 0;
+  for (int32_t j : order)
+    if (v[j] > 0) total += v[j];
+  std::vector<int64_t> out(gammas.size(), 0);
+  if (total <= 0) return out;
+  for (size_t x = 0; x < gammas.size(); ++x) {
+    double acc = 0;
+    int64_t count = 0;
+    for (int32_t j : order) {
+      ++count;
+      acc += v[j];
+      if (acc >= gammas[x] * total) break;
+    }
+    out[x] = count;
+  }
+  return out;
+}
+
 // The top `count` indices of v (descending, ties lower index).
 std::vector<int32_t> top_indices(const std::vector<float>& v, int64_t count) {
   std::vector<int32_t> o = order_desc(v.data(), static_cast<int64_t>(v.size()));
@@ -71,10 +92,14 @@ std::vector<int32_t> top_indices(const std::vector<float>& v, int64_t count) {
 //  6. query-aware heads add the pooled-block cover: the fewest blocks of the flattened head's
 //     pooled scores (each row sums to 1, so the head sums to Nb) reaching gamma * Nb.
 // Scores: query-aware heads the pooled scores, vertical-slash heads vb[j] + sb[i - j].
-BlockScores estimate_flexprefill(ConstView q, ConstView k, const EstimatorConfig& c) {
+// Only the budgets (steps 2 and 6) depend on gamma: for several gammas the probabilities, the
+// pattern decision and the scores are computed once, each ranking sorted once.
+std::vector<BlockScores> estimate_flexprefill_gammas(ConstView q, ConstView k, const EstimatorConfig& c,
+                                                     const std::vector<double>& gammas) {
   const AttentionShape sh = check_qkv(q, k);
   const FlexPrefillConfig& f = c.flexprefill;
   const int B = c.block;
+  const size_t G = gammas.size();
   BlockScores out = make_scores("flexprefill", sh.q_heads, sh.seq_len, B);
   const int nb = out.num_blocks;
   const int64_t N = sh.seq_len, L = std::min<int64_t>(f.last_q, N);
@@ -92,12 +117,12 @@ BlockScores estimate_flexprefill(ConstView q, ConstView k, const EstimatorConfig
 
   out.query_aware.assign(sh.q_heads, 0);
   out.jsd.assign(sh.q_heads, 0.0);
-  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(sh.q_heads) * nb);
+  std::vector<std::vector<std::vector<int32_t>>> rows(G, std::vector<std::vector<int32_t>>(static_cast<size_t>(sh.q_heads) * nb));
   parallel_for(sh.q_heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64), hk = sh.kv_head_of(h);
     const LastRows lr = last_rows_vertical_slash(q, kt[hk], h, L);
-    int64_t nv = std::clamp<int64_t>(cover_count(lr.vertical, f.gamma) / B + 1, min_blocks, nb);
-    int64_t ns = std::clamp<int64_t>(cover_count(lr.slash, f.gamma) / B + 1, min_blocks, nb);
+    const std::vector<int64_t> cv = cover_counts(lr.vertical.data(), N, gammas);
+    const std::vector<int64_t> cs = cover_counts(lr.slash.data(), N, gammas);
     std::vector<float> vb(nb, 0.0f), sb(nb, 0.0f);
     for (int64_t t = 0; t < N; ++t) {
       vb[t / B] += lr.vertical[t];
@@ -119,7 +144,6 @@ BlockScores estimate_flexprefill(ConstView q, ConstView k, const EstimatorConfig
     const bool qa = dist < f.tau;
     out.jsd[h] = dist;
     out.query_aware[h] = qa ? 1 : 0;
-    if (qa) nv = ns = min_blocks;
 
     for (int i = 0; i < nb; ++i) {
       float* o = out.row(h, i);
@@ -130,30 +154,57 @@ BlockScores estimate_flexprefill(ConstView q, ConstView k, const EstimatorConfig
     std::vector<float> vb_rank = vb, sb_rank = sb;
     vb_rank[0] = kInf;
     sb_rank[0] = kInf;
-    auto* my_rows = &rows[static_cast<size_t>(h) * nb];
-    for (int32_t j : top_indices(vb_rank, nv))
-      for (int i = j; i < nb; ++i) my_rows[i].push_back(j);
-    for (int32_t ob : top_indices(sb_rank, ns))
-      for (int i = ob; i < nb; ++i) my_rows[i].push_back(i - ob);
+    const std::vector<int32_t> vorder = order_desc(vb_rank.data(), nb), sorder = order_desc(sb_rank.data(), nb);
+    // The query-aware cover of the flattened head (cells in (i, j) order).
+    std::vector<int32_t> qa_order;
+    double qa_total = 0;
+    std::vector<float> flat;
     if (qa) {
-      std::vector<float> flat;
-      std::vector<int32_t> row_of, col_of;
-      for (int i = 0; i < nb; ++i)
-        for (int j = 0; j <= i; ++j) {
-          flat.push_back(pooled.at(h, i, j));
-          row_of.push_back(i);
-          col_of.push_back(j);
-        }
-      for (int32_t t : cover_indices(flat.data(), static_cast<int64_t>(flat.size()), f.gamma))
-        my_rows[row_of[t]].push_back(col_of[t]);
+      flat.reserve(static_cast<size_t>(nb) * (nb + 1) / 2);
+      for (int i = 0; i < nb; ++i) flat.insert(flat.end(), pooled.row(h, i), pooled.row(h, i) + i + 1);
+      qa_order = order_desc(flat.data(), static_cast<int64_t>(flat.size()));
+      for (int32_t t : qa_order)
+        if (flat[t] > 0) qa_total += flat[t];
     }
-    for (int i = 0; i < nb; ++i) {
-      my_rows[i].push_back(0);
-      my_rows[i].push_back(i);
+    for (size_t x = 0; x < G; ++x) {
+      int64_t nv = std::clamp<int64_t>(cv[x] / B + 1, min_blocks, nb);
+      int64_t ns = std::clamp<int64_t>(cs[x] / B + 1, min_blocks, nb);
+      if (qa) nv = ns = min_blocks;
+      auto* my_rows = &rows[x][static_cast<size_t>(h) * nb];
+      for (int64_t t = 0; t < std::min<int64_t>(nv, nb); ++t)
+        for (int i = vorder[t]; i < nb; ++i) my_rows[i].push_back(vorder[t]);
+      for (int64_t t = 0; t < std::min<int64_t>(ns, nb); ++t)
+        for (int i = sorder[t]; i < nb; ++i) my_rows[i].push_back(i - sorder[t]);
+      if (qa && qa_total > 0) {
+        // cover_indices over the flattened head: the prefix of its order reaching gamma.
+        double acc = 0;
+        auto first_of_row = [](int64_t i) { return i * (i + 1) / 2; };
+        for (int32_t t : qa_order) {
+          int64_t i = static_cast<int64_t>((std::sqrt(8.0 * t + 1.0) - 1.0) / 2.0);  // cell t = (i, j)
+          while (first_of_row(i + 1) <= t) ++i;
+          while (first_of_row(i) > t) --i;
+          my_rows[i].push_back(static_cast<int32_t>(t - first_of_row(i)));
+          acc += flat[t];
+          if (acc >= gammas[x] * qa_total) break;
+        }
+      }
+      for (int i = 0; i < nb; ++i) {
+        my_rows[i].push_back(0);
+        my_rows[i].push_back(i);
+      }
     }
   });
-  out.native = BlockMask::from_rows(sh.q_heads, sh.seq_len, B, rows);
-  return out;
+  std::vector<BlockScores> res(G);
+  for (size_t x = 0; x < G; ++x) {
+    if (x + 1 < G) res[x] = out;
+    else res[x] = std::move(out);
+    res[x].native = BlockMask::from_rows(sh.q_heads, sh.seq_len, B, rows[x]);
+  }
+  return res;
+}
+
+BlockScores estimate_flexprefill(ConstView q, ConstView k, const EstimatorConfig& c) {
+  return std::move(estimate_flexprefill_gammas(q, k, c, {c.flexprefill.gamma}).front());
 }
 
 // ---------------------------------------------------------------- XAttention

@@ -128,6 +128,10 @@ BlockMask cumulative_native(const BlockScores& s, double gamma, bool global);
 BlockMask xattn_native(const BlockScores& s, double tau);
 
 BlockScores estimate_flexprefill(ConstView q, ConstView k, const EstimatorConfig& c);
+// estimate_flexprefill at each flexprefill.gamma of `gammas` (c's own gamma unused): the same
+// scores, each from one pass over the last queries.
+std::vector<BlockScores> estimate_flexprefill_gammas(ConstView q, ConstView k, const EstimatorConfig& c,
+                                                     const std::vector<double>& gammas);
 BlockScores estimate_xattn(ConstView q, ConstView k, const EstimatorConfig& c);
 BlockScores estimate_vslash(ConstView q, ConstView k, const EstimatorConfig& c);
 

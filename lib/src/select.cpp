@@ -91,13 +91,28 @@ BlockMask select_with(const BlockScores& s, const SelectOptions& o, RowK&& row_k
 
 double causal_blocks(int nb) { return 0.5 * nb * (nb + 1.0); }
 
+// row_uniform: the shared per-row k whose density is closest to the target (nf: forced blocks
+// per row). The density of a shared k is the same for every head: sum_i max(nf_i, min(k, i+1)).
+int row_uniform_k(int nb, double density, const std::vector<int>& nf) {
+  int best_k = 1;
+  double best_err = 2.0;
+  for (int k = 1; k <= nb; ++k) {
+    double sel = 0;
+    for (int i = 0; i < nb; ++i) sel += std::max(nf[i], std::min(k, i + 1));
+    const double err = std::abs(sel / causal_blocks(nb) - density);
+    if (err < best_err - 1e-15) best_err = err, best_k = k;
+  }
+  return best_k;
+}
+
 // head_global / native_adjust for several targets T (blocks per head) of one score set. One key
 // per causal cell: tier (2 bits: forced, native, other), score (descending, NaN lowest), then the
 // causal index i (i + 1) / 2 + j (ties by lower i, then j): the comparator order of
-// select_to_density as plain integers. The keys are built once per head; the largest target
-// is cut first and each smaller one inside the previous cut (the T smallest keys are the T
-// smallest of any larger prefix). Masks go straight into CSR rows.
+// select_to_density as plain integers. The keys are built once per head and each target's T
+// smallest found through one histogram of their top bits (the sets are nested); masks go
+// straight into CSR rows.
 constexpr int64_t kKeyedCells = int64_t{1} << 30;
+constexpr int64_t kKeyBuckets = int64_t{1} << 16;
 std::vector<BlockMask> keyed_density_masks(const BlockScores& s, const std::vector<int64_t>& targets, bool use_native,
                                            const SelectOptions& o) {
   const int nb = s.num_blocks;
@@ -126,30 +141,61 @@ std::vector<BlockMask> keyed_density_masks(const BlockScores& s, const std::vect
         keys[base + j] = (tier << 62) | (uint64_t{rank::desc_key(row[j])} << 30) | (base + j);
       }
     }
-    std::vector<uint8_t> picked(static_cast<size_t>(per_head), 0);
-    int64_t end = per_head;  // keys[0 .. end) hold the `end` smallest keys
-    for (size_t t : by_size) {
+    // The `take` smallest keys of a target, found by the keys' top 16 bits: a histogram puts
+    // the cut in one bucket; the keys of lower buckets are all in, the cut bucket is ordered
+    // alone (keys are unique: the same set as a full sort). level[cell] = how many targets take
+    // the cell: the sets are nested, so a cell of level L is in the L largest targets
+    // (by_size[0 .. L)); one scan then writes every mask's rows.
+    std::vector<uint32_t> hist(kKeyBuckets, 0);
+    for (uint64_t key : keys) ++hist[key >> 48];
+    std::vector<uint16_t> level(static_cast<size_t>(per_head), 0);
+    std::vector<int64_t> cut(nt), need(nt);  // per target: its cut bucket (-1: none), keys taken there
+    std::vector<std::vector<int32_t>*> idx(nt);
+    for (size_t x = 0; x < nt; ++x) {
+      const size_t t = by_size[x];
       const int64_t take = std::min<int64_t>(per_head, std::max(nforced, targets[t]));
-      if (take < end) std::nth_element(keys.begin(), keys.begin() + take, keys.begin() + end);
-      end = take;
-      for (int64_t x = 0; x < take; ++x) picked[keys[static_cast<size_t>(x)] & (kKeyedCells - 1)] = 1;
-      std::vector<int32_t>& idx = head_idx[t][static_cast<size_t>(h)];
-      idx.reserve(static_cast<size_t>(take));
-      for (int i = 0; i < nb; ++i) {
-        uint8_t* pr = picked.data() + static_cast<size_t>(i) * (i + 1) / 2;
-        const size_t before = idx.size();
-        for (int j = 0; j <= i; ++j)
-          if (pr[j]) idx.push_back(j), pr[j] = 0;
-        row_n[t][static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(idx.size() - before);
+      idx[x] = &head_idx[t][static_cast<size_t>(h)];
+      idx[x]->resize(static_cast<size_t>(take));  // a target's set holds exactly `take` cells
+      int64_t below = 0, b = 0;
+      while (b < kKeyBuckets && below + hist[static_cast<size_t>(b)] < take) below += hist[static_cast<size_t>(b++)];
+      cut[x] = take > 0 ? b : -1;
+      need[x] = take - below;
+    }
+    std::vector<std::vector<uint64_t>> cand(nt);
+    for (uint64_t key : keys) {
+      const int64_t b = static_cast<int64_t>(key >> 48);
+      uint16_t lv = 0;
+      for (size_t x = 0; x < nt; ++x) {
+        lv += b < cut[x];
+        if (b == cut[x]) cand[x].push_back(key);
       }
+      level[key & (kKeyedCells - 1)] = lv;
+    }
+    for (size_t x = 0; x < nt; ++x) {
+      std::vector<uint64_t>& c = cand[x];
+      if (need[x] < static_cast<int64_t>(c.size())) std::nth_element(c.begin(), c.begin() + need[x], c.end());
+      for (int64_t y = 0; y < need[x]; ++y) ++level[c[static_cast<size_t>(y)] & (kKeyedCells - 1)];
+    }
+    std::vector<int32_t*> out(nt), before(nt);
+    for (size_t x = 0; x < nt; ++x) out[x] = idx[x]->data();
+    for (int i = 0; i < nb; ++i) {
+      const uint16_t* lv = level.data() + static_cast<size_t>(i) * (i + 1) / 2;
+      for (size_t x = 0; x < nt; ++x) before[x] = out[x];
+      for (int j = 0; j <= i; ++j)
+        for (int x = 0; x < lv[j]; ++x) *out[static_cast<size_t>(x)]++ = j;
+      for (size_t x = 0; x < nt; ++x)
+        row_n[by_size[x]][static_cast<size_t>(h) * nb + i] = static_cast<int32_t>(out[x] - before[x]);
     }
   });
   std::vector<BlockMask> out;
   for (size_t t = 0; t < nt; ++t) {
-    std::vector<int32_t> indptr(row_n[t].size() + 1, 0), indices;
+    std::vector<int32_t> indptr(row_n[t].size() + 1, 0);
     for (size_t r = 0; r < row_n[t].size(); ++r) indptr[r + 1] = indptr[r] + row_n[t][r];
-    indices.reserve(static_cast<size_t>(indptr.back()));
-    for (const auto& idx : head_idx[t]) indices.insert(indices.end(), idx.begin(), idx.end());
+    std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
+    detail::parallel_for(s.heads, [&](int64_t h) {  // each head's rows at their offset
+      const std::vector<int32_t>& idx = head_idx[t][static_cast<size_t>(h)];
+      std::copy(idx.begin(), idx.end(), indices.begin() + indptr[static_cast<size_t>(h) * nb]);
+    });
     out.emplace_back(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
   }
   return out;
@@ -227,11 +273,11 @@ void selection_order_row(const float* score, int i, const SelectOptions& o, int3
   for (int j = 0; j <= i; ++j)
     if (forced(j)) out[n++] = j;
   // The others by rank key (descending score, NaN last, ties lower j).
-  thread_local std::vector<uint64_t> keys;
+  thread_local std::vector<uint64_t> keys, scratch;
   keys.clear();
   for (int j = 0; j <= i; ++j)
     if (!forced(j)) keys.push_back(rank::desc_id_key(score[j], static_cast<uint32_t>(j)));
-  std::sort(keys.begin(), keys.end());
+  rank::sort_id_keys(keys, scratch);  // ids ascend in input order
   for (uint64_t key : keys) out[n++] = static_cast<int32_t>(key & 0xFFFFFFFFu);
 }
 
@@ -312,20 +358,22 @@ BlockMask select_blocks_in_order(const BlockScores& s, const std::vector<int32_t
   std::vector<int32_t> indices(static_cast<size_t>(indptr.back()));
   detail::parallel_for(s.heads, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
-    std::vector<uint8_t> mark(static_cast<size_t>(nb), 0);
+    std::vector<uint64_t> bits(static_cast<size_t>(nb + 63) / 64, 0);
     for (int i = 0; i < nb; ++i) {
       const size_t r = static_cast<size_t>(h) * nb + i;
       const int32_t* src = order.data() + order_offset(h, i, nb);
       int32_t* dst = indices.data() + indptr[r];
       const int32_t n = take[r];
-      if (static_cast<int64_t>(n) * 8 < i + 1) {  // few blocks: sorting them is cheaper than a scan
-        std::copy(src, src + n, dst);
-        std::sort(dst, dst + n);
+      if (n == i + 1) {  // the whole row
+        for (int j = 0; j <= i; ++j) dst[j] = j;
         continue;
       }
-      for (int32_t t = 0; t < n; ++t) mark[static_cast<size_t>(src[t])] = 1;
-      for (int j = 0; j <= i; ++j)
-        if (mark[static_cast<size_t>(j)]) *dst++ = j, mark[static_cast<size_t>(j)] = 0;
+      // The row's first n blocks as bits, read back in ascending order (word by word).
+      for (int32_t t = 0; t < n; ++t) bits[static_cast<size_t>(src[t]) >> 6] |= uint64_t{1} << (src[t] & 63);
+      for (size_t w = 0; w <= static_cast<size_t>(i) >> 6; ++w) {
+        for (uint64_t x = bits[w]; x; x &= x - 1) *dst++ = static_cast<int32_t>(w * 64 + std::countr_zero(x));
+        bits[w] = 0;
+      }
     }
   });
   return BlockMask(s.heads, s.seq_len, s.block, std::move(indptr), std::move(indices));
@@ -347,18 +395,7 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
   std::vector<int> nf(nb);
   for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
 
-  if (rule == DensityRule::row_uniform) {
-    // Density of a shared per-row k is the same for every head: sum_i max(nf_i, min(k, i+1)).
-    int best_k = 1;
-    double best_err = 2.0;
-    for (int k = 1; k <= nb; ++k) {
-      double sel = 0;
-      for (int i = 0; i < nb; ++i) sel += std::max(nf[i], std::min(k, i + 1));
-      const double err = std::abs(sel / causal_blocks(nb) - density);
-      if (err < best_err - 1e-15) best_err = err, best_k = k;
-    }
-    return select_top_k(s, best_k, o);
-  }
+  if (rule == DensityRule::row_uniform) return select_top_k(s, row_uniform_k(nb, density, nf), o);
 
   const bool use_native = rule == DensityRule::native_adjust && s.native.has_value();
   const int64_t target = std::llround(density * causal_blocks(nb));
@@ -398,13 +435,32 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
   return BlockMask::from_bitmap(s.heads, s.seq_len, s.block, bitmap);
 }
 
+BlockMask select_to_density(const BlockScores& s, const std::vector<int32_t>& order, double density, DensityRule rule,
+                            const SelectOptions& o) {
+  if (rule != DensityRule::row_uniform) return select_to_density(s, density, rule, o);
+  check_scores(s, "select_to_density");
+  check_options(o);
+  if (!(density > 0.0 && density <= 1.0))
+    throw Error("select_to_density: density = " + detail::str(density) + " must be in (0, 1]");
+  const int nb = s.num_blocks;
+  std::vector<int> nf(nb);
+  for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
+  // select_top_k(k) is select_blocks with k in every row: a prefix of each row's order.
+  Budgets b;
+  b.kind = "uniform";
+  b.heads = s.heads;
+  b.num_blocks = nb;
+  b.per_row_k.assign(static_cast<size_t>(s.heads) * nb, row_uniform_k(nb, density, nf));
+  return select_blocks_in_order(s, order, b, o);
+}
+
 std::vector<BlockMask> select_to_densities(const BlockScores& s, const std::vector<double>& densities, DensityRule rule,
                                            const SelectOptions& o) {
   check_scores(s, "select_to_densities");
   check_options(o);
   const int nb = s.num_blocks;
   const int64_t per_head = static_cast<int64_t>(nb) * (nb + 1) / 2;
-  bool keyed = rule != DensityRule::row_uniform && per_head < kKeyedCells;
+  bool keyed = rule != DensityRule::row_uniform && per_head < kKeyedCells && densities.size() < 65536;
   std::vector<int64_t> targets;
   for (double d : densities) {
     if (!(d > 0.0 && d <= 1.0)) keyed = false;  // select_to_density names the bad value

@@ -9,6 +9,7 @@
 #include "estimator_test_util.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/estimator.hpp"
+#include "proxyattn/methods.hpp"
 #include "proxyattn/select.hpp"
 #include "test_util.hpp"
 
@@ -359,6 +360,35 @@ TEST(EstimatorFlexPrefill, RandomInvariants) {
     if (tau > 0) {  // query-aware scores are the pooled scores
       check_close("flexprefill query-aware scores", s.score, test::pooled64(q, k, sh.block), 1e-6, 1e-4);
     }
+  }
+}
+
+// FlexPrefill at several gammas in one estimate (the analysis' path) equals one estimate per
+// gamma: scores, pattern statistics and native masks, on odd sizes and both patterns.
+TEST(EstimatorFlexPrefill, CoveragesEqualOneEstimateEach) {
+  const Shape sh{6, 2, 64, 389, 16};
+  const Tensor3 q = random_tensor(sh.hq, sh.n, sh.d, 2.0f);
+  const Tensor3 k = random_tensor(sh.hkv, sh.n, sh.d);
+  EstimatorConfig c = cfg_block(sh.block);
+  c.flexprefill.min_budget_tokens = 16;
+  c.flexprefill.last_q = 37;
+  const MethodInfo& m = find_method("flexprefill");
+  const std::vector<double> gammas{0.9, 0.5, 1.0, 0.97};
+  for (double tau : {0.0, 0.3, 1.0}) {
+    c.flexprefill.tau = tau;
+    const std::vector<BlockScores> all = m.estimate_coverages(q, k, c, gammas);
+    ASSERT_EQ(all.size(), gammas.size());
+    for (size_t x = 0; x < gammas.size(); ++x) {
+      EstimatorConfig cx = c;
+      cx.flexprefill.gamma = gammas[x];
+      const BlockScores one = m.estimate(q, k, cx);
+      EXPECT_EQ(all[x].score, one.score) << "tau " << tau << ", gamma " << gammas[x];
+      EXPECT_EQ(all[x].jsd, one.jsd);
+      EXPECT_EQ(all[x].query_aware, one.query_aware);
+      ASSERT_TRUE(all[x].native.has_value());
+      EXPECT_EQ(*all[x].native, *one.native) << "tau " << tau << ", gamma " << gammas[x];
+    }
+    EXPECT_NE(*all[1].native, *all[2].native);  // the gammas do differ
   }
 }
 

@@ -291,8 +291,37 @@ TEST_P(OracleCase, BlockRecallFromRankPositionsEqualsTheDefinition) {
     const std::vector<double> a = block_recall_per_head(m, o.mass), b = block_recall_per_head(m, o.mass, pos);
     ASSERT_EQ(a.size(), b.size());
     for (size_t h = 0; h < a.size(); ++h) EXPECT_EQ(a[h], b[h]) << "density " << density << " head " << h;
+    // Both recalls in one pass: bitwise the two functions.
+    std::vector<double> mr, br;
+    recall_per_head(m, o.mass, pos, mr, br);
+    EXPECT_EQ(mr, mass_recall_per_head(m, o.mass)) << "density " << density;
+    ASSERT_EQ(br.size(), b.size());
+    for (size_t h = 0; h < b.size(); ++h)
+      EXPECT_TRUE(br[h] == b[h] || (std::isnan(br[h]) && std::isnan(b[h]))) << "density " << density << " head " << h;
   }
   EXPECT_THROW(block_recall_per_head(test::random_mask(c.hq, c.n, c.block, 0.5), o.mass, std::vector<int32_t>(3)), Error);
+}
+
+// Oracle budgets and top-k masks from the per-layer rank positions equal the sorting
+// definitions, ties included (random budgets, 0 and past the row's length too).
+TEST_P(OracleCase, OracleBudgetAndTopKFromRankPositionsEqualTheDefinition) {
+  const Shape c = GetParam();
+  const Tensor3 q = random_tensor(c.hq, c.n, c.d, 2.0f), k = random_tensor(c.hkv, c.n, c.d);
+  LayerOracle o = layer_oracle(q, k, c.block);
+  for (size_t x = 0; x < o.mass.mass.size(); x += 5) o.mass.mass[x] = 0.0625f;  // ties
+  const std::vector<int32_t> pos = mass_rank_positions(o.mass);
+  for (double gamma : {0.3, 0.9, 0.95, 1.0}) {
+    const OracleBudget a = oracle_budget(o.mass, gamma), b = oracle_budget(o.mass, gamma, pos);
+    EXPECT_EQ(a.per_row, b.per_row) << "gamma " << gamma;
+    EXPECT_EQ(oracle_topk_mask(o.mass, a.per_row), oracle_topk_mask(o.mass, a.per_row, pos)) << "gamma " << gamma;
+  }
+  const int nb = o.mass.num_blocks;
+  std::uniform_int_distribution<int32_t> kd(-1, nb + 2);
+  std::vector<int32_t> ks(static_cast<size_t>(c.hq) * nb);
+  for (int32_t& x : ks) x = kd(test::rng());
+  EXPECT_EQ(oracle_topk_mask(o.mass, ks), oracle_topk_mask(o.mass, ks, pos));
+  EXPECT_THROW(oracle_topk_mask(o.mass, ks, std::vector<int32_t>(3)), Error);
+  EXPECT_THROW(oracle_budget(o.mass, 0.9, std::vector<int32_t>(3)), Error);
 }
 
 TEST_P(OracleCase, OutputErrorsMatchFloat64) {

@@ -70,6 +70,34 @@ TEST(RankKey, OrdersEqualTheStableComparatorSort) {
   }
 }
 
+// The radix sort of id keys equals std::sort: ids ascending with gaps (as rows with forced
+// blocks skipped build them), values from few levels (ties, NaN, +-0) or the whole float range.
+TEST(RankKey, SortIdKeysEqualsStdSort) {
+  auto& g = test::rng();
+  std::uniform_real_distribution<float> wide(-1e3f, 1e3f);
+  std::lognormal_distribution<float> ln(0.0f, 4.0f);
+  std::uniform_int_distribution<int> gap(1, 3);
+  std::vector<uint64_t> scratch;
+  for (int n : {1, 5, 95, 96, 97, 255, 1000, 4099}) {
+    for (int kind = 0; kind < 3; ++kind) {
+      std::vector<uint64_t> keys;
+      uint32_t id = 0;
+      for (int t = 0; t < n; ++t, id += static_cast<uint32_t>(gap(g))) {
+        const float x = kind == 0 ? tricky(g) : kind == 1 ? wide(g) : ln(g);
+        keys.push_back(kind == 2 ? rank::asc_id_key(x, id) : rank::desc_id_key(x, id));
+      }
+      std::vector<uint64_t> ref = keys;
+      std::sort(ref.begin(), ref.end());
+      rank::sort_id_keys(keys, scratch);
+      EXPECT_EQ(keys, ref) << n << " " << kind;
+    }
+    // order_desc of doubles over the whole range (its radix path): the stable comparator sort.
+    std::vector<double> d(static_cast<size_t>(n));
+    for (double& x : d) x = ln(g) * (wide(g) < 0 ? -1.0 : 1.0) * 1e-3;
+    EXPECT_EQ(rank::order_desc(d.data(), n), ref_order(d.data(), n)) << n;
+  }
+}
+
 // ---- select_to_density (head_global, native_adjust): the former cell comparator -------------
 
 bool better(float a, float b) {

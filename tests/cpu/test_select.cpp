@@ -175,8 +175,11 @@ TEST(Select, InOrderEqualsSelectBlocks) {
                                  SelectOptions{false, false, 0}}) {
     const std::vector<int32_t> order = selection_order(s, o);
     EXPECT_EQ(select_blocks_in_order(s, order, b, o), select_blocks(s, b, o));
-    for (double d : {0.1, 0.4, 0.9})
+    for (double d : {0.1, 0.4, 0.9}) {
       EXPECT_EQ(select_budgets_to_density(s, order, b, d, o), select_budgets_to_density(s, b, d, o)) << d;
+      EXPECT_EQ(select_to_density(s, order, d, DensityRule::row_uniform, o),
+                select_to_density(s, d, DensityRule::row_uniform, o)) << d;
+    }
   }
   EXPECT_THROW(select_blocks_in_order(s, std::vector<int32_t>(5), b), Error);
 }

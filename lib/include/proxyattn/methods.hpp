@@ -104,6 +104,11 @@ struct MethodInfo {
   void (*set_coverage)(EstimatorConfig& c, double gamma) = nullptr;
   // The CPU estimate (the spec); inputs already checked (check_qkv) and config validated.
   BlockScores (*estimate_cpu)(ConstView q, ConstView k, const EstimatorConfig& c) = nullptr;
+  // native == estimate: estimate_cpu at each coverage of `coverages` (set_coverage) at once,
+  // the coverage-independent work done once; element x equals estimate_cpu with coverage x.
+  // Null: one estimate per coverage.
+  std::vector<BlockScores> (*estimate_cpu_coverages)(ConstView q, ConstView k, const EstimatorConfig& c,
+                                                     const std::vector<double>& coverages) = nullptr;
   // The GPU estimate on a resident layer; null when there is no kernel.
   BlockScores (*estimate_gpu)(const CudaLayer& layer, const EstimatorConfig& c) = nullptr;
   // The estimate on device operands (scores, and the native bitmap when device_native_bitmap);
@@ -133,6 +138,10 @@ struct MethodInfo {
   bool grouped() const { return set_groups != nullptr; }
   // Runs validate (block, then the section) and check_qkv, then estimate_cpu.
   BlockScores estimate(ConstView q, ConstView k, const EstimatorConfig& c) const;
+  // estimate(q, k, c with set_coverage(x)) for each x of coverages, in one call where the method
+  // has estimate_cpu_coverages.
+  std::vector<BlockScores> estimate_coverages(ConstView q, ConstView k, const EstimatorConfig& c,
+                                              const std::vector<double>& coverages) const;
   // The section as JSON ({key: value} of every option).
   nlohmann::json config_json(const EstimatorConfig& c) const;
   // Applies a JSON section ({key: value}); unknown keys are an Error naming them.

@@ -70,6 +70,10 @@ DensityRule parse_density_rule(std::string_view s);  // throws Error listing the
 BlockMask select_to_density(const BlockScores& scores, double density,
                             DensityRule rule = DensityRule::row_uniform,
                             const SelectOptions& options = {});
+// The same with row_uniform selected from a precomputed selection_order of the same options
+// (same mask); the other rules as above.
+BlockMask select_to_density(const BlockScores& scores, const std::vector<int32_t>& order, double density,
+                            DensityRule rule, const SelectOptions& options = {});
 // select_to_density for each of several densities of one score set: the same masks, the cells
 // of each head ranked once for all (head_global, native_adjust).
 std::vector<BlockMask> select_to_densities(const BlockScores& scores, const std::vector<double>& densities,

@@ -39,6 +39,7 @@ MethodInfo make() {
   m.validate = validate;
   m.set_coverage = [](EstimatorConfig& c, double gamma) { c.flexprefill.gamma = gamma; };
   m.estimate_cpu = detail::estimate_flexprefill;
+  m.estimate_cpu_coverages = detail::estimate_flexprefill_gammas;
   m.cost = cost;
   return m;
 }

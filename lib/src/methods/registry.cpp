@@ -58,6 +58,21 @@ BlockScores MethodInfo::estimate(ConstView q, ConstView k, const EstimatorConfig
   return estimate_cpu(q, k, c);
 }
 
+std::vector<BlockScores> MethodInfo::estimate_coverages(ConstView q, ConstView k, const EstimatorConfig& c,
+                                                        const std::vector<double>& coverages) const {
+  if (!set_coverage) throw Error("estimate_coverages: method '" + name + "' has no coverage");
+  const AttentionShape s = check_qkv(q, k);
+  std::vector<BlockScores> out;
+  for (double x : coverages) {
+    EstimatorConfig cx = c;
+    set_coverage(cx, x);
+    validate_estimator_config(cx, s.q_heads, name);
+    if (!estimate_cpu_coverages) out.push_back(estimate_cpu(q, k, cx));
+  }
+  if (estimate_cpu_coverages && !coverages.empty()) out = estimate_cpu_coverages(q, k, c, coverages);
+  return out;
+}
+
 nlohmann::json MethodInfo::config_json(const EstimatorConfig& c) const {
   nlohmann::json j = nlohmann::json::object();
   for (const MethodOption& o : options) j[o.key] = o.get(c);

@@ -69,10 +69,15 @@ struct OracleBudget {
   std::vector<double> rows(int h) const;
 };
 OracleBudget oracle_budget(const BlockMass& mass, double gamma);
+// The same from mass_rank_positions(mass): each row's order read from its rank positions.
+OracleBudget oracle_budget(const BlockMass& mass, double gamma, const std::vector<int32_t>& rank_pos);
 
 // Oracle selections: per row the top-ranked blocks of the mass. No sink/diagonal forcing (the
 // oracle needs none). k per row from a callback-free array [heads * Nb] (clamped to [0, i + 1]).
 BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row);
+// The same from mass_rank_positions(mass): row i keeps the blocks of rank < k, no sort.
+BlockMask oracle_topk_mask(const BlockMass& mass, std::span<const int32_t> k_per_row,
+                           const std::vector<int32_t>& rank_pos);
 // Per row the fewest blocks reaching gamma (the mask whose row sizes are oracle_budget()).
 BlockMask oracle_gamma_mask(const BlockMass& mass, double gamma);
 
@@ -114,6 +119,9 @@ std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass&
 // layer: O(selected blocks) per mask instead of a partial sort of every row.
 std::vector<double> block_recall_per_head(const BlockMask& sel, const BlockMass& mass,
                                           const std::vector<int32_t>& rank_pos);
+// mass_recall_per_head and block_recall_per_head(sel, mass, rank_pos) in one pass over the mask.
+void recall_per_head(const BlockMask& sel, const BlockMass& mass, const std::vector<int32_t>& rank_pos,
+                     std::vector<double>& mass_recall, std::vector<double>& block_recall);
 // Position of block j in the descending order of row (h, i) of the mass (ties: lower j first),
 // in the causal layout of layer_oracle.hpp (row (h, i) at h Nb (Nb + 1) / 2 + i (i + 1) / 2).
 std::vector<int32_t> mass_rank_positions(const BlockMass& mass);
