@@ -155,4 +155,24 @@ Status launch_attn(AttnArgs a, int q_heads, cudaStream_t st) {
   return check_launch("attention kernel launch");
 }
 
+// The CSR-driven modes (sparse, prefix): query tile BR divides the mask block B (B 128 -> 128
+// rows for d 64/128, 64 rows for d 256; B 64 -> 64 rows), key tiles of 64, FA2's schedule.
+template <class T, AttnMode MODE>
+Status launch_csr(const AttnArgs& a, int block, int head_dim, int q_heads, cudaStream_t st) {
+  if (block == 128) {
+    switch (head_dim) {
+      case 64: return launch_attn<64, 2, 4, 64, T, MODE, 0, false, 2>(a, q_heads, st);
+      case 128: return launch_attn<128, 2, 4, 64, T, MODE, 0, false, 2>(a, q_heads, st);
+      case 256: return launch_attn<256, 1, 4, 64, T, MODE, 0, false, 2>(a, q_heads, st);
+    }
+  } else {
+    switch (head_dim) {
+      case 64: return launch_attn<64, 1, 4, 64, T, MODE, 0, false>(a, q_heads, st);
+      case 128: return launch_attn<128, 1, 4, 64, T, MODE, 0, false>(a, q_heads, st);
+      case 256: return launch_attn<256, 1, 4, 64, T, MODE, 0, false>(a, q_heads, st);
+    }
+  }
+  return fail(Status::unsupported, "attention: head_dim must be 64, 128 or 256");
+}
+
 }  // namespace proxyattn::kernels::detail

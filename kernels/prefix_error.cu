@@ -9,31 +9,6 @@ namespace proxyattn::kernels {
 using detail::AttnArgs;
 using detail::AttnMode;
 using detail::fail;
-using detail::launch_attn;
-
-namespace {
-
-template <class T>
-Status dispatch_prefix(const AttnArgs& a, const PrefixErrorParams& p) {
-  cudaStream_t st = detail::stream_of(p.attn.stream);
-  constexpr AttnMode M = AttnMode::prefix;
-  if (p.block == 128) {
-    switch (p.attn.head_dim) {
-      case 64: return launch_attn<64, 2, 4, 64, T, M, 0, false, 2>(a, p.attn.q_heads, st);
-      case 128: return launch_attn<128, 2, 4, 64, T, M, 0, false, 2>(a, p.attn.q_heads, st);
-      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false, 2>(a, p.attn.q_heads, st);
-    }
-  } else {
-    switch (p.attn.head_dim) {
-      case 64: return launch_attn<64, 1, 4, 64, T, M, 0, false>(a, p.attn.q_heads, st);
-      case 128: return launch_attn<128, 1, 4, 64, T, M, 0, false>(a, p.attn.q_heads, st);
-      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false>(a, p.attn.q_heads, st);
-    }
-  }
-  return fail(Status::unsupported, "prefix_output_errors: head_dim must be 64, 128 or 256");
-}
-
-}  // namespace
 
 Status prefix_output_errors(const PrefixErrorParams& p) noexcept {
   AttnArgs a{};
@@ -59,7 +34,10 @@ Status prefix_output_errors(const PrefixErrorParams& p) noexcept {
   a.counts = p.counts;
   a.masks = p.masks;
   a.err = p.sq_diff;
-  return ap.in_type == ElemType::bf16 ? dispatch_prefix<__nv_bfloat16>(a, p) : dispatch_prefix<__half>(a, p);
+  cudaStream_t st = detail::stream_of(ap.stream);
+  return ap.in_type == ElemType::bf16
+             ? detail::launch_csr<__nv_bfloat16, AttnMode::prefix>(a, p.block, ap.head_dim, ap.q_heads, st)
+             : detail::launch_csr<__half, AttnMode::prefix>(a, p.block, ap.head_dim, ap.q_heads, st);
 }
 
 }  // namespace proxyattn::kernels

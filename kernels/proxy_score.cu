@@ -331,6 +331,13 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
   cudaStream_t st = detail::stream_of(p.stream);
   peer::Scratch scratch(st);
   const float scale = p.scale > 0.f ? p.scale : 1.0f / std::sqrt(float(d));
+  // Runs launch(dtype tag, grid) for the input dtype: the pooling of the Q and K operands.
+  const unsigned pool_grid = unsigned(std::min<int64_t>((int64_t(p.groups) * n * d + 255) / 256, 65535 * 8));
+  auto pool_qk = [&](auto&& launch, const char* what) {
+    if (p.in.in_type == ElemType::bf16) launch(__nv_bfloat16{}, pool_grid);
+    else launch(__half{}, pool_grid);
+    return detail::check_launch(what);
+  };
 
   // Split path: the pieces' pattern from whether every group's Q / K is one f16 head (exact).
   bool q_exact = p.in.in_type == ElemType::f16, k_exact = q_exact;
@@ -366,15 +373,12 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
     if ((s = scratch.get(&lse, size_t(p.groups) * n, "proxy_scores_exact: lse")) != Status::ok) return s;
     pq.dst = qs;
     pk.dst = ks;
-    const unsigned grid = unsigned(std::min<int64_t>((int64_t(p.groups) * n * d + 255) / 256, 65535 * 8));
-    if (p.in.in_type == ElemType::bf16) {
-      detail::pool_split_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pq, cq);
-      detail::pool_split_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pk, ck);
-    } else {
-      detail::pool_split_kernel<__half><<<grid, 256, 0, st>>>(pq, cq);
-      detail::pool_split_kernel<__half><<<grid, 256, 0, st>>>(pk, ck);
-    }
-    if ((s = detail::check_launch("proxy_scores_exact: split pooling launch")) != Status::ok) return s;
+    s = pool_qk([&](auto tag, unsigned grid) {
+      using T = decltype(tag);
+      detail::pool_split_kernel<T><<<grid, 256, 0, st>>>(pq, cq);
+      detail::pool_split_kernel<T><<<grid, 256, 0, st>>>(pk, ck);
+    }, "proxy_scores_exact: split pooling launch");
+    if (s != Status::ok) return s;
     AttentionParams ap;
     ap.q = qs;
     ap.k = ks;
@@ -411,15 +415,12 @@ Status proxy_scores_exact(const ProxyExactParams& p) noexcept {
   if ((s = scratch.get(&lse, size_t(p.groups) * n, "proxy_scores_exact: lse")) != Status::ok) return s;
   pq.dst = qg;
   pk.dst = kg;
-  const unsigned grid = unsigned(std::min<int64_t>((int64_t(elems) + 255) / 256, 65535 * 8));
-  if (p.in.in_type == ElemType::bf16) {
-    detail::pool_f32_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pq);
-    detail::pool_f32_kernel<__nv_bfloat16><<<grid, 256, 0, st>>>(pk);
-  } else {
-    detail::pool_f32_kernel<__half><<<grid, 256, 0, st>>>(pq);
-    detail::pool_f32_kernel<__half><<<grid, 256, 0, st>>>(pk);
-  }
-  if ((s = detail::check_launch("proxy_scores_exact: pooling launch")) != Status::ok) return s;
+  s = pool_qk([&](auto tag, unsigned grid) {
+    using T = decltype(tag);
+    detail::pool_f32_kernel<T><<<grid, 256, 0, st>>>(pq);
+    detail::pool_f32_kernel<T><<<grid, 256, 0, st>>>(pk);
+  }, "proxy_scores_exact: pooling launch");
+  if (s != Status::ok) return s;
   detail::ExactArgs a{};
   a.qg = qg;
   a.kg = kg;

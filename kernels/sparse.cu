@@ -2,8 +2,7 @@
 // walks the key blocks of its mask row (attn_kernel in attention_core.cuh, sparse mode), so the
 // work is proportional to the selected blocks. Same numerics as the full kernel.
 //
-// Query tile BR divides the mask block B: B 128 -> 128 rows (d 64/128) or 64 rows (d 256);
-// B 64 -> 64 rows. Key tiles of 64; FA2's schedule (PIPE 0, no LAZY), as the full default.
+// Tiles: launch_csr (attention_launch.cuh); FA2's schedule (PIPE 0, no LAZY), as the full default.
 #include "attention_launch.cuh"
 #include "attention_sm90_launch.cuh"
 
@@ -12,32 +11,6 @@ namespace proxyattn::kernels {
 using detail::AttnArgs;
 using detail::AttnMode;
 using detail::fail;
-using detail::launch_attn;
-
-namespace {
-
-template <class T>
-Status dispatch_sparse(const AttnArgs& a, const SparseAttentionParams& sp) {
-  const AttentionParams& p = sp.attn;
-  cudaStream_t st = detail::stream_of(p.stream);
-  constexpr AttnMode M = AttnMode::sparse;
-  if (sp.block == 128) {
-    switch (p.head_dim) {
-      case 64: return launch_attn<64, 2, 4, 64, T, M, 0, false, 2>(a, p.q_heads, st);
-      case 128: return launch_attn<128, 2, 4, 64, T, M, 0, false, 2>(a, p.q_heads, st);
-      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false, 2>(a, p.q_heads, st);
-    }
-  } else {
-    switch (p.head_dim) {
-      case 64: return launch_attn<64, 1, 4, 64, T, M, 0, false>(a, p.q_heads, st);
-      case 128: return launch_attn<128, 1, 4, 64, T, M, 0, false>(a, p.q_heads, st);
-      case 256: return launch_attn<256, 1, 4, 64, T, M, 0, false>(a, p.q_heads, st);
-    }
-  }
-  return fail(Status::unsupported, "sparse_attention: head_dim must be 64, 128 or 256");
-}
-
-}  // namespace
 
 Status sparse_attention(const SparseAttentionParams& sp) noexcept {
   AttnArgs a{};
@@ -60,7 +33,10 @@ Status sparse_attention(const SparseAttentionParams& sp) noexcept {
   if (hopper)
     return detail::launch_sm90(detail::Sm90Mode::sparse, a, sp.attn.in_type, sp.attn.head_dim, sp.attn.q_heads,
                                sp.attn.kv_heads, {}, detail::stream_of(sp.attn.stream));
-  return sp.attn.in_type == ElemType::bf16 ? dispatch_sparse<__nv_bfloat16>(a, sp) : dispatch_sparse<__half>(a, sp);
+  cudaStream_t st = detail::stream_of(sp.attn.stream);
+  return sp.attn.in_type == ElemType::bf16
+             ? detail::launch_csr<__nv_bfloat16, AttnMode::sparse>(a, sp.block, sp.attn.head_dim, sp.attn.q_heads, st)
+             : detail::launch_csr<__half, AttnMode::sparse>(a, sp.block, sp.attn.head_dim, sp.attn.q_heads, st);
 }
 
 }  // namespace proxyattn::kernels

@@ -386,14 +386,22 @@ BlockMask select_top_k(const BlockScores& s, int k, const SelectOptions& o) {
   return select_with(s, o, [&](int, int) { return static_cast<int64_t>(k); });
 }
 
-BlockMask select_to_density(const BlockScores& s, double density, DensityRule rule, const SelectOptions& o) {
+namespace {
+// select_to_density's checks; the forced blocks of each row.
+std::vector<int> density_forced_counts(const BlockScores& s, double density, const SelectOptions& o) {
   check_scores(s, "select_to_density");
   check_options(o);
   if (!(density > 0.0 && density <= 1.0))
     throw Error("select_to_density: density = " + detail::str(density) + " must be in (0, 1]");
+  std::vector<int> nf(static_cast<size_t>(s.num_blocks));
+  for (int i = 0; i < s.num_blocks; ++i) nf[static_cast<size_t>(i)] = forced_count(i, o);
+  return nf;
+}
+}  // namespace
+
+BlockMask select_to_density(const BlockScores& s, double density, DensityRule rule, const SelectOptions& o) {
+  const std::vector<int> nf = density_forced_counts(s, density, o);
   const int nb = s.num_blocks;
-  std::vector<int> nf(nb);
-  for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
 
   if (rule == DensityRule::row_uniform) return select_top_k(s, row_uniform_k(nb, density, nf), o);
 
@@ -438,13 +446,8 @@ BlockMask select_to_density(const BlockScores& s, double density, DensityRule ru
 BlockMask select_to_density(const BlockScores& s, const std::vector<int32_t>& order, double density, DensityRule rule,
                             const SelectOptions& o) {
   if (rule != DensityRule::row_uniform) return select_to_density(s, density, rule, o);
-  check_scores(s, "select_to_density");
-  check_options(o);
-  if (!(density > 0.0 && density <= 1.0))
-    throw Error("select_to_density: density = " + detail::str(density) + " must be in (0, 1]");
+  const std::vector<int> nf = density_forced_counts(s, density, o);
   const int nb = s.num_blocks;
-  std::vector<int> nf(nb);
-  for (int i = 0; i < nb; ++i) nf[i] = forced_count(i, o);
   // select_top_k(k) is select_blocks with k in every row: a prefix of each row's order.
   Budgets b;
   b.kind = "uniform";
