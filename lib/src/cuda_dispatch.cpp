@@ -6,6 +6,7 @@
 #include "proxyattn/methods.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -143,7 +144,7 @@ struct CudaLayer::Impl {
   kk::DeviceBuffer q, k, v;
   bool has_v = false;
   std::vector<double> q_sqnorm;  // per query head, for ProxyPool::max_norm
-  double last_ms = 0;
+  std::atomic<double> last_ms{0};  // written by whichever thread ran the last call
 
   kk::AttentionParams attn_params() const {
     kk::AttentionParams p;
