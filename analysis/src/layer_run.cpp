@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <deque>
 #include <future>
 #include <mutex>
 
@@ -78,20 +77,6 @@ class LayerRun {
   void pass();
   void gpu_pass();
   void gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty);
-  // The rankings the GPU's shared error passes may use (own: orders built here, kept alive).
-  std::vector<const std::vector<int32_t>*> error_orders(std::vector<std::vector<int32_t>>& own) const;
-  // The distinct masks of sels_ (first occurrence), and for each selection its mask's index.
-  std::vector<const BlockMask*> distinct_masks(std::vector<size_t>& mask_of) const;
-  // --device cuda: the output errors of the masks made so far (the "before" phase: every method
-  // but the oracle's and ProxyAttn's g = Hq selections) start on a background thread, so the GPU
-  // works while the CPU does the similarity topic, the later selections and the metrics.
-  void start_early_errors();
-  struct EarlyErrors {
-    std::vector<const BlockMask*> masks;  // the first masks of distinct_masks()
-    std::vector<std::vector<int32_t>> own_orders;
-    std::future<MaskErrors> result;
-    double wall = 0;
-  };
   void evaluate();
 
   const AnalyzeConfig& cfg_;
@@ -140,7 +125,7 @@ class LayerRun {
     if (it == order_cache_.end()) it = order_cache_.emplace(&sc, selection_order(sc)).first;
     return it->second;
   }
-  std::deque<Selection> sels_;  // a deque: the early error pass holds pointers to its masks
+  std::vector<Selection> sels_;
   std::map<std::string, size_t> sel_index_;
   // Budget topic rows: accuracy is computed once the oracle budget exists.
   struct PendingBudget {
@@ -154,7 +139,6 @@ class LayerRun {
   // Last member: destroyed first, so an estimate still running (after an error) is waited for
   // while the layer's data it reads is alive.
   std::map<std::string, std::shared_ptr<Background>> background_;  // one entry per key it fills
-  std::unique_ptr<EarlyErrors> early_;  // after everything its task reads (gpu_, sels_, orders)
 };
 
 EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
@@ -591,29 +575,9 @@ void LayerRun::gpu_pass() {
 // mask's block-sparse output against it, reduced per head. The masks built from a score set's
 // selection order (budgets, head-global densities) and the oracle's selections are prefixes of
 // one ranking per score set: each ranking's masks share one pass (the CPU's prefix tables).
-std::vector<const std::vector<int32_t>*> LayerRun::error_orders(std::vector<std::vector<int32_t>>& own) const {
-  // Beyond the cached selection orders: the oracle's (no forced blocks), and per native mask the
-  // order its native_adjust densities are prefixes of (forced, native, the rest).
-  for (const auto& [key, sc] : score_cache_) {
-    const MethodInfo& m = find_method(sc.method);
-    if (m.exact_mass) {
-      SelectOptions none;
-      none.sink = none.diagonal = false;
-      own.push_back(selection_order(sc, none));
-    } else if (sc.native && m.forced_blocks) {
-      const auto it = order_cache_.find(&sc);
-      if (it != order_cache_.end()) own.push_back(native_first_order(*sc.native, it->second));
-    }
-  }
-  std::vector<const std::vector<int32_t>*> orders;
-  for (const auto& [sc, order] : order_cache_) orders.push_back(&order);
-  for (const std::vector<int32_t>& order : own) orders.push_back(&order);
-  return orders;
-}
-
-std::vector<const BlockMask*> LayerRun::distinct_masks(std::vector<size_t>& mask_of) const {
+void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
   std::vector<const BlockMask*> masks;
-  mask_of.assign(sels_.size(), 0);
+  std::vector<size_t> mask_of(sels_.size());
   for (size_t i = 0; i < sels_.size(); ++i) {
     size_t found = masks.size();
     for (size_t c = 0; c < masks.size() && found == masks.size(); ++c)
@@ -621,49 +585,27 @@ std::vector<const BlockMask*> LayerRun::distinct_masks(std::vector<size_t>& mask
     if (found == masks.size()) masks.push_back(&sels_[i].mask);
     mask_of[i] = found;
   }
-  return masks;
-}
-
-void LayerRun::start_early_errors() {
-  auto e = std::make_unique<EarlyErrors>();
-  std::vector<size_t> mask_of;
-  e->masks = distinct_masks(mask_of);
-  const std::vector<const std::vector<int32_t>*> orders = error_orders(e->own_orders);
-  CudaLayer& layer = gpu();  // made (uploaded) here, before the task reads it
-  const int device = current_cuda_device();
-  EarlyErrors* raw = e.get();
-  e->result = std::async(std::launch::async, [raw, orders, device, &layer] {
-    use_cuda_device(device);
-    const auto w0 = std::chrono::steady_clock::now();
-    MaskErrors m = layer.output_errors(raw->masks, orders);
-    raw->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
-    return m;
-  });
-  early_ = std::move(e);
-}
-
-void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
-  std::vector<size_t> mask_of;
-  const std::vector<const BlockMask*> masks = distinct_masks(mask_of);
-  // The early pass's masks are the first distinct ones (sels_ only grew since).
-  MaskErrors done;
-  if (early_) {
-    done = early_->result.get();
-    tm_.stages["output_error:cuda (background)"].wall += early_->wall;
-  }
-  const size_t first = done.rel_error.size();
-  if (first < masks.size()) {
-    std::vector<std::vector<int32_t>> own;
-    const std::vector<const std::vector<int32_t>*> orders = error_orders(own);
-    MaskErrors rest = gpu().output_errors({masks.begin() + static_cast<long>(first), masks.end()}, orders);
-    for (size_t x = 0; x < rest.rel_error.size(); ++x) {
-      done.rel_error.push_back(std::move(rest.rel_error[x]));
-      done.empty_rows.push_back(rest.empty_rows[x]);
+  // Beyond the cached selection orders: the oracle's (no forced blocks), and per native mask the
+  // order its native_adjust densities are prefixes of (forced, native, the rest).
+  std::vector<std::vector<int32_t>> own_orders;
+  for (const auto& [key, sc] : score_cache_) {
+    const MethodInfo& m = find_method(sc.method);
+    if (m.exact_mass) {
+      SelectOptions none;
+      none.sink = none.diagonal = false;
+      own_orders.push_back(selection_order(sc, none));
+    } else if (sc.native && m.forced_blocks) {
+      const auto it = order_cache_.find(&sc);
+      if (it != order_cache_.end()) own_orders.push_back(native_first_order(*sc.native, it->second));
     }
   }
+  std::vector<const std::vector<int32_t>*> orders;
+  for (const auto& [sc, order] : order_cache_) orders.push_back(&order);
+  for (const std::vector<int32_t>& order : own_orders) orders.push_back(&order);
+  const MaskErrors o = gpu().output_errors(masks, orders);
   for (size_t i = 0; i < sels_.size(); ++i) {
-    rel[i] = done.rel_error[mask_of[i]];
-    empty[i] = done.empty_rows[mask_of[i]];
+    rel[i] = o.rel_error[mask_of[i]];
+    empty[i] = o.empty_rows[mask_of[i]];
   }
 }
 
@@ -802,7 +744,6 @@ void LayerRun::run() {
   phase_ = Phase::before;
   if (topics_.recall) recall_selections();
   if (topics_.budget) budget_selections();
-  if (cuda() && errors_ && !sels_.empty()) start_early_errors();
   if (!cuda()) pass();
   phase_ = Phase::after;
   if (topics_.similarity) {

@@ -6,7 +6,6 @@
 #include "proxyattn/methods.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -144,7 +143,7 @@ struct CudaLayer::Impl {
   kk::DeviceBuffer q, k, v;
   bool has_v = false;
   std::vector<double> q_sqnorm;  // per query head, for ProxyPool::max_norm
-  std::atomic<double> last_ms{0};  // written by whichever thread ran the last call
+  double last_ms = 0;
 
   kk::AttentionParams attn_params() const {
     kk::AttentionParams p;
