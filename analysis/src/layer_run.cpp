@@ -9,9 +9,10 @@
 //           the later masks are built from (oracle mass, block max, budget-driven scores);
 //   after   the oracle's own selections, scores equal to the oracle's block max and the oracle
 //           budget; their errors come from the prefix tables.
-// GPU (--device cuda): the exact block mass and row LSE from the kernels first, then every
-// selection, then the output error of every distinct mask from block-sparse attention on the
-// device (never an N x N buffer, no CPU pass over the layer).
+// GPU (--device cuda): the CPU-only estimates start on a background thread, the exact block
+// mass and row LSE come from the kernels, then every selection, then the output error of every
+// distinct mask from block-sparse attention on the device, one shared pass per ranking whose
+// prefixes the masks are (never an N x N buffer, no CPU pass over the layer).
 #include <omp.h>
 
 #include <algorithm>
