@@ -117,15 +117,11 @@ std::vector<int32_t> rank_orders(const float* scores, int heads, int nb, bool si
   return order;
 }
 
-bool is_prefix_mask(const BlockMask& mask, const std::vector<int32_t>& order) {
-  return is_prefix_of_order(mask, order);  // the same causal layout as selection_order
-}
-
 bool prefix_mask_errors(const PrefixErrors& table, const std::vector<double>& full_sq,
                         const BlockMask& mask, std::vector<double>& rel_error, int64_t& empty_rows) {
   const int H = table.heads, nb = table.num_blocks;
   if (mask.heads() != H || mask.num_blocks() != nb || full_sq.size() != static_cast<size_t>(H) ||
-      !is_prefix_mask(mask, table.order))
+      !is_prefix_of_order(mask, table.order))
     return false;
   rel_error.assign(static_cast<size_t>(H), 0.0);
   empty_rows = 0;

@@ -48,6 +48,10 @@ class LayerRun {
     // Only the coverage-driven natives depend on gamma; grouped methods on their groups.
     return method.name + "/" + std::to_string(groups) + "/" + (method.set_coverage ? short_num(gamma) : "");
   }
+  // The CPU estimate of `method` at `gamma`, with its score_key; every gamma of cfg_ at once
+  // where the method gives them together (coverages_in_one). Reads only q_, k_ and cfg_, so it
+  // may run on another thread.
+  std::vector<std::pair<std::string, BlockScores>> cpu_estimates(const MethodInfo& method, int groups, double gamma) const;
   // --device cuda: the CPU-only estimates (methods whose GPU estimate the analysis does not
   // take) start on a background thread when the layer starts, so they run while the GPU works.
   void start_cpu_estimates();
@@ -150,30 +154,38 @@ EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, doubl
   return c;
 }
 
+std::vector<std::pair<std::string, BlockScores>> LayerRun::cpu_estimates(const MethodInfo& method, int groups,
+                                                                         double gamma) const {
+  std::vector<std::pair<std::string, BlockScores>> out;
+  if (coverages_in_one(method)) {
+    std::vector<BlockScores> all = method.estimate_coverages(q_, k_, config_for(method, groups, kNaN), cfg_.gamma);
+    for (size_t x = 0; x < all.size(); ++x) out.emplace_back(score_key(method, groups, cfg_.gamma[x]), std::move(all[x]));
+  } else {
+    out.emplace_back(score_key(method, groups, gamma), method.estimate(q_, k_, config_for(method, groups, gamma)));
+  }
+  return out;
+}
+
 void LayerRun::start_cpu_estimates() {
   const int threads = cpu_threads();
   for (const std::string& name : cfg_.methods) {
     const MethodInfo& m = find_method(name);
     if (m.grouped() || m.exact_mass || (m.has_gpu() && m.gpu_in_analysis)) continue;
-    // One estimate for every gamma where the method gives them at once, else the reference one.
-    const bool all_gammas = coverages_in_one(m);
-    std::vector<double> gammas = all_gammas ? cfg_.gamma : std::vector<double>{m.set_coverage ? gamma_ref(cfg_) : kNaN};
-    std::vector<std::string> keys;
-    for (double g : gammas) keys.push_back(score_key(m, 0, g));
+    const double gamma = m.set_coverage ? gamma_ref(cfg_) : kNaN;
+    std::vector<std::string> keys;  // what the estimate will fill
+    if (coverages_in_one(m))
+      for (double g : cfg_.gamma) keys.push_back(score_key(m, 0, g));
+    else
+      keys.push_back(score_key(m, 0, gamma));
     auto b = std::make_shared<Background>();
-    const EstimatorConfig c = config_for(m, 0, all_gammas ? kNaN : gammas.front());
     Background* raw = b.get();
-    b->scores = std::async(std::launch::async, [this, &m, c, raw, threads, all_gammas, gammas, keys] {
+    b->scores = std::async(std::launch::async, [this, &m, gamma, raw, threads] {
       set_cpu_threads(threads);  // the lane's share of the cores, as on this thread
       const auto w0 = std::chrono::steady_clock::now();
       const double c0 = cpu_now(true);
-      std::vector<BlockScores> s;
-      if (all_gammas) s = m.estimate_coverages(q_, k_, c, gammas);
-      else s.push_back(m.estimate(q_, k_, c));
+      auto out = cpu_estimates(m, 0, gamma);
       raw->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
       raw->cpu = cpu_now(true) - c0;
-      std::vector<std::pair<std::string, BlockScores>> out;
-      for (size_t x = 0; x < s.size(); ++x) out.emplace_back(keys[x], std::move(s[x]));
       return out;
     });
     for (const std::string& k : keys) background_.emplace(k, b);
@@ -205,8 +217,7 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
   if (coverages_in_one(method) && !on_gpu && std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
     // The native selection depends on gamma through the estimate: every gamma in one estimate.
     Timing::Scope scope(tm_, "estimate:" + method.name);
-    std::vector<BlockScores> all = method.estimate_coverages(q_, k_, config_for(method, groups, kNaN), cfg_.gamma);
-    for (size_t x = 0; x < all.size(); ++x) score_cache_.try_emplace(score_key(method, groups, cfg_.gamma[x]), std::move(all[x]));
+    for (auto& [k, sc] : cpu_estimates(method, groups, gamma)) score_cache_.try_emplace(k, std::move(sc));
     return score_cache_.at(key);
   }
   if (method.native == NativeRule::from_scores && gamma != gamma_ref(cfg_)) {
@@ -534,7 +545,7 @@ void LayerRun::pass() {
       const BlockMask& m = sels_[i].mask;
       bool covered = false;
       for (const Ranking& r : rankings)
-        if (r.source == Ranking::Source::given && is_prefix_mask(m, r.order)) covered = true;
+        if (r.source == Ranking::Source::given && is_prefix_of_order(m, r.order)) covered = true;
       if (covered) continue;
       int found = -1;
       for (size_t c = 0; c < masks.size() && found < 0; ++c)

@@ -389,10 +389,11 @@ MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks,
     for (size_t g = 0; g < group.size(); ++g) finish(group[g], err.data() + g * H);
   }
 
-  // The rest: one block-sparse pass each.
-  kk::DeviceBuffer o = alloc(no * sizeof(float), "sparse output");
+  // The rest: one block-sparse pass each (their output buffer only when there is one).
+  kk::DeviceBuffer o;
   for (size_t x = 0; x < masks.size(); ++x) {
     if (order_of[x] >= 0) continue;
+    if (!o.data()) o = alloc(no * sizeof(float), "sparse output");
     const BlockMask& mask = *masks[x];
     kk::DeviceBuffer ip = alloc(mask.indptr().size() * 4, "mask indptr");
     kk::DeviceBuffer ix = alloc(std::max<size_t>(1, mask.indices().size()) * 4, "mask indices");

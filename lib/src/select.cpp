@@ -317,17 +317,19 @@ std::vector<int32_t> native_first_order(const BlockMask& native, const std::vect
   detail::parallel_for(H, [&](int64_t h64) {
     const int h = static_cast<int>(h64);
     std::vector<int32_t> stamp(static_cast<size_t>(nb), -1), rest;
+    std::vector<uint8_t> forced(static_cast<size_t>(nb));
     for (int i = 0; i < nb; ++i) {
       for (int32_t j : native.row(h, i)) stamp[static_cast<size_t>(j)] = i;
       const int32_t* src = order.data() + order_offset(h, i, nb);
       int32_t* dst = out.data() + order_offset(h, i, nb);
-      auto forced = [&](int j) { return (o.sink && j == 0) || (o.diagonal && j == i) || (j < i && i - j <= o.local_window); };
-      int n = 0;
+      // The forced blocks lead `order`'s row: they stay first; the rest is split stably.
+      const int nf = mark_forced(i, o, forced);
+      int n = nf;
+      std::copy(src, src + nf, dst);
       rest.clear();
-      for (int x = 0; x <= i; ++x) {
+      for (int x = nf; x <= i; ++x) {
         const int32_t j = src[x];
-        // The forced blocks lead `order`'s row, so they stay first.
-        if (forced(j) || stamp[static_cast<size_t>(j)] == i) dst[n++] = j;
+        if (stamp[static_cast<size_t>(j)] == i) dst[n++] = j;
         else rest.push_back(j);
       }
       std::copy(rest.begin(), rest.end(), dst + n);

@@ -425,9 +425,9 @@ TEST_P(OracleCase, FusedPassAndPrefixTablesMatchTheDirectErrors) {
   std::vector<double> rel;
   int64_t empty = 0;
   const BlockMask other = select_top_k(sc, 2);
-  if (!is_prefix_mask(other, p.prefix[0].order))
+  if (!is_prefix_of_order(other, p.prefix[0].order))
     EXPECT_FALSE(prefix_mask_errors(p.prefix[0], p.full_sq, other, rel, empty));
-  EXPECT_FALSE(is_prefix_mask(test::random_mask(c.hq, c.n, c.block, 0.5), std::vector<int32_t>(3, 0)));
+  EXPECT_FALSE(is_prefix_of_order(test::random_mask(c.hq, c.n, c.block, 0.5), std::vector<int32_t>(3, 0)));
   EXPECT_THROW(layer_pass(q, k, ConstView{}, c.block, {&explicit_mask}), Error);
 }
 

@@ -83,8 +83,7 @@ struct Ranking {
 };
 // The order of every row of a [heads, Nb, Nb] score array (causal layout).
 std::vector<int32_t> rank_orders(const float* scores, int heads, int nb, bool sink, bool diagonal);
-// True when every row of mask is a prefix (as a set) of the order of that row.
-bool is_prefix_mask(const BlockMask& mask, const std::vector<int32_t>& order);
+// Whether a mask is a prefix of such an order per row: select.hpp is_prefix_of_order.
 
 struct PrefixErrors {
   int heads = 0, num_blocks = 0;
