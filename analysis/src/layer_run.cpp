@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <future>
 #include <mutex>
 
@@ -27,6 +28,7 @@
 #include "proxyattn/error.hpp"
 #include "proxyattn/methods.hpp"
 #include "proxyattn/select.hpp"
+#include "proxyattn/trace.hpp"
 
 namespace proxyattn::analysis::detail {
 
@@ -79,9 +81,26 @@ class LayerRun {
   void similarity();
   void recall_selections();
   void budget_selections();
+  void budget_selections_in_phase();
   void pass();
   void gpu_pass();
+  // --device cuda: the output errors are computed in batches on a worker thread while the CPU
+  // goes on making selections. submit_errors() sends the distinct masks made since the last
+  // batch with the rankings known by then (a ranking's prefix masks share one pass); masks that
+  // are prefixes of `hold` wait for a later batch, so that ranking still gets a single pass.
+  void submit_errors(const std::vector<int32_t>* hold);
+  // The budget topic's score set's ranking while its budget selections are still to come in
+  // this phase (they are prefixes of it), else null.
+  const std::vector<int32_t>* budget_ranking_to_hold();
+  // The rankings the GPU's shared error passes may use, built once each and kept (a batch on
+  // the worker reads them).
+  std::vector<const std::vector<int32_t>*> error_orders();
   void gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty);
+  struct ErrorBatch {
+    std::vector<const BlockMask*> masks;
+    std::shared_future<MaskErrors> result;
+    std::shared_ptr<double> wall = std::make_shared<double>(0.0);  // on the worker, after the wait
+  };
   void evaluate();
 
   const AnalyzeConfig& cfg_;
@@ -130,7 +149,7 @@ class LayerRun {
     if (it == order_cache_.end()) it = order_cache_.emplace(&sc, selection_order(sc)).first;
     return it->second;
   }
-  std::vector<Selection> sels_;
+  std::deque<Selection> sels_;  // a deque: the error batches hold pointers to its masks
   std::map<std::string, size_t> sel_index_;
   // Budget topic rows: accuracy is computed once the oracle budget exists.
   struct PendingBudget {
@@ -144,6 +163,13 @@ class LayerRun {
   // Last member: destroyed first, so an estimate still running (after an error) is waited for
   // while the layer's data it reads is alive.
   std::map<std::string, std::shared_ptr<Background>> background_;  // one entry per key it fills
+  // The output-error pipeline (submit_errors): read by the worker, so after what it reads.
+  std::map<const BlockScores*, std::vector<int32_t>> error_own_orders_;  // oracle's, native-first
+  std::vector<const BlockMask*> error_distinct_;  // every distinct mask seen, in first-seen order
+  std::vector<const BlockMask*> error_waiting_;   // distinct, not yet submitted (held)
+  std::vector<size_t> error_rep_;                 // per selection: its mask's index in error_distinct_
+  bool budget_done_ = false;                      // the budget topic ran in this phase
+  std::vector<ErrorBatch> error_batches_;         // last: destroyed (waited for) first
 };
 
 EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
@@ -229,6 +255,7 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     return score_cache_.emplace(key, std::move(s)).first->second;
   }
   Timing::Scope scope(tm_, "estimate:" + method.name);
+  TraceScope trace("estimate " + key, true);
   BlockScores s;
   if (method.exact_mass) {
     s = scores_from_mass(oracle_.mass);
@@ -275,6 +302,7 @@ const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& 
     c.uniform_k = std::max(1, static_cast<int>(std::lround(mean)));
   }
   Timing::Scope scope(tm_, "budget");
+  TraceScope trace("budget " + key);
   const BlockMass* mass = kind.needs_oracle_mass ? &oracle_.mass : nullptr;
   // On the GPU path the last block's token probabilities were computed once (gpu_pass); the CPU
   // path lets the budget compute them in float64 as the spec does.
@@ -328,6 +356,7 @@ size_t LayerRun::add(SelDesc d, F&& make) {
   const std::string id = d.id();
   auto it = sel_index_.find(id);
   if (it != sel_index_.end()) return it->second;  // the same selection from two topics
+  TraceScope trace("select " + id);
   sels_.push_back({std::move(d), make()});
   sel_index_.emplace(id, sels_.size() - 1);
   return sels_.size() - 1;
@@ -338,8 +367,10 @@ void LayerRun::similarity() {
   SimilarityOptions so;
   so.topk_fractions = cfg_.topk_fractions;
   so.max_rows = cfg_.sim_rows;
+  std::optional<TraceScope> trace(std::in_place, "head similarity");
   const HeadSimilarity s = head_similarity(oracle_.mass, oracle_.last_block_probs,
                                            oracle_.shape.seq_len, so);
+  trace.reset();
   const size_t F = s.topk_fractions.size();
   std::vector<std::vector<double>> pair_topk(F);
   std::vector<double> pair_cos, pair_sp, same_kv, cross_kv;
@@ -407,6 +438,7 @@ void LayerRun::similarity() {
     views.push_back({sc.score.data(), sc.heads, sc.num_blocks, H});
   }
   std::vector<std::vector<std::vector<RankingFidelity>>> fid;  // [gamma][group][head]
+  trace.emplace("ranking fidelity");
   for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) fid.push_back(ranking_fidelity(views, oracle_.mass, obudget_[gi]));
   for (size_t gx = 0; gx < store_.groups.size(); ++gx) {
     const int g = store_.groups[gx];
@@ -431,12 +463,14 @@ void LayerRun::recall_selections() {
   for (const std::string& name : cfg_.methods) {
     const MethodInfo& m = find_method(name);
     Timing::Scope scope(tm_, "select");
+    submit_errors(budget_ranking_to_hold());  // the previous method's masks
     const std::string auto_rule(auto_density_name(m.auto_density));
     const std::string rule0 = cfg_.density_rule == "auto" ? auto_rule : cfg_.density_rule;
     if (m.grouped()) {
       // Budget-driven: the dynamic budget at each gamma, and each fixed sparsity.
       for (int g : store_.groups) {
         if (!in_phase(after_pass(m, g))) continue;
+        submit_errors(budget_ranking_to_hold());
         const BlockScores& sc = scores(m, g, kNaN);
         for (double gamma : cfg_.gamma)
           add({m.name, g, "dynamic", "", gamma, kNaN},
@@ -476,9 +510,18 @@ void LayerRun::recall_selections() {
       }
     }
   }
+  Timing::Scope scope(tm_, "select");
+  submit_errors(budget_ranking_to_hold());
 }
 
 void LayerRun::budget_selections() {
+  budget_selections_in_phase();
+  budget_done_ = true;
+  Timing::Scope scope(tm_, "select");
+  submit_errors(nullptr);  // the masks held for this topic are complete now
+}
+
+void LayerRun::budget_selections_in_phase() {
   Timing::Scope scope(tm_, "select");
   const MethodInfo& m = proxyattn_method();
   const int g0 = store_.groups.front();
@@ -565,20 +608,32 @@ void LayerRun::pass() {
 }
 
 void LayerRun::gpu_pass() {
+  // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
+  // B rows against every key, float64 on the CPU as the spec computes them; on another thread
+  // while the layer is uploaded and the kernels run.
+  const int threads = cpu_threads();
+  auto last_block = std::async(std::launch::async, [this, threads] {
+    set_cpu_threads(threads);
+    return last_block_token_probs_cpu(q_, k_, cfg_.block);
+  });
   {
     Timing::Scope scope(tm_, "oracle:cuda");
     oracle_.shape = check_qkv(q_, k_);
+    {
+      TraceScope trace("upload layer");
+      gpu();
+    }
+    TraceScope trace("block mass + row lse", true);
     oracle_.mass = gpu().block_mass(cfg_.block);
     oracle_.lse = gpu().row_lse();
   }
   {
-    // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
-    // B rows against every key, float64 on the CPU as the spec computes them.
-    Timing::Scope scope(tm_, "last_block");
-    const std::vector<double> p = last_block_token_probs_cpu(q_, k_, cfg_.block);
+    Timing::Scope scope(tm_, "last_block");  // what is left of it
+    const std::vector<double> p = last_block.get();
     oracle_.last_block_probs.assign(p.begin(), p.end());
   }
   Timing::Scope scope(tm_, "oracle");
+  TraceScope trace("oracle budgets");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
   for (double g : cfg_.gamma) obudget_.push_back(oracle_budget(oracle_.mass, g, rank_pos()));
 }
@@ -587,37 +642,89 @@ void LayerRun::gpu_pass() {
 // mask's block-sparse output against it, reduced per head. The masks built from a score set's
 // selection order (budgets, head-global densities) and the oracle's selections are prefixes of
 // one ranking per score set: each ranking's masks share one pass (the CPU's prefix tables).
-void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
-  std::vector<const BlockMask*> masks;
-  std::vector<size_t> mask_of(sels_.size());
-  for (size_t i = 0; i < sels_.size(); ++i) {
-    size_t found = masks.size();
-    for (size_t c = 0; c < masks.size() && found == masks.size(); ++c)
-      if (*masks[c] == sels_[i].mask) found = c;
-    if (found == masks.size()) masks.push_back(&sels_[i].mask);
-    mask_of[i] = found;
-  }
+std::vector<const std::vector<int32_t>*> LayerRun::error_orders() {
   // Beyond the cached selection orders: the oracle's (no forced blocks), and per native mask the
   // order its native_adjust densities are prefixes of (forced, native, the rest).
-  std::vector<std::vector<int32_t>> own_orders;
   for (const auto& [key, sc] : score_cache_) {
+    if (error_own_orders_.count(&sc)) continue;
     const MethodInfo& m = find_method(sc.method);
     if (m.exact_mass) {
       SelectOptions none;
       none.sink = none.diagonal = false;
-      own_orders.push_back(selection_order(sc, none));
+      error_own_orders_.emplace(&sc, selection_order(sc, none));
     } else if (sc.native && m.forced_blocks) {
       const auto it = order_cache_.find(&sc);
-      if (it != order_cache_.end()) own_orders.push_back(native_first_order(*sc.native, it->second));
+      if (it != order_cache_.end()) error_own_orders_.emplace(&sc, native_first_order(*sc.native, it->second));
     }
   }
   std::vector<const std::vector<int32_t>*> orders;
   for (const auto& [sc, order] : order_cache_) orders.push_back(&order);
-  for (const std::vector<int32_t>& order : own_orders) orders.push_back(&order);
-  const MaskErrors o = gpu().output_errors(masks, orders);
+  for (const auto& [sc, order] : error_own_orders_) orders.push_back(&order);
+  return orders;
+}
+
+const std::vector<int32_t>* LayerRun::budget_ranking_to_hold() {
+  if (!topics_.budget || budget_done_) return nullptr;
+  const MethodInfo& m = proxyattn_method();
+  const int g0 = store_.groups.front();
+  if (!in_phase(after_pass(m, g0))) return nullptr;  // its scores are made in the other phase
+  return &order_of(scores(m, g0, kNaN));
+}
+
+void LayerRun::submit_errors(const std::vector<int32_t>* hold) {
+  if (!cuda() || !errors_) return;
+  TraceScope trace("submit output errors");
+  // The new selections' masks, once each (a mask equal to one seen before shares its errors).
+  for (size_t i = error_rep_.size(); i < sels_.size(); ++i) {
+    const BlockMask& mask = sels_[i].mask;
+    size_t found = error_distinct_.size();
+    for (size_t c = 0; c < error_distinct_.size() && found == error_distinct_.size(); ++c)
+      if (*error_distinct_[c] == mask) found = c;
+    if (found == error_distinct_.size()) {
+      error_distinct_.push_back(&mask);
+      error_waiting_.push_back(&mask);
+    }
+    error_rep_.push_back(found);
+  }
+  std::vector<const BlockMask*> batch, held;
+  for (const BlockMask* mask : error_waiting_) (hold && is_prefix_of_order(*mask, *hold) ? held : batch).push_back(mask);
+  error_waiting_ = std::move(held);
+  if (batch.empty()) return;
+  const std::vector<const std::vector<int32_t>*> orders = error_orders();
+  CudaLayer& layer = gpu();  // made (uploaded) here, before the worker reads it
+  const int device = current_cuda_device();
+  // One batch at a time on the device (each waits for the one before): bounded memory, and
+  // the batches' passes in submission order.
+  std::shared_future<MaskErrors> before;
+  if (!error_batches_.empty()) before = error_batches_.back().result;
+  ErrorBatch b;
+  b.masks = std::move(batch);
+  b.result = std::async(std::launch::async, [masks = b.masks, orders, device, &layer, before, wall = b.wall] {
+               if (before.valid()) before.wait();
+               use_cuda_device(device);
+               const auto w0 = std::chrono::steady_clock::now();
+               MaskErrors e = layer.output_errors(masks, orders);
+               *wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+               return e;
+             }).share();
+  error_batches_.push_back(std::move(b));
+}
+
+void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
+  submit_errors(nullptr);  // what is left
+  std::map<const BlockMask*, std::pair<const MaskErrors*, size_t>> where;
+  {
+    TraceScope trace("wait for output errors");
+    for (const ErrorBatch& b : error_batches_) {
+      const MaskErrors& e = b.result.get();
+      for (size_t x = 0; x < b.masks.size(); ++x) where[b.masks[x]] = {&e, x};
+      tm_.stages["output_error:cuda (background)"].wall += *b.wall;
+    }
+  }
   for (size_t i = 0; i < sels_.size(); ++i) {
-    rel[i] = o.rel_error[mask_of[i]];
-    empty[i] = o.empty_rows[mask_of[i]];
+    const auto [e, x] = where.at(error_distinct_[error_rep_[i]]);
+    rel[i] = e->rel_error[x];
+    empty[i] = e->empty_rows[x];
   }
 }
 
@@ -628,9 +735,12 @@ void LayerRun::evaluate() {
   std::vector<std::vector<HeadDensity>> dens(S);
   std::vector<std::vector<double>> mass(S), block(S);
   const std::vector<int32_t>& rank_pos = this->rank_pos();
-  for (size_t i = 0; i < S; ++i) {
-    dens[i] = density_per_head(sels_[i].mask);
-    recall_per_head(sels_[i].mask, oracle_.mass, rank_pos, mass[i], block[i]);
+  {
+    TraceScope trace("density + recall of every selection");
+    for (size_t i = 0; i < S; ++i) {
+      dens[i] = density_per_head(sels_[i].mask);
+      recall_per_head(sels_[i].mask, oracle_.mass, rank_pos, mass[i], block[i]);
+    }
   }
 
   // Output errors: from the pass (explicit masks), else from a prefix table; a mask neither
@@ -670,6 +780,7 @@ void LayerRun::evaluate() {
 
   // Budget accuracy needs the oracle budget, known only now.
   std::vector<std::vector<BudgetAccuracy>> acc;
+  TraceScope trace_rows("budget accuracy + table rows");
   for (const PendingBudget& p : pending_)
     acc.push_back(budget_accuracy(p.budgets->per_head_k, p.budgets->per_row_k, oracle_.mass, obudget_[p.gamma_index]));
 
@@ -758,6 +869,7 @@ void LayerRun::run() {
   if (topics_.budget) budget_selections();
   if (!cuda()) pass();
   phase_ = Phase::after;
+  budget_done_ = false;
   if (topics_.similarity) {
     Timing::Scope scope(tm_, "similarity");
     similarity();

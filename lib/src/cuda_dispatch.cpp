@@ -6,11 +6,15 @@
 #include "proxyattn/methods.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <optional>
 #include <cmath>
 #include <string>
 
 #include "proxyattn/error.hpp"
 #include "proxyattn/kernels.h"
+#include "proxyattn/trace.hpp"
 
 namespace proxyattn {
 
@@ -143,7 +147,7 @@ struct CudaLayer::Impl {
   kk::DeviceBuffer q, k, v;
   bool has_v = false;
   std::vector<double> q_sqnorm;  // per query head, for ProxyPool::max_norm
-  double last_ms = 0;
+  std::atomic<double> last_ms{0};  // written by whichever thread ran the last call
 
   kk::AttentionParams attn_params() const {
     kk::AttentionParams p;
@@ -168,11 +172,27 @@ struct CudaLayer::Impl {
     p.seq_len = s.seq_len;
     return p;
   }
-  // The layer's own row LSE [Hq, N] (block mass, block max, row_lse read it): computed once.
+  // Computed once, on first use (the analysis calls a layer from two threads: the lock).
+  mutable std::mutex cache_mutex;
+  // The layer's own row LSE [Hq, N] (block mass, block max, row_lse read it).
   mutable kk::DeviceBuffer own_lse;
   const kk::DeviceBuffer& layer_lse() const {
+    std::lock_guard lock(cache_mutex);
     if (!own_lse.data()) own_lse = lse_of(q.data(), k.data(), s.q_heads, s.kv_heads, 0);
     return own_lse;
+  }
+  // The full attention output [Hq, N, d] in float32: the reference of every output error.
+  mutable kk::DeviceBuffer own_full_output;
+  const kk::DeviceBuffer& full_output() const {
+    std::lock_guard lock(cache_mutex);
+    if (!own_full_output.data()) {
+      own_full_output = alloc(size_t(s.q_heads) * s.seq_len * s.head_dim * sizeof(float), "full output");
+      kk::AttentionParams p = attn_params();
+      p.o = own_full_output.data();
+      p.out_type = kk::ElemType::f32;
+      check(kk::full_attention(p), "full_attention");
+    }
+    return own_full_output;
   }
   // Row LSE of (qp, kp) with hq / hk heads into a [hq, N] device buffer.
   kk::DeviceBuffer lse_of(const void* qp, const void* kp, int hq, int hk, int64_t row_begin) const {
@@ -225,11 +245,16 @@ CudaLayer::CudaLayer(ConstView q, ConstView k, ConstView v, DType dtype) : impl_
   if (m.s.head_dim != 64 && m.s.head_dim != 128 && m.s.head_dim != 256)
     throw Error("cuda: head_dim " + std::to_string(m.s.head_dim) + " unsupported (64, 128 or 256)");
   if (!cuda_available()) throw Error("cuda: " + cuda_device_description());
-  m.q = upload_view(q, m.et, "q");
-  m.k = upload_view(k, m.et, "k");
-  m.has_v = !v.empty();
-  if (m.has_v) m.v = upload_view(v, m.et, "v");
+  {
+    TraceScope trace("upload q, k, v", true);
+    m.q = upload_view(q, m.et, "q");
+    m.k = upload_view(k, m.et, "k");
+    m.has_v = !v.empty();
+    if (m.has_v) m.v = upload_view(v, m.et, "v");
+  }
+  TraceScope trace("q square norms");
   m.q_sqnorm.assign(m.s.q_heads, 0.0);
+#pragma omp parallel for schedule(dynamic)
   for (int h = 0; h < m.s.q_heads; ++h) {
     double acc = 0;
     for (int64_t t = 0; t < q.tokens; ++t) {
@@ -317,17 +342,16 @@ MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks,
   }
   // Each mask to the first order it is a prefix of (same block size), else to its own pass.
   std::vector<int> order_of(masks.size(), -1);
+  std::optional<TraceScope> trace(std::in_place, "output errors: masks to orders");
+#pragma omp parallel for schedule(dynamic)
   for (size_t x = 0; x < masks.size(); ++x)
     for (size_t r = 0; r < orders.size() && order_of[x] < 0; ++r)
       if (is_prefix_of_order(*masks[x], *orders[r])) order_of[x] = int(r);
 
+  trace.emplace("output errors: full output", true);
   KernelTimer t;
-  kk::DeviceBuffer o_full = alloc(no * sizeof(float), "full output");
+  const kk::DeviceBuffer& o_full = m.full_output();
   kk::DeviceBuffer sums = alloc(size_t(2) * H * sizeof(double), "error sums");
-  kk::AttentionParams p = m.attn_params();
-  p.o = o_full.data();
-  p.out_type = kk::ElemType::f32;
-  check(kk::full_attention(p), "full_attention");
   double* sq_diff = sums.as<double>();
   double* sq_ref = sq_diff + H;
   std::vector<double> host(size_t(2) * H);
@@ -362,6 +386,7 @@ MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks,
     for (size_t x = 0; x < masks.size(); ++x)
       if (order_of[x] == int(r)) group.push_back(x);
     if (group.empty()) continue;
+    trace.emplace("output errors: prefix pass of " + std::to_string(group.size()) + " masks", true);
     const int nb = masks[group[0]]->num_blocks(), block = masks[group[0]]->block();
     const std::vector<int32_t>& order = *orders[r];
     std::vector<int32_t> counts(group.size() * H * nb);
@@ -393,6 +418,7 @@ MaskErrors CudaLayer::output_errors(const std::vector<const BlockMask*>& masks,
   kk::DeviceBuffer o;
   for (size_t x = 0; x < masks.size(); ++x) {
     if (order_of[x] >= 0) continue;
+    trace.emplace("output errors: own pass", true);
     if (!o.data()) o = alloc(no * sizeof(float), "sparse output");
     const BlockMask& mask = *masks[x];
     kk::DeviceBuffer ip = alloc(mask.indptr().size() * 4, "mask indptr");
@@ -509,6 +535,7 @@ BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config, ProxyPrecisio
     }
   };
   kk::DeviceBuffer out = alloc(size_t(g) * per_group * sizeof(float), "proxy scores");
+  std::optional<TraceScope> trace(std::in_place, "proxy scores: kernels g=" + std::to_string(g), true);
   if (precision == ProxyPrecision::exact) {
     KernelTimer t;
     for (int g0 = 0; g0 < g; g0 += kk::kMaxPoolGroups) {
@@ -551,10 +578,12 @@ BlockScores CudaLayer::proxy_scores(const EstimatorConfig& config, ProxyPrecisio
     check(kk::block_scores(p), "proxy block scores");
     impl_->last_ms = t.stop();
   }
+  trace.emplace("proxy scores: download + copy to heads");
   const std::vector<float> gs = download<float>(out, size_t(g) * per_group, "proxy scores");
 
   BlockScores s = empty_scores("proxy", m.s, block);
   s.group_of_head.resize(s.heads);
+#pragma omp parallel for
   for (int h = 0; h < s.heads; ++h) {
     s.group_of_head[h] = h / per;
     std::copy_n(gs.begin() + size_t(h / per) * per_group, per_group, s.score.begin() + size_t(h) * per_group);

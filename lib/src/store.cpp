@@ -41,6 +41,7 @@
 #include "proxyattn/checked.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/io.hpp"
+#include "proxyattn/trace.hpp"
 #include "proxyattn/version.hpp"
 
 namespace proxyattn {
@@ -989,8 +990,10 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
   if (t0 < 0 || t1 < t0 || t1 > N)
     throw Error(what + ": tokens " + std::to_string(t0) + ":" + std::to_string(t1) + " outside [0, " +
                 std::to_string(N) + "]");
+  std::optional<TraceScope> trace(std::in_place, "read " + dpath + ": allocate");
   Tensor3 out(h1 - h0, t1 - t0, meta.head_dim);
   if (out.size() == 0) return out;
+  trace.emplace("read " + dpath + ": chunks");
 
   int64_t nan = 0, inf = 0;
   const Window w{dpath, what, di.kind, h0, h1, t0, t1};
