@@ -65,9 +65,10 @@ HostInputs make_inputs(const Sweep& sw, int64_t n, DType dtype) {
     if (!layer.v) throw Error("synth: layer 0 has no V");
     in.v = std::move(*layer.v);
   } else {
-    in.q = Tensor3(m.num_q_heads, n, m.head_dim);
-    in.k = Tensor3(m.num_kv_heads, n, m.head_dim);
-    in.v = Tensor3(m.num_kv_heads, n, m.head_dim);
+    // fill_normal writes every element (in parallel): no zero-fill first.
+    in.q = Tensor3::uninitialized(m.num_q_heads, n, m.head_dim);
+    in.k = Tensor3::uninitialized(m.num_kv_heads, n, m.head_dim);
+    in.v = Tensor3::uninitialized(m.num_kv_heads, n, m.head_dim);
     fill_normal(in.q, sw.seed * 3 + 0, 1.0f);
     fill_normal(in.k, sw.seed * 3 + 1, 1.0f);
     fill_normal(in.v, sw.seed * 3 + 2, 1.0f);

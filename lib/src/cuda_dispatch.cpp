@@ -285,7 +285,7 @@ AttentionOutput CudaLayer::full_attention() const {
   KernelTimer t;
   check(kk::full_attention(p), "full_attention");
   impl_->last_ms = t.stop();
-  AttentionOutput out{Tensor3(m.s.q_heads, m.s.seq_len, m.s.head_dim), {}};
+  AttentionOutput out{Tensor3::uninitialized(m.s.q_heads, m.s.seq_len, m.s.head_dim), {}};  // all downloaded
   check(o.download(out.o.data(), no * sizeof(float)), "downloading o");
   out.lse = download<float>(lse, nl, "lse");
   return out;
@@ -316,7 +316,7 @@ AttentionOutput CudaLayer::sparse_attention(const BlockMask& mask) const {
   KernelTimer t;
   check(kk::sparse_attention(sp), "sparse_attention");
   impl_->last_ms = t.stop();
-  AttentionOutput out{Tensor3(m.s.q_heads, m.s.seq_len, m.s.head_dim), {}};
+  AttentionOutput out{Tensor3::uninitialized(m.s.q_heads, m.s.seq_len, m.s.head_dim), {}};  // all downloaded
   check(o.download(out.o.data(), no * sizeof(float)), "downloading o");
   out.lse = download<float>(lse, nl, "lse");
   return out;

@@ -85,7 +85,9 @@ ProxyHeads make_proxy_heads(ConstView q, ConstView k, const ProxyConfig& config)
   validate_estimator_config(c, s.q_heads, "proxy");
   const int g = config.groups, per = s.q_heads / g, r = s.group();
   const int64_t N = s.seq_len, d = s.head_dim;
-  ProxyHeads ph{Tensor3(g, N, d), Tensor3(g, N, d), std::vector<int>(s.q_heads), std::vector<int>(g, -1)};
+  // Each group's rows are assigned in full below (either pool).
+  ProxyHeads ph{Tensor3::uninitialized(g, N, d), Tensor3::uninitialized(g, N, d), std::vector<int>(s.q_heads),
+                std::vector<int>(g, -1)};
   for (int h = 0; h < s.q_heads; ++h) ph.group_of_head[h] = h / per;
   detail::parallel_for(g, [&](int64_t gi) {
     const int h0 = static_cast<int>(gi) * per, h1 = h0 + per;  // member query heads [h0, h1)

@@ -106,7 +106,7 @@ void set_attr_string(const std::string& file, const std::string& object, const s
 }
 
 void write_f32(const std::string& file, const std::string& dataset, const std::vector<uint64_t>& dims,
-               const std::vector<float>& data) {
+               std::span<const float> data) {
   File f(file);
   uint64_t n = 1;
   for (uint64_t d : dims) n *= d;
@@ -133,7 +133,7 @@ void write_f32(const std::string& file, const std::string& dataset, const std::v
 }
 
 void write_float(const std::string& file, const std::string& dataset, const std::vector<uint64_t>& dims,
-                 const std::vector<float>& data, const DatasetSpec& spec) {
+                 std::span<const float> data, const DatasetSpec& spec) {
   File f(file);
   uint64_t n = 1;
   for (uint64_t d : dims) n *= d;

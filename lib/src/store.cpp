@@ -990,10 +990,11 @@ Tensor3 StoreReader::Impl::read_window(int l, Tensor t, int64_t h0, int64_t h1, 
   if (t0 < 0 || t1 < t0 || t1 > N)
     throw Error(what + ": tokens " + std::to_string(t0) + ":" + std::to_string(t1) + " outside [0, " +
                 std::to_string(N) + "]");
-  std::optional<TraceScope> trace(std::in_place, "read " + dpath + ": allocate");
-  Tensor3 out(h1 - h0, t1 - t0, meta.head_dim);
+  TraceScope trace("read " + dpath);
+  // Both paths below write every element of the window (or throw, and out is dropped): no
+  // zero-fill first, and the direct path's threads touch the pages first, in parallel.
+  Tensor3 out = Tensor3::uninitialized(h1 - h0, t1 - t0, meta.head_dim);
   if (out.size() == 0) return out;
-  trace.emplace("read " + dpath + ": chunks");
 
   int64_t nan = 0, inf = 0;
   const Window w{dpath, what, di.kind, h0, h1, t0, t1};

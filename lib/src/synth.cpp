@@ -289,9 +289,10 @@ LayerData SynthGenerator::layer(int l) const {
 
   LayerData out;
   out.layer = l;
-  out.q = Tensor3(Hq, N, d);
-  out.k = Tensor3(Hkv, N, d);
-  if (o.with_v) out.v = Tensor3(Hkv, N, d);
+  // Every row of each is written below, by the thread that owns its token.
+  out.q = Tensor3::uninitialized(Hq, N, d);
+  out.k = Tensor3::uninitialized(Hkv, N, d);
+  if (o.with_v) out.v = Tensor3::uninitialized(Hkv, N, d);
 
 #pragma omp parallel
   {

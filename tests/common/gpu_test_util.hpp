@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -47,7 +48,7 @@ inline void kcheck(kk::Status s, const char* what) {
 }
 
 // Device buffer holding `v` as 16-bit values of dtype t.
-inline kk::DeviceBuffer upload16(const std::vector<float>& v, DType t) {
+inline kk::DeviceBuffer upload16(std::span<const float> v, DType t) {
   std::vector<uint16_t> bits(v.size());
   for (size_t i = 0; i < v.size(); ++i) bits[i] = t == DType::bf16 ? float_to_bf16(v[i]) : float_to_half(v[i]);
   kk::DeviceBuffer b;
@@ -103,8 +104,9 @@ struct RelErr {
   int64_t nonfinite = 0;
 };
 // ||out - ref|| / ||ref||; any non-finite output (where ref is finite) makes rel infinite.
+// A, B: anything with size() and [] (std::vector, Tensor3::Storage) of float or double.
 template <class A, class B>
-RelErr rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
+RelErr rel_error(const A& out, const B& ref) {
   RelErr e;
   double num = 0, den = 0;
   const size_t n = std::min(out.size(), ref.size());
@@ -123,7 +125,7 @@ RelErr rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
   return e;
 }
 template <class A, class B>
-void expect_rel(const char* what, const std::vector<A>& out, const std::vector<B>& ref, double tol) {
+void expect_rel(const char* what, const A& out, const B& ref, double tol) {
   ASSERT_EQ(out.size(), ref.size()) << what;
   const RelErr e = rel_error(out, ref);
   std::printf("[ relerr   ] %-28s rel %.3e  max|d| %.3e  nonfinite %lld  (tol %.1e)\n", what, e.rel, e.max_abs,

@@ -2,11 +2,14 @@
 // (Fletcher-32, gzip, shuffle; float16, bfloat16 and float32 of either byte order) in parallel,
 // and must give exactly what H5Dread gives (PROXYATTN_H5_DIRECT=0), bit for bit, with the same
 // errors: our stores, other chunk shapes and filter orders, edge chunks, windows that start and
-// end inside chunks, NaN payloads, chunks whose gzip HDF5 skipped, corrupt chunks.
+// end inside chunks, NaN payloads, chunks whose gzip HDF5 skipped, corrupt chunks; and every
+// element of a read's (uninitialized) tensor written on both paths.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <random>
 #include <string>
@@ -401,6 +404,139 @@ TEST(StoreDirectRead, CorruptChunkIsTheErrorH5DreadGives) {
       read_both_ways(r, Tensor::k, 1, 2, 0, 64);
       read_both_ways(r, Tensor::k, 1, 2, 128, n);
     }
+}
+
+// Reads allocate their tensor without zero-filling it (Tensor3::uninitialized): every element
+// must then be written, on the direct path (parallel chunk decode, edge chunks, chunks that split
+// the head dim) and on the H5Dread path. Values are nonzero, so an element left unwritten fails
+// the comparison whether its memory came back as fresh zero pages or as an old block; freed
+// NaN-filled blocks of the same size make the latter likelier (best effort only).
+void poison_heap(int64_t n) {
+  float* p = new float[static_cast<size_t>(n)];
+  std::fill(p, p + n, std::numeric_limits<float>::quiet_NaN());
+  asm volatile("" : : "r"(p) : "memory");  // keep the stores and the allocation
+  delete[] p;
+}
+
+struct UninitCase {
+  const char* name;
+  std::optional<h5edit::DatasetSpec> spec;  // none: our writer's layout
+  bool direct;
+};
+
+TEST(StoreDirectRead, UninitializedReadsWriteEveryElement) {
+  const int64_t hq = 6, hkv = 3, d = 40, n = 301;  // d and N not multiples of any chunk
+  const std::vector<UninitCase> cases = {
+      {"ours_f16_chunk64", std::nullopt, true},
+      {"f16_split_dim_shuffle_fletcher", spec(DType::f16, false, {2, 37, 16}, {kShuffle, kFletcher}), true},
+      {"bf16_be_whole_rows_fletcher", spec(DType::bf16, true, {1, 64, 40}, {kFletcher}), true},
+      {"f32_be_split_dim_shuffle", spec(DType::f32, true, {3, 50, 24}, {kShuffle}), true},
+      {"f16_contiguous", spec(DType::f16, false, {}, {}), false},
+  };
+  // Nonzero, finite values of either sign (nonzero after rounding to 16 bits too).
+  auto nonzero = [](int64_t h) {
+    Tensor3 t(h, n, d);
+    std::uniform_real_distribution<float> u(0.25f, 4.0f);
+    for (int64_t i = 0; i < t.size(); ++i) t.data()[i] = (i % 3 == 0 ? -1.0f : 1.0f) * u(test::rng());
+    return t;
+  };
+  for (const UninitCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    const DType dt = c.spec ? c.spec->dtype : DType::f16;
+    const Tensor3 src[3] = {nonzero(hq), nonzero(hkv), nonzero(hkv)};  // q, k, v
+    TempDir dir;
+    const std::string path = dir.file("s.h5");
+    {
+      const DType base = dt == DType::f32 ? DType::f32 : DType::f16;
+      StoreWriter w(path, make_meta(hq, hkv, d, n, base), {.dtype = base, .chunk_tokens = 64});
+      const ConstView vv = src[2].view();
+      w.write_layer(0, src[0], src[1], &vv);
+      w.commit();
+    }
+    if (c.spec) {
+      for (int i = 0; i < 3; ++i)
+        h5edit::write_float(path, std::string("/layers/00/") + "qkv"[i],
+                            {static_cast<uint64_t>(src[i].heads()), static_cast<uint64_t>(n), static_cast<uint64_t>(d)},
+                            src[i].storage(), *c.spec);
+      if (dt == DType::bf16) h5edit::set_attr_string(path, "/", "dtype", "bfloat16");
+    }
+    StoreReader r(path);
+    struct Win {
+      Tensor t;
+      int64_t h0, h1, t0, t1;
+    };
+    const Win wins[] = {{Tensor::q, 0, hq, 0, n},       {Tensor::k, 0, hkv, 0, n},         {Tensor::v, 0, hkv, 0, n},
+                        {Tensor::q, 1, hq - 1, 13, n - 17}, {Tensor::q, hq - 1, hq, n - 1, n}, {Tensor::v, 2, 3, 36, 75}};
+    for (const Win& w : wins) {
+      const std::string what = std::string(tensor_name(w.t)) + " heads " + std::to_string(w.h0) + ":" +
+                               std::to_string(w.h1) + " tokens " + std::to_string(w.t0) + ":" + std::to_string(w.t1);
+      // The reference: a zero-initialized tensor holding the values as stored.
+      const Tensor3& x = src[static_cast<int>(w.t)];
+      Tensor3 want(w.h1 - w.h0, w.t1 - w.t0, d);
+      for (int64_t h = 0; h < want.heads(); ++h)
+        for (int64_t t = 0; t < want.tokens(); ++t)
+          for (int64_t e = 0; e < d; ++e) want(h, t, e) = round_to(dt, x(w.h0 + h, w.t0 + t, e));
+      const int64_t size = want.size();
+
+      const ReadStats s0 = r.read_stats();
+      poison_heap(size);
+      const Tensor3 fast = r.read(0, w.t, w.h0, w.h1, w.t0, w.t1);
+      const ReadStats s1 = r.read_stats();
+      if (c.direct) {  // the path under test really decoded the chunks itself
+        EXPECT_GT(s1.direct_chunks, s0.direct_chunks) << what;
+        EXPECT_EQ(s1.h5dread_chunks + s1.h5dread_windows, s0.h5dread_chunks + s0.h5dread_windows) << what;
+      } else {
+        EXPECT_EQ(s1.h5dread_windows, s0.h5dread_windows + 1) << what;
+      }
+      Tensor3 slow;
+      {
+        H5DreadOnly off;
+        poison_heap(size);
+        slow = r.read(0, w.t, w.h0, w.h1, w.t0, w.t1);
+      }
+      EXPECT_EQ(r.read_stats().h5dread_windows, s1.h5dread_windows + 1) << what;
+      EXPECT_EQ(count_nonfinite(fast).nan, 0) << what;
+      EXPECT_EQ(count_nonfinite(slow).nan, 0) << what;
+      expect_same_bits(fast, want, what + " (direct vs reference)");
+      expect_same_bits(slow, want, what + " (H5Dread vs reference)");
+      expect_same_bits(fast, slow, what + " (direct vs H5Dread)");
+    }
+    // Whole layers too (read_layer: the same reads, one after another).
+    const LayerData fast = r.read_layer(0);
+    H5DreadOnly off;
+    const LayerData slow = r.read_layer(0);
+    expect_same_bits(fast.q, slow.q, "read_layer q");
+    expect_same_bits(fast.k, slow.k, "read_layer k");
+    expect_same_bits(*fast.v, *slow.v, "read_layer v");
+  }
+}
+
+// The fill constructor keeps its values whatever memory it is given; uninitialized() has the
+// shape asked for; to_tensor (uninitialized, then copied) equals its source view.
+TEST(Tensor3Storage, FillConstructorAndUninitializedShape) {
+  for (int64_t n : {int64_t{7}, int64_t{1} << 12, int64_t{5} << 20}) {  // small, heap, mmap sizes
+    poison_heap(n);
+    const Tensor3 z(1, n, 1);
+    EXPECT_EQ(std::count(z.storage().begin(), z.storage().end(), 0.0f), n);
+    poison_heap(n);
+    const Tensor3 f(1, 1, n, -2.5f);
+    EXPECT_EQ(std::count(f.storage().begin(), f.storage().end(), -2.5f), n);
+  }
+  const Tensor3 u = Tensor3::uninitialized(3, 5, 7);
+  EXPECT_EQ(u.heads(), 3);
+  EXPECT_EQ(u.tokens(), 5);
+  EXPECT_EQ(u.dim(), 7);
+  EXPECT_EQ(u.size(), 105);
+  EXPECT_EQ(static_cast<int64_t>(u.storage().size()), 105);
+  EXPECT_EQ(Tensor3::uninitialized(0, 5, 7).size(), 0);
+  EXPECT_THROW(Tensor3::uninitialized(-1, 5, 7), Error);
+
+  const Tensor3 src = test::random_tensor(4, 33, 24);
+  const Tensor3 t = to_tensor(src.view().slice_tokens(3, 30));  // strided: not the whole buffer
+  ASSERT_EQ(t.tokens(), 27);
+  for (int64_t h = 0; h < 4; ++h)
+    for (int64_t r = 0; r < 27; ++r)
+      for (int64_t e = 0; e < 24; ++e) ASSERT_EQ(t(h, r, e), src(h, r + 3, e));
 }
 
 }  // namespace

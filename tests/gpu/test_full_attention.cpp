@@ -4,6 +4,7 @@
 // window (Gemma-3 local layers) against sliding_attention_cpu.
 #include <gtest/gtest.h>
 
+#include <span>
 #include <tuple>
 
 #include "gpu_test_util.hpp"
@@ -39,7 +40,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FullAttention, ::testing::Combine(::testing::Va
 
 // Outputs [heads, n, width] computed from row row_begin = rb on (decoding with a cache): rows
 // before rb must stay NaN (the buffer's poison: never written), rows from rb match the reference.
-void expect_rows_from(const std::vector<float>& got, const std::vector<float>& ref, int heads, int64_t n, int width,
+void expect_rows_from(std::span<const float> got, std::span<const float> ref, int heads, int64_t n, int width,
                       int64_t rb, double tol, const std::string& what) {
   std::vector<float> got_tail, ref_tail;
   int64_t untouched = 0;

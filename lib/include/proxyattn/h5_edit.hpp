@@ -3,6 +3,7 @@
 // dataset, a wrong rank, attributes that disagree, ...) without linking HDF5 into the tests.
 // Not part of the analysis API; every function throws Error naming the file and object.
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -23,7 +24,7 @@ void set_attr_string(const std::string& file, const std::string& object, const s
                      const std::string& v, bool fixed_length = false);
 // (Re)writes a float32 dataset of any rank (dims), replacing an existing one.
 void write_f32(const std::string& file, const std::string& dataset, const std::vector<uint64_t>& dims,
-               const std::vector<float>& data);
+               std::span<const float> data);
 
 // A float dataset stored as the store writer never writes it: float16, bfloat16 or float32 of
 // either byte order, any chunk shape (empty: contiguous) and filters in any order (pipeline
@@ -36,7 +37,7 @@ struct DatasetSpec {
   std::vector<int> filters;
 };
 void write_float(const std::string& file, const std::string& dataset, const std::vector<uint64_t>& dims,
-                 const std::vector<float>& data, const DatasetSpec& spec);
+                 std::span<const float> data, const DatasetSpec& spec);
 
 // Where chunk `index` (HDF5's chunk order) of a chunked dataset is stored: file offset and size.
 struct ChunkLocation {

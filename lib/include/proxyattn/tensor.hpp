@@ -3,8 +3,12 @@
 // strided window (the innermost dim is always contiguous); Tensor3 owns a contiguous buffer.
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "proxyattn/error.hpp"
@@ -42,18 +46,44 @@ struct View3 {
 
 using ConstView = View3<const float>;
 
+// std::allocator whose argument-less construct() default-initializes: a vector's resize(n) of
+// floats then leaves them unwritten instead of zero-filling them (explicit values still copy).
+template <class T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  DefaultInitAllocator() = default;
+  template <class U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
 class Tensor3 {
  public:
+  using Storage = std::vector<float, DefaultInitAllocator<float>>;
+
   Tensor3() = default;
   Tensor3(int64_t heads, int64_t tokens, int64_t dim, float fill = 0.0f);
+  // Elements left unwritten (indeterminate): only for a caller that writes every one of them
+  // before any read. Skips the serial zero-fill, and lets a parallel writer do the first touch.
+  static Tensor3 uninitialized(int64_t heads, int64_t tokens, int64_t dim);
   int64_t heads() const { return heads_; }
   int64_t tokens() const { return tokens_; }
   int64_t dim() const { return dim_; }
   int64_t size() const { return static_cast<int64_t>(data_.size()); }
   float* data() { return data_.data(); }
   const float* data() const { return data_.data(); }
-  std::vector<float>& storage() { return data_; }
-  const std::vector<float>& storage() const { return data_; }
+  Storage& storage() { return data_; }
+  const Storage& storage() const { return data_; }
   float& operator()(int64_t h, int64_t t, int64_t c) { return data_[(h * tokens_ + t) * dim_ + c]; }
   float operator()(int64_t h, int64_t t, int64_t c) const { return data_[(h * tokens_ + t) * dim_ + c]; }
   float* row(int64_t h, int64_t t) { return data_.data() + (h * tokens_ + t) * dim_; }
@@ -63,8 +93,10 @@ class Tensor3 {
   operator ConstView() const { return view(); }
 
  private:
+  struct NoInit {};
+  Tensor3(int64_t heads, int64_t tokens, int64_t dim, NoInit);
   int64_t heads_ = 0, tokens_ = 0, dim_ = 0;
-  std::vector<float> data_;
+  Storage data_;
 };
 
 // Copy any view into a contiguous tensor.

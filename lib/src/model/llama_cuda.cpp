@@ -99,7 +99,7 @@ double workspace_bytes(double E, double F, double hq, double hkv, double d, int6
 
 // Downloads rows [row0, row0 + rows) of every head of a bf16 [heads, *, d] buffer as float32.
 Tensor3 download_heads(const void* p, int heads, int64_t rows, int d, int64_t head_stride, int64_t row0) {
-  Tensor3 t(heads, rows, d);
+  Tensor3 t = Tensor3::uninitialized(heads, rows, d);  // every head's rows are written below
   std::vector<uint16_t> bits(static_cast<size_t>(rows) * d);
   for (int h = 0; h < heads; ++h) {
     ck(kn::copy_to_host(bits.data(), static_cast<const uint16_t*>(p) + h * head_stride + row0 * d, bits.size() * 2),
