@@ -20,7 +20,7 @@ Status from_cuda(cudaError_t e, const char* where) noexcept;
 // Checks the launch that just happened (cudaGetLastError).
 Status check_launch(const char* where) noexcept;
 
-inline cudaStream_t stream_of(Stream s) { return static_cast<cudaStream_t>(s); }
+inline cudaStream_t stream_of(Stream s) { return s ? static_cast<cudaStream_t>(s) : cudaStreamPerThread; }
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---- dtype traits ----

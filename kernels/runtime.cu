@@ -109,9 +109,11 @@ int elem_size(ElemType t) noexcept { return t == ElemType::f32 ? 4 : 2; }
 Status device_alloc(void** ptr, size_t bytes) noexcept {
   if (!ptr) return fail(Status::invalid_argument, "device_alloc: null output");
   *ptr = nullptr;
-  return from_cuda(cudaMalloc(ptr, bytes), "cudaMalloc");
+  return from_cuda(cudaMallocAsync(ptr, bytes, cudaStreamPerThread), "cudaMallocAsync");
 }
-Status device_free(void* ptr) noexcept { return from_cuda(cudaFree(ptr), "cudaFree"); }
+Status device_free(void* ptr) noexcept {
+  return ptr ? from_cuda(cudaFreeAsync(ptr, cudaStreamPerThread), "cudaFreeAsync") : Status::ok;
+}
 Status copy_to_device(void* dst, const void* src, size_t bytes, Stream s) noexcept {
   if (bytes == 0) return Status::ok;
   return from_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_of(s)), "copy_to_device");

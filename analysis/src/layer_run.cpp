@@ -10,9 +10,11 @@
 //   after   the oracle's own selections, scores equal to the oracle's block max and the oracle
 //           budget; their errors come from the prefix tables.
 // GPU (--device cuda): the CPU-only estimates start on a background thread, the exact block
-// mass and row LSE come from the kernels, then every selection, then the output error of every
-// distinct mask from block-sparse attention on the device, one shared pass per ranking whose
-// prefixes the masks are (never an N x N buffer, no CPU pass over the layer).
+// mass and row LSE come from the kernels (the last block's float64 probabilities beside them),
+// then every selection. The output error of every distinct mask comes from block-sparse
+// attention on the device, one shared pass per ranking whose prefixes the masks are, in batches
+// on a worker thread (its own CUDA stream) as the masks are made (submit_errors). Never an
+// N x N buffer, no CPU pass over the layer.
 #include <omp.h>
 
 #include <algorithm>

@@ -61,10 +61,15 @@ inline const char* attn_impl_name(AttnImpl i) noexcept {
 }
 int elem_size(ElemType t) noexcept;
 
-// Opaque cudaStream_t; nullptr is the default (legacy) stream.
+// Opaque cudaStream_t; nullptr is the calling host thread's own default stream
+// (cudaStreamPerThread), so two host threads' work (the analysis's error worker and its main
+// thread) runs concurrently instead of queueing on the one legacy stream.
 using Stream = void*;
 
 // ---- memory ----------------------------------------------------------------------------------
+// Stream-ordered on the calling thread's default stream (no device-wide synchronization on
+// free). A buffer used by another thread must be complete first (a synchronizing download or
+// synchronize() on the thread that wrote it), as everywhere in lib/.
 Status device_alloc(void** ptr, size_t bytes) noexcept;
 Status device_free(void* ptr) noexcept;
 Status copy_to_device(void* dst, const void* src, size_t bytes, Stream s = nullptr) noexcept;
