@@ -69,6 +69,16 @@ void expect_same_bits(const Tensor3& a, const Tensor3& b, const std::string& wha
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << a.size() << " values differ";
 }
 
+// Layer 0 read whole (read_layer) directly and through H5Dread: the same bits.
+void expect_layer_reads_alike(const StoreReader& r) {
+  const LayerData fast = r.read_layer(0);
+  H5DreadOnly off;
+  const LayerData slow = r.read_layer(0);
+  expect_same_bits(fast.q, slow.q, "read_layer q");
+  expect_same_bits(fast.k, slow.k, "read_layer k");
+  expect_same_bits(*fast.v, *slow.v, "read_layer v");
+}
+
 // Reads a window both ways; the direct read must have decoded every chunk itself when
 // `all_direct`, and have read the window whole through H5Dread otherwise.
 Tensor3 read_both_ways(const StoreReader& r, Tensor t, int64_t h0, int64_t h1, int64_t t0, int64_t t1,
@@ -103,12 +113,7 @@ void read_windows(const StoreReader& r, int64_t hq, int64_t hkv, int64_t n, bool
   read_both_ways(r, Tensor::k, 0, 1, 64, 65, all_direct);
   read_both_ways(r, Tensor::v, 0, hkv, 1, n - 1, all_direct);
   // And whole layers.
-  const LayerData fast = r.read_layer(0);
-  H5DreadOnly off;
-  const LayerData slow = r.read_layer(0);
-  expect_same_bits(fast.q, slow.q, "read_layer q");
-  expect_same_bits(fast.k, slow.k, "read_layer k");
-  expect_same_bits(*fast.v, *slow.v, "read_layer v");
+  expect_layer_reads_alike(r);
 }
 
 TEST(StoreDirectRead, OurStoresReadExactlyAsThroughH5Dread) {
@@ -502,12 +507,7 @@ TEST(StoreDirectRead, UninitializedReadsWriteEveryElement) {
       expect_same_bits(fast, slow, what + " (direct vs H5Dread)");
     }
     // Whole layers too (read_layer: the same reads, one after another).
-    const LayerData fast = r.read_layer(0);
-    H5DreadOnly off;
-    const LayerData slow = r.read_layer(0);
-    expect_same_bits(fast.q, slow.q, "read_layer q");
-    expect_same_bits(fast.k, slow.k, "read_layer k");
-    expect_same_bits(*fast.v, *slow.v, "read_layer v");
+    expect_layer_reads_alike(r);
   }
 }
 
