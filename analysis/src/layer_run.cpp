@@ -713,7 +713,6 @@ void LayerRun::submit_errors(const std::vector<int32_t>* hold) {
 }
 
 void LayerRun::gpu_output_errors(std::vector<std::vector<double>>& rel, std::vector<int64_t>& empty) {
-  submit_errors(nullptr);  // what is left
   std::map<const BlockMask*, std::pair<const MaskErrors*, size_t>> where;
   {
     TraceScope trace("wait for output errors");
@@ -737,12 +736,22 @@ void LayerRun::evaluate() {
   std::vector<std::vector<HeadDensity>> dens(S);
   std::vector<std::vector<double>> mass(S), block(S);
   const std::vector<int32_t>& rank_pos = this->rank_pos();
+  submit_errors(nullptr);  // what is left (--device cuda), computed while the CPU goes on below
   {
     TraceScope trace("density + recall of every selection");
     for (size_t i = 0; i < S; ++i) {
       dens[i] = density_per_head(sels_[i].mask);
       recall_per_head(sels_[i].mask, oracle_.mass, rank_pos, mass[i], block[i]);
     }
+  }
+
+  // Budget accuracy needs the oracle budget, known only now (before the output errors: on the
+  // GPU path it runs while the last error batch does).
+  std::vector<std::vector<BudgetAccuracy>> acc;
+  {
+    TraceScope trace("budget accuracy");
+    for (const PendingBudget& p : pending_)
+      acc.push_back(budget_accuracy(p.budgets->per_head_k, p.budgets->per_row_k, oracle_.mass, obudget_[p.gamma_index]));
   }
 
   // Output errors: from the pass (explicit masks), else from a prefix table; a mask neither
@@ -780,11 +789,7 @@ void LayerRun::evaluate() {
     }
   }
 
-  // Budget accuracy needs the oracle budget, known only now.
-  std::vector<std::vector<BudgetAccuracy>> acc;
-  TraceScope trace_rows("budget accuracy + table rows");
-  for (const PendingBudget& p : pending_)
-    acc.push_back(budget_accuracy(p.budgets->per_head_k, p.budgets->per_row_k, oracle_.mass, obudget_[p.gamma_index]));
+  TraceScope trace_rows("table rows");
 
   for (size_t i = 0; i < S; ++i) {
     const SelDesc& d = sels_[i].desc;
