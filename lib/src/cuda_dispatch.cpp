@@ -7,11 +7,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <cmath>
 #include <string>
 
+#include "proxyattn/dtype.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/kernels.h"
 #include "proxyattn/trace.hpp"
@@ -50,6 +52,23 @@ kk::DeviceBuffer alloc(size_t bytes, const std::string& what) {
 // Uploads a float32 view as a contiguous [heads, tokens, dim] tensor of type t.
 kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, const std::string& what) {
   const size_t n = static_cast<size_t>(v.heads) * v.tokens * v.dim;
+  if (t != kk::ElemType::f32) {
+    // Rounded on the host, in parallel (the same round-to-nearest-even as the device's
+    // conversion, tests/cpu/test_dtype.cpp), so half the bytes cross the bus.
+    std::unique_ptr<uint16_t[]> half(new uint16_t[n]);  // every element written below
+    const bool f16 = t == kk::ElemType::f16;
+    const int64_t rows = v.heads * v.tokens;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = v.row(r / v.tokens, r % v.tokens);
+      uint16_t* dst = half.get() + size_t(r) * v.dim;
+      for (int64_t c = 0; c < v.dim; ++c) dst[c] = f16 ? float_to_half(src[c]) : float_to_bf16(src[c]);
+    }
+    kk::DeviceBuffer out = alloc(n * sizeof(uint16_t), what);
+    check(out.upload(half.get(), n * sizeof(uint16_t)), "uploading " + what);
+    check(kk::synchronize(), "uploading " + what);  // before `half` is freed, and before other threads read it
+    return out;
+  }
   Tensor3 tmp;
   const float* src = v.data;
   if (!v.is_contiguous()) {

@@ -1,9 +1,12 @@
 // GPU full causal attention and row LSE vs the CPU reference (attention.hpp) on fresh random
 // inputs rounded through the device dtype: odd N, GQA 1/3/4, head dims 64/128/256, bf16 and
 // fp16, NaN-poisoned outputs, every tile variant, O in f32 and in the operand dtype; the sliding
-// window (Gemma-3 local layers) against sliding_attention_cpu.
+// window (Gemma-3 local layers) against sliding_attention_cpu; the host's 16-bit rounding against
+// the device's conversion.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <random>
 #include <span>
 #include <tuple>
 
@@ -193,6 +196,41 @@ TEST(FullAttentionDispatch, MatchesCpuReference) {
     const AttentionOutput got = full_attention_cuda(q, k, v, dt);
     test::expect_rel("dispatch O", got.o.storage(), ref.o.storage(), test::rel_tol(dt));
     test::expect_rel("dispatch LSE", got.lse, ref.lse, test::rel_tol(dt));
+  }
+}
+
+// The analysis rounds Q/K/V to 16 bits on the host before the upload (cuda_dispatch.cpp's
+// upload_view): float_to_half / float_to_bf16 must give the device conversion's bits, on every
+// exponent, ties and the subnormal and overflow ranges.
+TEST(HostRounding, MatchesDeviceConvert) {
+  PROXYATTN_REQUIRE_GPU();
+  std::vector<float> x;
+  std::mt19937 rng(7);
+  for (int e = -40; e <= 40; ++e)  // random mantissas over the exponents
+    for (int i = 0; i < 200; ++i)
+      x.push_back(std::ldexp(std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng), e));
+  for (uint32_t h = 0; h < 0x7c00u; ++h) {  // every finite half, and the midpoints above each
+    const float f = half_to_float(static_cast<uint16_t>(h)), up = half_to_float(static_cast<uint16_t>(h + 1));
+    x.push_back(f);
+    x.push_back(-(f + (up - f) / 2));
+  }
+  for (float f : {65504.0f, 65520.0f, 65536.0f, 1e30f, 3.4e38f, 1e-30f, 0.0f, -0.0f}) x.push_back(f);
+  const int64_t n = static_cast<int64_t>(x.size());
+  const kk::DeviceBuffer src = test::upload_raw(x);
+  for (kk::ElemType t : {kk::ElemType::f16, kk::ElemType::bf16}) {
+    kk::DeviceBuffer dst;
+    ASSERT_EQ(dst.allocate(size_t(n) * 2), kk::Status::ok);
+    test::kcheck(kk::convert(src.data(), kk::ElemType::f32, dst.data(), t, n), "convert");
+    std::vector<uint16_t> bits(static_cast<size_t>(n));
+    ASSERT_EQ(dst.download(bits.data(), bits.size() * 2), kk::Status::ok);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t host = t == kk::ElemType::f16 ? float_to_half(x[size_t(i)]) : float_to_bf16(x[size_t(i)]);
+      if (host != bits[size_t(i)] && ++bad <= 5)
+        ADD_FAILURE() << (t == kk::ElemType::f16 ? "f16" : "bf16") << " of " << x[size_t(i)] << ": host " << host
+                      << ", device " << bits[size_t(i)];
+    }
+    EXPECT_EQ(bad, 0);
   }
 }
 
