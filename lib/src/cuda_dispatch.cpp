@@ -49,37 +49,25 @@ kk::DeviceBuffer alloc(size_t bytes, const std::string& what) {
   return b;
 }
 
-// Uploads a float32 view as a contiguous [heads, tokens, dim] tensor of type t.
+// Uploads a float32 view as a contiguous [heads, tokens, dim] tensor of 16-bit type t (the
+// compute dtypes, elem_of), rounded on the host in parallel so half the bytes cross the bus. The
+// rounding is the device conversion's (round to nearest even; tests/gpu/test_full_attention.cpp,
+// HostRounding).
 kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, const std::string& what) {
+  if (t == kk::ElemType::f32) throw Error("cuda: upload_view: " + what + " must be uploaded as bf16 or f16");
   const size_t n = static_cast<size_t>(v.heads) * v.tokens * v.dim;
-  if (t != kk::ElemType::f32) {
-    // Rounded on the host, in parallel (the same round-to-nearest-even as the device's
-    // conversion, tests/cpu/test_dtype.cpp), so half the bytes cross the bus.
-    std::unique_ptr<uint16_t[]> half(new uint16_t[n]);  // every element written below
-    const bool f16 = t == kk::ElemType::f16;
-    const int64_t rows = v.heads * v.tokens;
+  std::unique_ptr<uint16_t[]> half(new uint16_t[n]);  // every element written below
+  const bool f16 = t == kk::ElemType::f16;
+  const int64_t rows = v.heads * v.tokens;
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* src = v.row(r / v.tokens, r % v.tokens);
-      uint16_t* dst = half.get() + size_t(r) * v.dim;
-      for (int64_t c = 0; c < v.dim; ++c) dst[c] = f16 ? float_to_half(src[c]) : float_to_bf16(src[c]);
-    }
-    kk::DeviceBuffer out = alloc(n * sizeof(uint16_t), what);
-    check(out.upload(half.get(), n * sizeof(uint16_t)), "uploading " + what);
-    check(kk::synchronize(), "uploading " + what);  // before `half` is freed, and before other threads read it
-    return out;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = v.row(r / v.tokens, r % v.tokens);
+    uint16_t* dst = half.get() + size_t(r) * v.dim;
+    for (int64_t c = 0; c < v.dim; ++c) dst[c] = f16 ? float_to_half(src[c]) : float_to_bf16(src[c]);
   }
-  Tensor3 tmp;
-  const float* src = v.data;
-  if (!v.is_contiguous()) {
-    tmp = to_tensor(v);
-    src = tmp.data();
-  }
-  kk::DeviceBuffer out = alloc(n * kk::elem_size(t), what);
-  kk::DeviceBuffer staging = alloc(n * sizeof(float), what + " (staging)");
-  check(staging.upload(src, n * sizeof(float)), "uploading " + what);
-  check(kk::convert(staging.data(), kk::ElemType::f32, out.data(), t, static_cast<int64_t>(n)), "converting " + what);
-  check(kk::synchronize(), "converting " + what);
+  kk::DeviceBuffer out = alloc(n * sizeof(uint16_t), what);
+  check(out.upload(half.get(), n * sizeof(uint16_t)), "uploading " + what);
+  check(kk::synchronize(), "uploading " + what);  // before `half` is freed, and before other threads read it
   return out;
 }
 
