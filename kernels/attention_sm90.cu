@@ -45,7 +45,7 @@ Status make_map(CUtensorMap* map, const void* ptr, ElemType t, int heads, int64_
 template <int D, class T, Sm90Mode MODE>
 Status launch(const AttnArgs& a0, ElemType t, int q_heads, int kv_heads, const Sm90Scores& sco, cudaStream_t st) {
   using C = Sm90Config<D>;
-  constexpr bool with_v = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse;
+  constexpr bool with_v = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse || MODE == Sm90Mode::prefix;
   AttnArgs a = a0;
   CUtensorMap mq, mk, mv;
   Status s = make_map(&mq, a.q, t, q_heads, a.n, D, a.qst, a.qsh, "hopper attention: TMA map of q rejected");
@@ -81,6 +81,7 @@ Status launch_mode(Sm90Mode mode, const AttnArgs& a, ElemType t, int q_heads, in
     case Sm90Mode::lse: return launch<D, T, Sm90Mode::lse>(a, t, q_heads, kv_heads, sco, st);
     case Sm90Mode::blockmax: return launch<D, T, Sm90Mode::blockmax>(a, t, q_heads, kv_heads, sco, st);
     case Sm90Mode::tilestats: return launch<D, T, Sm90Mode::tilestats>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::prefix: return launch<D, T, Sm90Mode::prefix>(a, t, q_heads, kv_heads, sco, st);
   }
   return fail(Status::invalid_argument, "hopper attention: unknown mode");
 }

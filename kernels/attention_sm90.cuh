@@ -12,7 +12,11 @@
 //     P V. Within a warpgroup the softmax of tile t overlaps P_{t-1} V_{t-1} on the tensor
 //     cores (see the loop); the two consumer warpgroups run independently.
 // Key tiles are walked from the diagonal down (full) or over the CSR row of the query block
-// (sparse, mask block 128 = the tile), so only the first tile needs the causal mask.
+// (sparse, mask block 128 = the tile); the causal mask is applied to whichever tile reaches past
+// the row (in prefix mode the diagonal block may come anywhere in the rank order).
+// prefix mode (prefix_error.cu): the output errors of several masks that are prefixes of one
+// ranking in one pass; after each prefix length where some mask's row ends, O / l is compared
+// with the full output (attention_core.cuh's contract, on these tiles).
 // Numerics match attn_kernel (attention_core.cuh): fp32 accumulation, row sum of the unrounded
 // probabilities, O = acc / l, lse natural log; a row with no blocks gives O = 0, lse = -inf.
 #include "attention_core.cuh"
@@ -46,7 +50,7 @@ struct Sm90Config {
 // the token-level max-pool of P per (query block, key block) (second pass, needs lse), or the
 // statistics of every (query row, key tile) that all block scores are functions of (one pass;
 // tile_scores.cu reduces them).
-enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3, tilestats = 4 };
+enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3, tilestats = 4, prefix = 5 };
 
 // blockmax: out[h, i, j] = max over rows q of block i (every query_stride-th row offset) and
 // keys k <= q of block j of exp(scale q.k - lse[q]); 0 above the diagonal.
@@ -80,7 +84,8 @@ __global__ void __launch_bounds__(384, 1)
   constexpr int BM = C::BM, BN = C::BN, S = C::STAGES;
   constexpr int CHUNS = D / 64;
   constexpr bool SPARSE = MODE == Sm90Mode::sparse;
-  constexpr bool WITH_V = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse;
+  constexpr bool PREFIX = MODE == Sm90Mode::prefix;
+  constexpr bool WITH_V = MODE == Sm90Mode::full || SPARSE || PREFIX;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base + C::Q_OFF, sK = base + C::K_OFF, sV = base + C::V_OFF;
@@ -96,10 +101,16 @@ __global__ void __launch_bounds__(384, 1)
   const int kvh = h / a.group;
   const int64_t q0 = int64_t(qt) * BM;
   int count = 0, row_end = 0, jmax = 0, t0 = 0;
+  int64_t order0 = 0;  // prefix: the row's rank order at a.indices + order0 (causal layout)
+  int next_cut = 0;    // prefix: the next prefix length (tiles) where some mask's row ends
   if constexpr (SPARSE) {
     const int64_t row = int64_t(h) * a.nb + qt;
     row_end = a.indptr[row + 1];
     count = row_end - a.indptr[row];
+  } else if constexpr (PREFIX) {  // the longest prefix of the row's order among the masks
+    order0 = int64_t(h) * a.nb * (a.nb + 1) / 2 + int64_t(qt) * (qt + 1) / 2;
+    for (int m = 0; m < a.masks; ++m) count = max(count, __ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + qt));
+    next_cut = next_prefix(a, h, qt, -1);
   } else {
     jmax = int((min(q0 + BM, a.n) - 1) / BN);
     count = jmax + 1;
@@ -109,8 +120,13 @@ __global__ void __launch_bounds__(384, 1)
       count = int(int64_t(count) * (z + 1) / zs) - t0;
     }
   }
-  // Key tile of step t: from the diagonal down (the CSR row is sorted ascending).
-  auto tile_of = [&](int t) { return SPARSE ? a.indices[row_end - 1 - t] : jmax - t0 - t; };
+  // Key tile of step t: from the diagonal down (the CSR row is sorted ascending); prefix: in rank
+  // order.
+  auto tile_of = [&](int t) {
+    if constexpr (SPARSE) return a.indices[row_end - 1 - t];
+    else if constexpr (PREFIX) return a.indices[order0 + t];
+    else return jmax - t0 - t;
+  };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = threadIdx.x / 128;
   float* tilemax = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + C::TILEMAX_OFF);
@@ -308,6 +324,33 @@ __global__ void __launch_bounds__(384, 1)
     }
   };
 
+  // prefix: this thread's rows normalised by `lp` (the l of the tiles in O; 0 where it is 0, as
+  // an empty row) against o_ref, the squared error summed over the warp and added to every mask
+  // whose row ends after `cut` tiles.
+  auto snapshot = [&](const float (&lp)[2], int cut) {
+    float sq = 0.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float lt = quad_sum(lp[r]);
+      const int64_t row = r_lo + 8 * r;
+      if (row >= a.n) continue;
+      const float inv = lt > 0.f ? 1.f / lt : 0.f;
+      const float* ref = a.o_ref + int64_t(h) * a.osh + row * a.ost;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const float2 x = __ldg(reinterpret_cast<const float2*>(ref + 8 * i + 2 * t4));
+        const float d0 = o[4 * i + 2 * r] * inv - x.x, d1 = o[4 * i + 2 * r + 1] * inv - x.y;
+        sq = fmaf(d0, d0, fmaf(d1, d1, sq));
+      }
+    }
+    double w = sq;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
+    if (lane == 0)
+      for (int m = 0; m < a.masks; ++m)
+        if (__ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + qt) == cut) atomicAdd(a.err + m * gridDim.y + h, w);
+  };
+
   if constexpr (!WITH_V) {
     // Scores only (no P V): S per tile, then the row statistics (lse) or the tile's max of P.
     float lse2[2];  // blockmax: the row's lse in base 2; +inf for rows that do not count
@@ -367,44 +410,66 @@ __global__ void __launch_bounds__(384, 1)
       for (int j = threadIdx.x - 128; j < nb; j += 256) out[j] = j <= jmax ? tilemax[j] : 0.f;
       return;
     }
-  } else if (count > 0) {
-  // Pipeline (FlashAttention-3's intra-warpgroup overlap): while the softmax of tile t runs
-  // on the CUDA cores, the tensor cores work on P_{t-1} V_{t-1}:
-  //   issue S_t; issue O += P_{t-1} V_{t-1}; wait S_t; softmax_t; wait P V; O *= alpha_t.
-    float alpha[2];
-    mbar_wait(k_full(0), 0);
-    issue_qk(0, sc);
-    wgmma_wait<0>();
-    reg_fence(sc);
-    release(k_empty(0));
-    softmax(sc, int64_t(tile_of(0)) * BN, alpha);  // O is still 0: no rescale
-    pack_p();
-    for (int t = 1; t < count; ++t) {
-      const int s = t % S, sp = (t - 1) % S;
-      mbar_wait(k_full(s), (t / S) & 1);
-      issue_qk(s, sc);
-      mbar_wait(v_full(sp), ((t - 1) / S) & 1);
-      issue_pv(sp);
-      wgmma_wait<1>();  // S_t done (P V may still run)
-      reg_fence(sc);
-      release(k_empty(s));
-      softmax(sc, int64_t(tile_of(t)) * BN, alpha);
-      wgmma_wait<0>();  // P_{t-1} V_{t-1} done: pa and o are free again
-      reg_fence(o);
-      release(v_empty(sp));
-      pack_p();
-      rescale_o(alpha);
+  } else {
+    if constexpr (PREFIX) {
+      if (next_cut == 0) {  // masks whose row is empty: O = 0
+        const float none[2] = {0.f, 0.f};
+        snapshot(none, 0);
+        next_cut = next_prefix(a, h, qt, 0);
+      }
     }
-    const int sl = (count - 1) % S;
-    mbar_wait(v_full(sl), ((count - 1) / S) & 1);
-    issue_pv(sl);
-    wgmma_wait<0>();
-    reg_fence(o);
-    release(v_empty(sl));
+    // Pipeline (FlashAttention-3's intra-warpgroup overlap): while the softmax of tile t runs
+    // on the CUDA cores, the tensor cores work on P_{t-1} V_{t-1}:
+    //   issue S_t; issue O += P_{t-1} V_{t-1}; wait S_t; softmax_t; wait P V; O *= alpha_t.
+    // prefix: after the wait for P_{t-1} V_{t-1}, O holds the first t tiles at the scale of the
+    // l from before softmax_t (kept in lp): the snapshot of a prefix of t tiles goes there.
+    if (count > 0) {
+      float alpha[2];
+      mbar_wait(k_full(0), 0);
+      issue_qk(0, sc);
+      wgmma_wait<0>();
+      reg_fence(sc);
+      release(k_empty(0));
+      softmax(sc, int64_t(tile_of(0)) * BN, alpha);  // O is still 0: no rescale
+      pack_p();
+      for (int t = 1; t < count; ++t) {
+        const int s = t % S, sp = (t - 1) % S;
+        mbar_wait(k_full(s), (t / S) & 1);
+        issue_qk(s, sc);
+        mbar_wait(v_full(sp), ((t - 1) / S) & 1);
+        issue_pv(sp);
+        wgmma_wait<1>();  // S_t done (P V may still run)
+        reg_fence(sc);
+        release(k_empty(s));
+        [[maybe_unused]] const float lp[2] = {l[0], l[1]};
+        softmax(sc, int64_t(tile_of(t)) * BN, alpha);
+        wgmma_wait<0>();  // P_{t-1} V_{t-1} done: pa and o are free again
+        reg_fence(o);
+        release(v_empty(sp));
+        if constexpr (PREFIX) {
+          if (t == next_cut) {
+            snapshot(lp, t);
+            next_cut = next_prefix(a, h, qt, t);
+          }
+        }
+        pack_p();
+        rescale_o(alpha);
+      }
+      const int sl = (count - 1) % S;
+      mbar_wait(v_full(sl), ((count - 1) / S) & 1);
+      issue_pv(sl);
+      wgmma_wait<0>();
+      reg_fence(o);
+      release(v_empty(sl));
+      if constexpr (PREFIX) {
+        if (count == next_cut) snapshot(l, count);
+      }
+    }
   }
 
-  // epilogue: O / l, lse; rows >= N are not written (blockmax has written its row above)
-  if constexpr (MODE != Sm90Mode::blockmax) {
+  // epilogue: O / l, lse; rows >= N are not written (blockmax has written its row above;
+  // prefix has compared its snapshots)
+  if constexpr (MODE != Sm90Mode::blockmax && !PREFIX) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float lr = l[r];

@@ -1,8 +1,11 @@
 // Output errors of masks that are prefixes of one ranking, one block-sparse pass for all of them
 // (attn_kernel in attention_core.cuh, prefix mode): the analysis' budget-driven and fixed-density
 // masks of one score set are all prefixes of its selection order, so their errors cost one
-// sparse attention at the densest of them. Same tiles and numerics as sparse.cu.
+// sparse attention at the densest of them. Same tiles and numerics as sparse.cu: the Hopper
+// kernel (attention_sm90.cuh, prefix mode) where it applies (mask block 128, d 64/128), else
+// attn_kernel.
 #include "attention_launch.cuh"
+#include "attention_sm90_launch.cuh"
 
 namespace proxyattn::kernels {
 
@@ -35,6 +38,10 @@ Status prefix_output_errors(const PrefixErrorParams& p) noexcept {
   a.masks = p.masks;
   a.err = p.sq_diff;
   cudaStream_t st = detail::stream_of(ap.stream);
+  bool hopper = false;
+  s = detail::pick_sm90(ap.impl, a, ap.head_dim, true, p.block, &hopper);
+  if (s != Status::ok) return s;
+  if (hopper) return detail::launch_sm90(detail::Sm90Mode::prefix, a, ap.in_type, ap.head_dim, ap.q_heads, ap.kv_heads, {}, st);
   return ap.in_type == ElemType::bf16
              ? detail::launch_csr<__nv_bfloat16, AttnMode::prefix>(a, p.block, ap.head_dim, ap.q_heads, st)
              : detail::launch_csr<__half, AttnMode::prefix>(a, p.block, ap.head_dim, ap.q_heads, st);

@@ -7,6 +7,9 @@
 // with Status::unsupported (never a silent fallback).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <random>
 #include <set>
 #include <tuple>
 
@@ -173,6 +176,65 @@ TEST_P(HopperAttention, SparseMatchesCpu) {
                        tol);
     }
   }
+}
+
+// Prefix mode (the errors of several masks that are prefixes of one rank order, one pass): the
+// Hopper kernel's per-(mask, head) errors vs the portable kernel's and vs the CPU's output,
+// with rows of no block (O = 0: error 1), of some, and of every block (error of rounding only).
+TEST_P(HopperAttention, PrefixErrorsMatchPortable) {
+  REQUIRE_HOPPER();
+  const auto [c, dt] = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt),
+                v = test::random_rounded(c.hkv, c.n, c.d, dt);
+  const AttentionOutput full = full_attention_cpu(q, k, v);
+  const int nb = num_blocks_for(c.n, 128), masks = 4;
+  std::vector<int32_t> order, counts(size_t(masks) * c.hq * nb);
+  for (int h = 0; h < c.hq; ++h)
+    for (int i = 0; i < nb; ++i) {
+      std::vector<int32_t> row(size_t(i) + 1);
+      for (int j = 0; j <= i; ++j) row[size_t(j)] = j;
+      std::shuffle(row.begin(), row.end(), test::rng());
+      order.insert(order.end(), row.begin(), row.end());
+      for (int m = 0; m < masks; ++m)
+        counts[(size_t(m) * c.hq + h) * nb + i] =
+            m == 0 ? 0 : m == masks - 1 ? i + 1 : std::uniform_int_distribution<int>(0, i + 1)(test::rng());
+    }
+  kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
+                   dv = test::upload16(v.storage(), dt), ref = test::upload_raw(std::vector<float>(full.o.storage().begin(), full.o.storage().end())),
+                   d_order = test::upload_raw(order), d_counts = test::upload_raw(counts);
+  std::vector<double> ref_sq(size_t(c.hq), 0.0);
+  for (int h = 0; h < c.hq; ++h)
+    for (int64_t t = 0; t < c.n; ++t)
+      for (int64_t x = 0; x < c.d; ++x) ref_sq[size_t(h)] += double(full.o(h, t, x)) * full.o(h, t, x);
+  auto run = [&](kk::AttnImpl impl) {
+    kk::DeviceBuffer err;
+    test::kcheck(err.allocate(size_t(masks) * c.hq * sizeof(double)), "allocate");
+    test::kcheck(kk::memset_device(err.data(), 0, err.bytes()), "memset");
+    kk::PrefixErrorParams pp;
+    pp.attn = test::attn_params(dq, dk, &dv, dt, c.hq, c.hkv, c.d, c.n, impl);
+    pp.o_ref = ref.as<float>();
+    pp.order = d_order.as<int32_t>();
+    pp.counts = d_counts.as<int32_t>();
+    pp.masks = masks;
+    pp.block = 128;
+    pp.sq_diff = err.as<double>();
+    test::kcheck(kk::prefix_output_errors(pp), "prefix_output_errors");
+    test::kcheck(kk::synchronize(), "prefix_output_errors sync");
+    std::vector<double> e(size_t(masks) * c.hq);
+    EXPECT_EQ(err.download(e.data(), e.size() * sizeof(double)), kk::Status::ok);
+    for (size_t x = 0; x < e.size(); ++x) e[x] = std::sqrt(e[x] / ref_sq[x % size_t(c.hq)]);
+    return e;
+  };
+  const std::vector<double> hopper = run(kk::AttnImpl::hopper), portable = run(kk::AttnImpl::portable);
+  const double tol = test::rel_tol(dt);
+  for (int m = 0; m < masks; ++m)
+    for (int h = 0; h < c.hq; ++h) {
+      const size_t x = size_t(m) * c.hq + h;
+      ASSERT_TRUE(std::isfinite(hopper[x])) << "mask " << m << " head " << h;
+      EXPECT_NEAR(hopper[x], portable[x], tol) << "mask " << m << " head " << h;
+      if (m == 0) EXPECT_NEAR(hopper[x], 1.0, 1e-6) << "empty rows, head " << h;
+      if (m == masks - 1) EXPECT_LT(hopper[x], tol) << "whole rows, head " << h;
+    }
 }
 
 // The two score passes of ProxyAttn on Hopper: row LSE (no P V) and the block max-pool of P,
