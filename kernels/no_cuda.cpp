@@ -39,6 +39,14 @@ Status fill(void*, ElemType, int64_t, float, Stream) noexcept { return Status::n
 Status flush_l2(Stream) noexcept { return Status::no_cuda; }
 
 EventTimer::~EventTimer() = default;
+StagedUpload::~StagedUpload() = default;
+Status StagedUpload::init(size_t) noexcept { return Status::no_cuda; }
+Status StagedUpload::stage(void** b) noexcept {
+  if (b) *b = nullptr;
+  return Status::no_cuda;
+}
+Status StagedUpload::push(void*, size_t, Stream) noexcept { return Status::no_cuda; }
+Status StagedUpload::finish() noexcept { return Status::no_cuda; }
 Status EventTimer::start(Stream) noexcept { return Status::no_cuda; }
 Status EventTimer::stop(Stream) noexcept { return Status::no_cuda; }
 Status EventTimer::elapsed_ms(float*) noexcept { return Status::no_cuda; }

@@ -222,4 +222,62 @@ Status EventTimer::elapsed_ms(float* ms) noexcept {
                    "cudaEventElapsedTime");
 }
 
+StagedUpload::~StagedUpload() {
+  for (int b = 0; b < 2; ++b) {
+    if (done_[b]) {
+      cudaEventSynchronize(static_cast<cudaEvent_t>(done_[b]));  // no copy still reading the buffer
+      cudaEventDestroy(static_cast<cudaEvent_t>(done_[b]));
+    }
+    if (buf_[b]) cudaFreeHost(buf_[b]);
+  }
+}
+Status StagedUpload::init(size_t chunk_bytes) noexcept {
+  if (chunk_ != 0) return fail(Status::invalid_argument, "StagedUpload::init twice");
+  if (chunk_bytes == 0) return fail(Status::invalid_argument, "StagedUpload::init: zero bytes");
+  for (int b = 0; b < 2; ++b) {
+    Status st = from_cuda(cudaHostAlloc(&buf_[b], chunk_bytes, cudaHostAllocDefault), "cudaHostAlloc (staging)");
+    if (st != Status::ok) return st;
+    cudaEvent_t e;
+    st = from_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    if (st != Status::ok) return st;
+    done_[b] = e;
+  }
+  chunk_ = chunk_bytes;
+  return Status::ok;
+}
+Status StagedUpload::stage(void** buffer) noexcept {
+  if (!buffer) return fail(Status::invalid_argument, "StagedUpload::stage: null output");
+  *buffer = nullptr;
+  if (chunk_ == 0) return fail(Status::invalid_argument, "StagedUpload::stage before init");
+  if (pending_[next_]) {
+    Status st = from_cuda(cudaEventSynchronize(static_cast<cudaEvent_t>(done_[next_])), "staging wait");
+    if (st != Status::ok) return st;
+    pending_[next_] = false;
+  }
+  *buffer = buf_[next_];
+  return Status::ok;
+}
+Status StagedUpload::push(void* dst, size_t bytes, Stream s) noexcept {
+  if (chunk_ == 0 || bytes > chunk_) return fail(Status::invalid_argument, "StagedUpload::push: more than a chunk");
+  if (bytes > 0) {
+    Status st = from_cuda(cudaMemcpyAsync(dst, buf_[next_], bytes, cudaMemcpyHostToDevice, stream_of(s)),
+                          "copy_to_device (staged)");
+    if (st != Status::ok) return st;
+    st = from_cuda(cudaEventRecord(static_cast<cudaEvent_t>(done_[next_]), stream_of(s)), "cudaEventRecord");
+    if (st != Status::ok) return st;
+    pending_[next_] = true;
+  }
+  next_ ^= 1;
+  return Status::ok;
+}
+Status StagedUpload::finish() noexcept {
+  for (int b = 0; b < 2; ++b)
+    if (pending_[b]) {
+      Status st = from_cuda(cudaEventSynchronize(static_cast<cudaEvent_t>(done_[b])), "staging wait");
+      if (st != Status::ok) return st;
+      pending_[b] = false;
+    }
+  return Status::ok;
+}
+
 }  // namespace proxyattn::kernels

@@ -11,13 +11,15 @@
 //           budget; their errors come from the prefix tables.
 // GPU (--device cuda): the CPU-only estimates start on a background thread, the exact block
 // mass and row LSE come from the kernels (the last block's float64 probabilities beside them),
-// then every selection. The output error of every distinct mask comes from block-sparse
+// then every selection. The GPU estimates run ahead on a thread of their own, in the order the
+// selections ask for them, so the CPU's selection work overlaps the next estimate's kernels. The output error of every distinct mask comes from block-sparse
 // attention on the device, one shared pass per ranking whose prefixes the masks are, in batches
 // on a worker thread (its own CUDA stream) as the masks are made (submit_errors). Never an
 // N x N buffer, no CPU pass over the layer.
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <deque>
 #include <future>
@@ -43,6 +45,8 @@ class LayerRun {
       : cfg_(cfg), topics_(topics), store_(store), layer_(data.layer), T_(tables), A_(agg), tm_(timing),
         notes_(notes), data_(std::move(data)) {}
 
+  ~LayerRun() { prefetch_stop_ = true; }  // an error: the GPU estimates not yet begun are skipped
+
   void run();
 
  private:
@@ -62,6 +66,23 @@ class LayerRun {
   struct Background {
     std::future<std::vector<std::pair<std::string, BlockScores>>> scores;  // by score_key
     double wall = 0, cpu = 0;  // of the estimate on its own thread
+  };
+  // --device cuda: the scores computed on the GPU (the estimates the analysis takes from the
+  // device, and the block max of the after-pass score sets), one after another on a thread of
+  // their own, started once the exact quantities exist; scores() waits for its key.
+  BlockScores gpu_scores(const MethodInfo& method, int groups, double gamma);
+  BlockScores block_max_scores(const MethodInfo& method, std::vector<float> block_max) const;  // a group per head
+  bool on_gpu(const MethodInfo& method, int groups) const {
+    return cuda() && !method.exact_mass && (after_pass(method, groups) || (method.has_gpu() && method.gpu_in_analysis));
+  }
+  void start_gpu_estimates();
+  struct Prefetch {
+    const MethodInfo* method;
+    int groups;
+    double gamma;
+    std::promise<BlockScores> promise;
+    std::future<BlockScores> result = promise.get_future();
+    double wall = 0;  // on the worker, written before the result is set
   };
   // Methods whose estimate gives every gamma's native at once (estimate_coverages).
   static bool coverages_in_one(const MethodInfo& m) {
@@ -171,7 +192,12 @@ class LayerRun {
   std::vector<const BlockMask*> error_waiting_;   // distinct, not yet submitted (held)
   std::vector<size_t> error_rep_;                 // per selection: its mask's index in error_distinct_
   bool budget_done_ = false;                      // the budget topic ran in this phase
-  std::vector<ErrorBatch> error_batches_;         // last: destroyed (waited for) first
+  std::vector<ErrorBatch> error_batches_;         // destroyed (waited for) before what they read
+  // The GPU estimates running ahead (start_gpu_estimates), by score key; the worker goes through
+  // them in order and is waited for before them and the layer it reads are destroyed.
+  std::map<std::string, std::unique_ptr<Prefetch>> prefetch_;
+  std::atomic<bool> prefetch_stop_{false};
+  std::future<void> prefetch_worker_;  // last: destroyed (waited for) first
 };
 
 EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
@@ -224,6 +250,19 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
   const std::string key = score_key(method, groups, gamma);
   auto it = score_cache_.find(key);
   if (it != score_cache_.end()) return it->second;
+  if (auto pf = prefetch_.find(key); pf != prefetch_.end()) {
+    // Computed ahead on the GPU thread: waiting for it is this stage's wall time, its own run
+    // is reported beside, as "background".
+    BlockScores s;
+    {
+      Timing::Scope scope(tm_, "estimate:" + method.name);
+      TraceScope trace("wait for estimate " + key);
+      s = pf->second->result.get();
+    }
+    tm_.stages["estimate:" + method.name + " (background)"].wall += pf->second->wall;
+    prefetch_.erase(pf);  // the worker is done with it (its result was set)
+    return score_cache_.emplace(key, std::move(s)).first->second;
+  }
   if (auto bg = background_.find(key); bg != background_.end()) {
     // Waiting for it is this stage's wall time; its own run is reported beside, as "background".
     const std::shared_ptr<Background> b = bg->second;
@@ -241,8 +280,8 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     }
     return score_cache_.at(key);
   }
-  const bool on_gpu = cuda() && method.has_gpu() && method.gpu_in_analysis;
-  if (coverages_in_one(method) && !on_gpu && std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
+  const bool gpu_estimate = cuda() && method.has_gpu() && method.gpu_in_analysis;
+  if (coverages_in_one(method) && !gpu_estimate && std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
     // The native selection depends on gamma through the estimate: every gamma in one estimate.
     Timing::Scope scope(tm_, "estimate:" + method.name);
     for (auto& [k, sc] : cpu_estimates(method, groups, gamma)) score_cache_.try_emplace(k, std::move(sc));
@@ -257,33 +296,93 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     return score_cache_.emplace(key, std::move(s)).first->second;
   }
   Timing::Scope scope(tm_, "estimate:" + method.name);
+  if (on_gpu(method, groups)) return score_cache_.emplace(key, gpu_scores(method, groups, gamma)).first->second;
   TraceScope trace("estimate " + key, true);
   BlockScores s;
-  if (method.exact_mass) {
+  if (method.exact_mass)
     s = scores_from_mass(oracle_.mass);
-  } else if (after_pass(method, groups)) {
-    // One group per query head: the proxy is the head itself (either pooling), and its score
-    // is the block max of the exact probabilities: from the CPU pass, or from the score kernels
-    // on the layer's own heads (fp32 sums of exact fp16 products: the CPU's values to rounding).
-    s.method = method.name;
-    s.heads = H_;
-    s.num_blocks = oracle_.mass.num_blocks;
-    s.block = oracle_.mass.block;
-    s.seq_len = oracle_.mass.seq_len;
-    s.score = cuda() ? gpu().maxpool_block_scores(cfg_.block, 1) : oracle_.block_max;
-    s.group_of_head.resize(static_cast<size_t>(H_));
-    for (int h = 0; h < H_; ++h) s.group_of_head[static_cast<size_t>(h)] = h;
-  } else {
-    const EstimatorConfig c = config_for(method, groups, gamma);
-    // --device cuda: the methods whose GPU estimate the analysis trusts run there (the exact
-    // ProxyAttn path: float32 proxy heads, so the scores are the CPU's to float rounding); their
-    // native rules as on the CPU. The others (gpu_note) stay on the CPU.
-    if (on_gpu)
-      s = gpu().estimate(method.name, c);
-    else
-      s = method.estimate(q_, k_, c);
-  }
+  else if (after_pass(method, groups))
+    s = block_max_scores(method, oracle_.block_max);  // the CPU pass's
+  else
+    s = method.estimate(q_, k_, config_for(method, groups, gamma));
   return score_cache_.emplace(key, std::move(s)).first->second;
+}
+
+BlockScores LayerRun::block_max_scores(const MethodInfo& method, std::vector<float> block_max) const {
+  // One group per query head: the proxy is the head itself (either pooling), and its score is
+  // the block max of the exact probabilities.
+  BlockScores s;
+  s.method = method.name;
+  s.heads = H_;
+  s.num_blocks = oracle_.mass.num_blocks;
+  s.block = oracle_.mass.block;
+  s.seq_len = oracle_.mass.seq_len;
+  s.score = std::move(block_max);
+  s.group_of_head.resize(static_cast<size_t>(H_));
+  for (int h = 0; h < H_; ++h) s.group_of_head[static_cast<size_t>(h)] = h;
+  return s;
+}
+
+BlockScores LayerRun::gpu_scores(const MethodInfo& method, int groups, double gamma) {
+  // The block max from the score kernels on the layer's own heads (fp32 sums of exact fp16
+  // products: the CPU's values to rounding); the methods whose GPU estimate the analysis trusts
+  // (the exact ProxyAttn path: float32 proxy heads, so the scores are the CPU's to float
+  // rounding), their native rules as on the CPU. The others (gpu_note) stay on the CPU.
+  TraceScope trace("estimate " + score_key(method, groups, gamma), true);
+  if (after_pass(method, groups)) return block_max_scores(method, gpu().maxpool_block_scores(cfg_.block, 1));
+  return gpu().estimate(method.name, config_for(method, groups, gamma));
+}
+
+void LayerRun::start_gpu_estimates() {
+  // What the topics will ask the GPU for, in the order they ask: the recall topic's methods
+  // (the budget topic's first group among them), then the score sets made after the pass.
+  std::vector<const MethodInfo*> methods;
+  for (const std::string& name : cfg_.methods) methods.push_back(&find_method(name));
+  const MethodInfo& proxy = proxyattn_method();
+  if ((topics_.similarity || topics_.budget) && std::find(methods.begin(), methods.end(), &proxy) == methods.end())
+    methods.push_back(&proxy);
+  std::vector<Prefetch*> todo;
+  for (const bool later : {false, true})
+    for (const MethodInfo* m : methods) {
+      std::vector<std::pair<int, double>> wanted;
+      if (m->grouped()) {
+        for (int g : store_.groups)
+          if (topics_.recall || topics_.similarity || (topics_.budget && g == store_.groups.front()))
+            wanted.emplace_back(g, kNaN);
+      } else if (!m->exact_mass && topics_.recall) {
+        wanted.emplace_back(0, m->set_coverage ? gamma_ref(cfg_) : kNaN);
+      }
+      for (const auto& [g, gamma] : wanted) {
+        if (!on_gpu(*m, g) || after_pass(*m, g) != later) continue;
+        auto p = std::make_unique<Prefetch>();
+        p->method = m;
+        p->groups = g;
+        p->gamma = gamma;
+        const auto [it, fresh] = prefetch_.try_emplace(score_key(*m, g, gamma), std::move(p));
+        if (fresh) todo.push_back(it->second.get());
+      }
+    }
+  if (todo.empty()) return;
+  gpu();  // made (uploaded) here, before the worker reads it
+  const int device = current_cuda_device(), threads = cpu_threads();
+  prefetch_worker_ = std::async(std::launch::async, [this, todo, device, threads] {
+    use_cuda_device(device);
+    set_cpu_threads(threads);
+    for (Prefetch* p : todo) {
+      if (prefetch_stop_) {
+        p->promise.set_exception(std::make_exception_ptr(Error("the layer's run stopped")));
+        continue;
+      }
+      try {
+        const auto w0 = std::chrono::steady_clock::now();
+        BlockScores s = gpu_scores(*p->method, p->groups, p->gamma);
+        p->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+        p->promise.set_value(std::move(s));
+      } catch (...) {
+        p->promise.set_exception(std::current_exception());
+      }
+    }
+  });
 }
 
 const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& sc, double gamma) {
@@ -870,6 +969,7 @@ void LayerRun::run() {
   if (cuda()) {
     if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
     gpu_pass();
+    start_gpu_estimates();
   }
   phase_ = Phase::before;
   if (topics_.recall) recall_selections();

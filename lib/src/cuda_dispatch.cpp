@@ -53,21 +53,33 @@ kk::DeviceBuffer alloc(size_t bytes, const std::string& what) {
 // compute dtypes, elem_of), rounded on the host in parallel so half the bytes cross the bus. The
 // rounding is the device conversion's (round to nearest even; tests/gpu/test_full_attention.cpp,
 // HostRounding).
-kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, const std::string& what) {
+// A [H, N, d] float32 view rounded to 16 bits on the host (in parallel, a chunk of rows at a
+// time into page-locked staging) while the previous chunk crosses the bus: half the bytes of a
+// float32 upload, no pageable copy, no N-sized host buffer.
+kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, kk::StagedUpload& staging, const std::string& what) {
   if (t == kk::ElemType::f32) throw Error("cuda: upload_view: " + what + " must be uploaded as bf16 or f16");
   const size_t n = static_cast<size_t>(v.heads) * v.tokens * v.dim;
-  std::unique_ptr<uint16_t[]> half(new uint16_t[n]);  // every element written below
-  const bool f16 = t == kk::ElemType::f16;
-  const int64_t rows = v.heads * v.tokens;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = v.row(r / v.tokens, r % v.tokens);
-    uint16_t* dst = half.get() + size_t(r) * v.dim;
-    for (int64_t c = 0; c < v.dim; ++c) dst[c] = f16 ? float_to_half(src[c]) : float_to_bf16(src[c]);
-  }
   kk::DeviceBuffer out = alloc(n * sizeof(uint16_t), what);
-  check(out.upload(half.get(), n * sizeof(uint16_t)), "uploading " + what);
-  check(kk::synchronize(), "uploading " + what);  // before `half` is freed, and before other threads read it
+  const bool f16 = t == kk::ElemType::f16;
+  const int64_t rows = v.heads * v.tokens, row_bytes = v.dim * int64_t(sizeof(uint16_t));
+  const int64_t per_chunk = std::max<int64_t>(1, int64_t(staging.chunk_bytes()) / row_bytes);
+  if (per_chunk * row_bytes > int64_t(staging.chunk_bytes()))
+    throw Error("cuda: upload_view: a row of " + what + " exceeds the staging buffer");
+  for (int64_t r0 = 0; r0 < rows; r0 += per_chunk) {
+    const int64_t r1 = std::min(rows, r0 + per_chunk);
+    void* buf = nullptr;
+    check(staging.stage(&buf), "uploading " + what);
+    uint16_t* half = static_cast<uint16_t*>(buf);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = v.row(r / v.tokens, r % v.tokens);
+      uint16_t* dst = half + size_t(r - r0) * v.dim;
+      for (int64_t c = 0; c < v.dim; ++c) dst[c] = f16 ? float_to_half(src[c]) : float_to_bf16(src[c]);
+    }
+    check(staging.push(static_cast<char*>(out.data()) + r0 * row_bytes, size_t((r1 - r0) * row_bytes)),
+          "uploading " + what);
+  }
+  check(staging.finish(), "uploading " + what);  // complete before other threads read it
   return out;
 }
 
@@ -254,10 +266,15 @@ CudaLayer::CudaLayer(ConstView q, ConstView k, ConstView v, DType dtype) : impl_
   if (!cuda_available()) throw Error("cuda: " + cuda_device_description());
   {
     TraceScope trace("upload q, k, v", true);
-    m.q = upload_view(q, m.et, "q");
-    m.k = upload_view(k, m.et, "k");
+    // Chunks of 32 MiB (a small layer: its largest tensor, so tests do not pin 64 MiB each).
+    const size_t largest = size_t(std::max(q.heads, k.heads)) * q.tokens * q.dim * sizeof(uint16_t);
+    kk::StagedUpload staging;
+    check(staging.init(std::max<size_t>(std::min<size_t>(largest, size_t(32) << 20), size_t(q.dim) * sizeof(uint16_t))),
+          "staging buffers for the upload");
+    m.q = upload_view(q, m.et, staging, "q");
+    m.k = upload_view(k, m.et, staging, "k");
     m.has_v = !v.empty();
-    if (m.has_v) m.v = upload_view(v, m.et, "v");
+    if (m.has_v) m.v = upload_view(v, m.et, staging, "v");
   }
   TraceScope trace("q square norms");
   m.q_sqnorm.assign(m.s.q_heads, 0.0);

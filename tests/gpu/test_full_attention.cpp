@@ -5,7 +5,9 @@
 // the device's conversion.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <span>
 #include <tuple>
@@ -202,6 +204,33 @@ TEST(FullAttentionDispatch, MatchesCpuReference) {
 // The analysis rounds Q/K/V to 16 bits on the host before the upload (cuda_dispatch.cpp's
 // upload_view): float_to_half / float_to_bf16 must give the device conversion's bits, on every
 // exponent, ties and the subnormal and overflow ranges.
+// Uploads through two page-locked staging buffers (CudaLayer's Q/K/V): every chunk lands where it
+// was pushed, the buffers reused while copies run, a partial last chunk included; a push of more
+// than a chunk is refused.
+TEST(StagedUpload, CopiesEveryChunkInPlace) {
+  PROXYATTN_REQUIRE_GPU();
+  constexpr size_t chunk = 4096;
+  kk::StagedUpload up;
+  ASSERT_EQ(up.init(chunk), kk::Status::ok);
+  std::vector<uint8_t> src(chunk * 7 + 123);
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (uint8_t& b : src) b = static_cast<uint8_t>(byte(test::rng()));
+  kk::DeviceBuffer dst;
+  ASSERT_EQ(dst.allocate(src.size()), kk::Status::ok);
+  for (size_t off = 0; off < src.size(); off += chunk) {
+    const size_t len = std::min(chunk, src.size() - off);
+    void* buf = nullptr;
+    ASSERT_EQ(up.stage(&buf), kk::Status::ok);
+    std::memcpy(buf, src.data() + off, len);
+    ASSERT_EQ(up.push(static_cast<char*>(dst.data()) + off, len), kk::Status::ok);
+  }
+  ASSERT_EQ(up.finish(), kk::Status::ok);
+  std::vector<uint8_t> back(src.size());
+  ASSERT_EQ(dst.download(back.data(), back.size()), kk::Status::ok);
+  EXPECT_EQ(back, src);
+  EXPECT_NE(up.push(dst.data(), chunk + 1), kk::Status::ok);
+}
+
 TEST(HostRounding, MatchesDeviceConvert) {
   PROXYATTN_REQUIRE_GPU();
   std::vector<float> x;

@@ -151,6 +151,29 @@ class EventTimer {
   void* stop_ = nullptr;
 };
 
+// Host -> device copies through two page-locked staging buffers: the caller fills stage() (host
+// work, e.g. rounding to 16 bits) while the other buffer's copy runs, at the bus's speed and
+// without a pageable copy's extra staging. stage() waits until the buffer it returns is free.
+class StagedUpload {
+ public:
+  StagedUpload() = default;
+  ~StagedUpload();
+  StagedUpload(const StagedUpload&) = delete;
+  StagedUpload& operator=(const StagedUpload&) = delete;
+  Status init(size_t chunk_bytes) noexcept;  // two buffers of chunk_bytes
+  size_t chunk_bytes() const noexcept { return chunk_; }
+  Status stage(void** buffer) noexcept;                          // the next buffer to fill
+  Status push(void* dst, size_t bytes, Stream s = nullptr) noexcept;  // copy it to dst, switch
+  Status finish() noexcept;                                      // every copy complete
+
+ private:
+  void* buf_[2] = {nullptr, nullptr};
+  void* done_[2] = {nullptr, nullptr};  // events: the last copy out of each buffer
+  bool pending_[2] = {false, false};
+  int next_ = 0;
+  size_t chunk_ = 0;
+};
+
 // ---- attention -------------------------------------------------------------------------------
 struct AttentionParams {
   const void* q = nullptr;  // [Hq, N, d], in_type
