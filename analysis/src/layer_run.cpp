@@ -9,14 +9,21 @@
 //           the later masks are built from (oracle mass, block max, budget-driven scores);
 //   after   the oracle's own selections, scores equal to the oracle's block max and the oracle
 //           budget; their errors come from the prefix tables.
-// GPU (--device cuda): the CPU-only estimates start on a background thread, the exact block
-// mass and row LSE come from the kernels (the last block's float64 probabilities beside them),
-// then every selection. The GPU estimates run ahead on a thread of their own, in the order the
-// selections ask for them, so the CPU's selection work overlaps the next estimate's kernels. The output error of every distinct mask comes from block-sparse
-// attention on the device, one shared pass per ranking whose prefixes the masks are, in batches
-// on a worker thread (its own CUDA stream) as the masks are made (submit_errors). Never an
-// N x N buffer, no CPU pass over the layer.
+// GPU (--device cuda): the layer is uploaded first (with every core for its rounding), then the
+// CPU-only estimates start on a background thread at a lower priority, the exact block mass and
+// row LSE come from the kernels (the last block's float64 probabilities beside them), then
+// every selection. The GPU estimates run ahead on a thread of their own, in the order the
+// selections ask for them, so the CPU's selection work overlaps the next estimate's kernels.
+// The output error of every distinct mask comes from block-sparse attention on the device, one
+// shared pass per ranking whose prefixes the masks are, in batches on a worker thread (its own
+// CUDA stream) as the masks are made (submit_errors). Never an N x N buffer, no CPU pass over
+// the layer.
 #include <omp.h>
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -37,6 +44,16 @@
 namespace proxyattn::analysis::detail {
 
 namespace {
+
+// The CPU estimates in the background yield the cores to the layer's critical path (the
+// selections, the metrics): this thread, and the OpenMP team it starts, at a lower priority
+// (on Linux nice is per thread, inherited by the threads it creates). They finish in the
+// waits for the GPU instead.
+void yield_to_foreground() {
+#ifdef __linux__
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+#endif
+}
 
 class LayerRun {
  public:
@@ -61,7 +78,8 @@ class LayerRun {
   // may run on another thread.
   std::vector<std::pair<std::string, BlockScores>> cpu_estimates(const MethodInfo& method, int groups, double gamma) const;
   // --device cuda: the CPU-only estimates (methods whose GPU estimate the analysis does not
-  // take) start on a background thread when the layer starts, so they run while the GPU works.
+  // take) start on a background thread once the layer is uploaded, so they run while the GPU
+  // works, yielding the cores to the main thread.
   void start_cpu_estimates();
   struct Background {
     std::future<std::vector<std::pair<std::string, BlockScores>>> scores;  // by score_key
@@ -235,6 +253,7 @@ void LayerRun::start_cpu_estimates() {
     Background* raw = b.get();
     b->scores = std::async(std::launch::async, [this, &m, gamma, raw, threads] {
       set_cpu_threads(threads);  // the lane's share of the cores, as on this thread
+      yield_to_foreground();
       const auto w0 = std::chrono::steady_clock::now();
       const double c0 = cpu_now(true);
       auto out = cpu_estimates(m, 0, gamma);
@@ -709,21 +728,24 @@ void LayerRun::pass() {
 }
 
 void LayerRun::gpu_pass() {
-  // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
-  // B rows against every key, float64 on the CPU as the spec computes them; on another thread
-  // while the layer is uploaded and the kernels run.
-  const int threads = cpu_threads();
-  auto last_block = std::async(std::launch::async, [this, threads] {
-    set_cpu_threads(threads);
-    return last_block_token_probs_cpu(q_, k_, cfg_.block);
-  });
+  std::future<std::vector<double>> last_block;
   {
     Timing::Scope scope(tm_, "oracle:cuda");
     oracle_.shape = check_qkv(q_, k_);
     {
+      // First, with every core for its rounding: everything on the GPU waits for it.
       TraceScope trace("upload layer");
       gpu();
     }
+    if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
+    // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
+    // B rows against every key, float64 on the CPU as the spec computes them; on another
+    // thread while the kernels run.
+    const int threads = cpu_threads();
+    last_block = std::async(std::launch::async, [this, threads] {
+      set_cpu_threads(threads);
+      return last_block_token_probs_cpu(q_, k_, cfg_.block);
+    });
     TraceScope trace("block mass + row lse", true);
     oracle_.mass = gpu().block_mass(cfg_.block);
     oracle_.lse = gpu().row_lse();
@@ -967,7 +989,6 @@ void LayerRun::run() {
   // The same phases on both devices, so the rows come in the same order; on the GPU the exact
   // quantities come first and nothing waits for a pass.
   if (cuda()) {
-    if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
     gpu_pass();
     start_gpu_estimates();
   }
