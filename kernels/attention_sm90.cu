@@ -44,8 +44,8 @@ Status make_map(CUtensorMap* map, const void* ptr, ElemType t, int heads, int64_
 
 template <int D, class T, Sm90Mode MODE>
 Status launch(const AttnArgs& a0, ElemType t, int q_heads, int kv_heads, const Sm90Scores& sco, cudaStream_t st) {
-  using C = Sm90Config<D>;
-  constexpr bool with_v = MODE == Sm90Mode::full || MODE == Sm90Mode::sparse || MODE == Sm90Mode::prefix;
+  constexpr bool with_v = sm90_with_v(MODE);
+  using C = Sm90Config<D, with_v>;
   AttnArgs a = a0;
   CUtensorMap mq, mk, mv;
   Status s = make_map(&mq, a.q, t, q_heads, a.n, D, a.qst, a.qsh, "hopper attention: TMA map of q rejected");
@@ -55,13 +55,13 @@ Status launch(const AttnArgs& a0, ElemType t, int q_heads, int kv_heads, const S
   if (s != Status::ok) return s;
   if (!with_v) mv = mk;  // not read
   auto kern = attn_sm90_kernel<D, T, MODE>;
-  const int smem = C::smem_bytes(MODE == Sm90Mode::blockmax);
+  const int smem = C::smem_bytes(MODE);
   s = from_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                 "hopper attention: cudaFuncSetAttribute");
   if (s != Status::ok) return s;
   const int64_t tiles = (a.n + C::BM - 1) / C::BM;
   a.num_q_tiles = int(tiles);
-  if (MODE == Sm90Mode::blockmax) a.nb = int(tiles);
+  if (MODE == Sm90Mode::blockmax || MODE == Sm90Mode::blockmass) a.nb = int(tiles);
   // V (MN-major): 64-column chunks are BN rows x 128 B apart; 8-row groups 1024 B apart.
   const Sm90VDesc vd{uint32_t(C::BN * 128), 1024u};
   // tilestats: only the query tiles [first_tile, tiles) (the kernel counts them from the last),
@@ -82,8 +82,21 @@ Status launch_mode(Sm90Mode mode, const AttnArgs& a, ElemType t, int q_heads, in
     case Sm90Mode::blockmax: return launch<D, T, Sm90Mode::blockmax>(a, t, q_heads, kv_heads, sco, st);
     case Sm90Mode::tilestats: return launch<D, T, Sm90Mode::tilestats>(a, t, q_heads, kv_heads, sco, st);
     case Sm90Mode::prefix: return launch<D, T, Sm90Mode::prefix>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::blockmass: return launch<D, T, Sm90Mode::blockmass>(a, t, q_heads, kv_heads, sco, st);
   }
   return fail(Status::invalid_argument, "hopper attention: unknown mode");
+}
+
+// head_dim 256: the score passes of the exact proxy's fp16 pieces only (no V; the block mass's
+// per-warp sums do not fit beside a 256-wide K ring).
+template <class T>
+Status launch_mode_256(Sm90Mode mode, const AttnArgs& a, ElemType t, int q_heads, int kv_heads, const Sm90Scores& sco,
+                       cudaStream_t st) {
+  switch (mode) {
+    case Sm90Mode::lse: return launch<256, T, Sm90Mode::lse>(a, t, q_heads, kv_heads, sco, st);
+    case Sm90Mode::blockmax: return launch<256, T, Sm90Mode::blockmax>(a, t, q_heads, kv_heads, sco, st);
+    default: return fail(Status::unsupported, "hopper attention: head_dim 256 only for row lse and the block max");
+  }
 }
 
 bool device_is_hopper() {
@@ -95,9 +108,10 @@ bool device_is_hopper() {
 
 }  // namespace
 
-const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse, int mask_block) {
+const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse, int mask_block, bool d256) {
   if (!device_is_hopper()) return "hopper attention: the device is not compute capability 9.x";
-  if (head_dim != 64 && head_dim != 128) return "hopper attention: head_dim must be 64 or 128";
+  if (head_dim != 64 && head_dim != 128 && !(d256 && head_dim == 256))
+    return d256 ? "hopper attention: head_dim must be 64, 128 or 256" : "hopper attention: head_dim must be 64 or 128";
   if (sparse && mask_block != 128) return "hopper attention: sparse mask block must be 128";
   if (a.row_begin != 0) return "hopper attention: row_begin must be 0";
   if (a.window != 0) return "hopper attention: no sliding window (the portable kernel has it)";
@@ -107,16 +121,19 @@ const char* sm90_unsupported_reason(const AttnArgs& a, int head_dim, bool sparse
 
 Status launch_sm90(Sm90Mode mode, const AttnArgs& a, ElemType t, int head_dim, int q_heads, int kv_heads,
                    const Sm90Scores& sco, cudaStream_t st) {
-  if (mode == Sm90Mode::blockmax && (a.n + 127) / 128 > Sm90Config<128>::MAX_KEY_TILES)
+  if ((mode == Sm90Mode::blockmax || mode == Sm90Mode::blockmass) && (a.n + 127) / 128 > Sm90Config<128>::MAX_KEY_TILES)
     return fail(Status::unsupported, "hopper block scores: more than 2048 key blocks");
   const bool bf = t == ElemType::bf16;
+  if (head_dim == 256)
+    return bf ? launch_mode_256<__nv_bfloat16>(mode, a, t, q_heads, kv_heads, sco, st)
+              : launch_mode_256<__half>(mode, a, t, q_heads, kv_heads, sco, st);
   if (head_dim == 128)
     return bf ? launch_mode<128, __nv_bfloat16>(mode, a, t, q_heads, kv_heads, sco, st)
               : launch_mode<128, __half>(mode, a, t, q_heads, kv_heads, sco, st);
   if (head_dim == 64)
     return bf ? launch_mode<64, __nv_bfloat16>(mode, a, t, q_heads, kv_heads, sco, st)
               : launch_mode<64, __half>(mode, a, t, q_heads, kv_heads, sco, st);
-  return fail(Status::unsupported, "hopper attention: head_dim must be 64 or 128");
+  return fail(Status::unsupported, "hopper attention: head_dim must be 64, 128 or 256");
 }
 
 }  // namespace proxyattn::kernels::detail

@@ -24,7 +24,19 @@
 
 namespace proxyattn::kernels::detail {
 
-template <int D>
+// What one launch computes: O and lse (full / sparse), lse only (the first pass of the scores),
+// the token-level max-pool of P per (query block, key block) (second pass, needs lse), the
+// block mass (the mean over a block's rows of P summed over the key block; needs lse), or the
+// statistics of every (query row, key tile) that all block scores are functions of (one pass;
+// tile_scores.cu reduces them).
+enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3, tilestats = 4, prefix = 5, blockmass = 6 };
+
+constexpr bool sm90_with_v(Sm90Mode m) { return m == Sm90Mode::full || m == Sm90Mode::sparse || m == Sm90Mode::prefix; }
+
+// Shared memory: Q, the K (and V) stages, the barriers, then per-tile results (blockmax: one
+// float per key tile; blockmass: one per key tile and consumer warp, summed in a fixed order).
+// The score modes (no V) also take head_dim 256 (the exact proxy's fp16 [hi, lo] pieces).
+template <int D, bool V = true>
 struct Sm90Config {
   static constexpr int BM = 128;  // query rows: 2 consumer warpgroups x 64
   static constexpr int BN = 128;  // keys per tile (= the sparse mask block)
@@ -36,24 +48,22 @@ struct Sm90Config {
   static constexpr int Q_OFF = 0;
   static constexpr int K_OFF = Q_OFF + Q_BYTES;
   static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
-  static constexpr int BAR_OFF = V_OFF + STAGES * KV_BYTES;
+  static constexpr int BAR_OFF = V_OFF + (V ? STAGES * KV_BYTES : 0);
   static constexpr int NUM_BARS = 1 + 4 * STAGES;  // q_full, k_full, v_full, k_empty, v_empty
-  static constexpr int TILEMAX_OFF = BAR_OFF + 8 * NUM_BARS;  // blockmax: one float per key tile
-  static constexpr int MAX_KEY_TILES = 2048;                    // N <= 256K
-  static constexpr int smem_bytes(bool blockmax) {              // + slack to align the base
-    return TILEMAX_OFF + (blockmax ? 4 * MAX_KEY_TILES : 0) + 1024;
+  static constexpr int TILE_OFF = BAR_OFF + 8 * NUM_BARS;  // per-tile results
+  static constexpr int MAX_KEY_TILES = 2048;                 // N <= 256K
+  static constexpr int CONSUMER_WARPS = 8;
+  static constexpr int tile_floats(Sm90Mode m) {
+    return m == Sm90Mode::blockmax ? MAX_KEY_TILES : m == Sm90Mode::blockmass ? CONSUMER_WARPS * MAX_KEY_TILES : 0;
   }
-  static_assert(D == 64 || D == 128, "Hopper kernels: head_dim 64 or 128");
+  static constexpr int smem_bytes(Sm90Mode m) { return TILE_OFF + 4 * tile_floats(m) + 1024; }  // + slack to align
+  static_assert(D == 64 || D == 128 || (D == 256 && !V), "Hopper kernels: head_dim 64 or 128 (256 without V)");
 };
-
-// What one launch computes: O and lse (full / sparse), lse only (the first pass of the scores),
-// the token-level max-pool of P per (query block, key block) (second pass, needs lse), or the
-// statistics of every (query row, key tile) that all block scores are functions of (one pass;
-// tile_scores.cu reduces them).
-enum class Sm90Mode : int { full = 0, sparse = 1, lse = 2, blockmax = 3, tilestats = 4, prefix = 5 };
 
 // blockmax: out[h, i, j] = max over rows q of block i (every query_stride-th row offset) and
 // keys k <= q of block j of exp(scale q.k - lse[q]); 0 above the diagonal.
+// blockmass: out[h, i, j] = (1 / rows of block i) sum over its rows q and keys k <= q of block j
+// of exp(scale q.k - lse[q]) (query_stride 1); 0 above the diagonal.
 // tilestats: for row q and key tile j (keys k <= q only), tile_max = max_k q.k (unscaled) and,
 // when tile_sum is set, tile_sum = sum_k 2^((q.k - tile_max) scale_log2); both [Hq, Nb, stat_rows]
 // with row q at q - 128 first_tile. The CTAs of the query tiles [first_tile, Nb) run, their key
@@ -80,12 +90,13 @@ __global__ void __launch_bounds__(384, 1)
                      const Sm90Scores sco) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
-  using C = Sm90Config<D>;
-  constexpr int BM = C::BM, BN = C::BN, S = C::STAGES;
-  constexpr int CHUNS = D / 64;
   constexpr bool SPARSE = MODE == Sm90Mode::sparse;
   constexpr bool PREFIX = MODE == Sm90Mode::prefix;
-  constexpr bool WITH_V = MODE == Sm90Mode::full || SPARSE || PREFIX;
+  constexpr bool MASS = MODE == Sm90Mode::blockmass;
+  constexpr bool WITH_V = sm90_with_v(MODE);
+  using C = Sm90Config<D, WITH_V>;
+  constexpr int BM = C::BM, BN = C::BN, S = C::STAGES;
+  constexpr int CHUNS = D / 64;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base + C::Q_OFF, sK = base + C::K_OFF, sV = base + C::V_OFF;
@@ -129,7 +140,7 @@ __global__ void __launch_bounds__(384, 1)
   };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = threadIdx.x / 128;
-  float* tilemax = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + C::TILEMAX_OFF);
+  float* tilemax = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + C::TILE_OFF);  // or the sums
   if constexpr (MODE == Sm90Mode::blockmax)
     for (int j = threadIdx.x; j < count; j += blockDim.x) tilemax[j] = 0.f;
   if (threadIdx.x == 0) {
@@ -227,7 +238,7 @@ __global__ void __launch_bounds__(384, 1)
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint64_t db = smem_desc(vb + kk * 16 * 128, vdesc.lbo, vdesc.sbo);
       if constexpr (D == 128) wgmma_rs_n128(o, pa[kk], db, 1, T{});
-      else wgmma_rs_n64(o, pa[kk], db, 1, T{});
+      else if constexpr (D == 64) wgmma_rs_n64(o, pa[kk], db, 1, T{});
     }
     wgmma_commit();
   };
@@ -352,9 +363,10 @@ __global__ void __launch_bounds__(384, 1)
   };
 
   if constexpr (!WITH_V) {
-    // Scores only (no P V): S per tile, then the row statistics (lse) or the tile's max of P.
-    float lse2[2];  // blockmax: the row's lse in base 2; +inf for rows that do not count
-    if constexpr (MODE == Sm90Mode::blockmax) {
+    // Scores only (no P V): S per tile, then the row statistics (lse), the tile's max of P or
+    // its sum (this warp's rows).
+    float lse2[2];  // blockmax / blockmass: the row's lse in base 2; +inf for rows that do not count
+    if constexpr (MODE == Sm90Mode::blockmax || MASS) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t row = r_lo + 8 * r;
@@ -370,6 +382,27 @@ __global__ void __launch_bounds__(384, 1)
         softmax(acc, int64_t(j) * BN, alpha);
       } else if constexpr (MODE == Sm90Mode::tilestats) {
         stats(acc, j);
+      } else if constexpr (MASS) {
+        // Sum of P over this warp's 16 rows and the tile's keys k <= q, one slot per warp and
+        // tile (no atomics: the CTA's sum is then taken in a fixed order, reproducibly).
+        const int64_t k0 = int64_t(j) * BN;
+        float sum = 0.f;
+        if (k0 + BN - 1 > r_lo) {  // diagonal tile
+          const int lim = int(r_lo - k0);
+#pragma unroll
+          for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (8 * i + 2 * t4 + (e & 1) <= lim + (e >> 1) * 8) sum += ex2(fmaf(acc[4 * i + e], sl2, -lse2[e >> 1]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sum += ex2(fmaf(acc[4 * i + e], sl2, -lse2[e >> 1]));
+        }
+#pragma unroll
+        for (int off = 1; off < 32; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) tilemax[(warp - 4) * C::MAX_KEY_TILES + j] = sum;
       } else {
         const int64_t k0 = int64_t(j) * BN;
         // max of exp(x) = exp(max of x): one ex2 per warp and tile instead of one per element
@@ -408,6 +441,22 @@ __global__ void __launch_bounds__(384, 1)
       const int nb = a.nb;
       float* out = sco.out + (int64_t(h) * nb + qt) * nb;
       for (int j = threadIdx.x - 128; j < nb; j += 256) out[j] = j <= jmax ? tilemax[j] : 0.f;
+      return;
+    }
+    if constexpr (MASS) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      const int nb = a.nb;
+      const float rows = float(min(int64_t(BM), a.n - q0));
+      float* out = sco.out + (int64_t(h) * nb + qt) * nb;
+      for (int j = threadIdx.x - 128; j < nb; j += 256) {
+        float s = 0.f;
+        if (j <= jmax) {
+#pragma unroll
+          for (int w = 0; w < C::CONSUMER_WARPS; ++w) s += tilemax[w * C::MAX_KEY_TILES + j];
+          s /= rows;
+        }
+        out[j] = s;
+      }
       return;
     }
   } else {
@@ -469,7 +518,7 @@ __global__ void __launch_bounds__(384, 1)
 
   // epilogue: O / l, lse; rows >= N are not written (blockmax has written its row above;
   // prefix has compared its snapshots)
-  if constexpr (MODE != Sm90Mode::blockmax && !PREFIX) {
+  if constexpr (MODE != Sm90Mode::blockmax && !MASS && !PREFIX) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float lr = l[r];

@@ -126,7 +126,7 @@ Status row_lse(const AttentionParams& p) noexcept {
   if (splits > 65535) return fail(Status::invalid_argument, "row_lse: kv_splits too large");
   if (splits <= 1) {
     bool hopper = false;
-    s = detail::pick_sm90(p.impl, a, p.head_dim, false, 0, &hopper);
+    s = detail::pick_sm90(p.impl, a, p.head_dim, false, 0, &hopper, /*d256=*/true);
     if (s != Status::ok) return s;
     if (hopper)
       return detail::launch_sm90(detail::Sm90Mode::lse, a, p.in_type, p.head_dim, p.q_heads, p.kv_heads, {},

@@ -71,21 +71,24 @@ Status block_scores(const BlockScoreParams& p) noexcept {
     splits = ctas >= 2 * sms ? 1 : int(std::min<int64_t>({(4 * sms + ctas - 1) / ctas, nb, 64}));
   }
   a.key_splits = std::min<int>(std::max(splits, 1), int(std::min<int64_t>(nb, 65535)));
-  // The max-pool of a whole layer (ProxyAttn's second pass) on Hopper: attn_sm90_kernel, blockmax.
+  // The max-pool (ProxyAttn's second pass) or the mass of a whole layer on Hopper:
+  // attn_sm90_kernel, blockmax / blockmass.
   if (p.impl != AttnImpl::portable) {
-    const char* why = p.reduce != BlockReduce::max ? "hopper block_scores: only reduce = max"
-                      : p.block != 128             ? "hopper block_scores: block must be 128"
-                      : p.row_block_begin != 0     ? "hopper block_scores: row_block_begin must be 0"
-                      : a.key_splits != 1          ? "hopper block_scores: keys split over CTAs (query blocks are few)"
-                                                   : nullptr;
+    const bool mass = p.reduce == BlockReduce::mean_sum;
+    const char* why = p.block != 128             ? "hopper block_scores: block must be 128"
+                      : p.row_block_begin != 0   ? "hopper block_scores: row_block_begin must be 0"
+                      : a.key_splits != 1        ? "hopper block_scores: keys split over CTAs (query blocks are few)"
+                      : mass && p.query_stride != 1 ? "hopper block_scores: the mass needs query_stride 1"
+                      : mass && p.head_dim > 128 ? "hopper block_scores: the mass needs head_dim 64 or 128"
+                                                 : nullptr;
     const detail::AttnArgs aa = detail::sm90_score_args(a, const_cast<float*>(p.lse));
-    if (!why) why = detail::sm90_unsupported_reason(aa, p.head_dim, false, 0);
+    if (!why) why = detail::sm90_unsupported_reason(aa, p.head_dim, false, 0, /*d256=*/!mass);
     if (!why) {
       detail::Sm90Scores sco;
       sco.out = p.out;
       sco.query_stride = p.query_stride;
-      return detail::launch_sm90(detail::Sm90Mode::blockmax, aa, p.in_type, p.head_dim, p.q_heads, p.kv_heads, sco,
-                                 detail::stream_of(p.stream));
+      return detail::launch_sm90(mass ? detail::Sm90Mode::blockmass : detail::Sm90Mode::blockmax, aa, p.in_type,
+                                 p.head_dim, p.q_heads, p.kv_heads, sco, detail::stream_of(p.stream));
     }
     if (p.impl == AttnImpl::hopper) return fail(Status::unsupported, why);
   }

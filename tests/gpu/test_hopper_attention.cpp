@@ -12,6 +12,7 @@
 #include <random>
 #include <set>
 #include <tuple>
+#include <utility>
 
 #include "gpu_test_util.hpp"
 #include "proxyattn/attention.hpp"
@@ -237,64 +238,122 @@ TEST_P(HopperAttention, PrefixErrorsMatchPortable) {
     }
 }
 
-// The two score passes of ProxyAttn on Hopper: row LSE (no P V) and the block max-pool of P,
-// vs the CPU (lse of full attention; maxpool_block_scores, one k head per q head) and vs the
-// portable kernels with GQA; query strides 1 and 3.
+// Row LSE of device Q/K (kv_splits 1: one CTA per query tile, as the Hopper kernel needs).
+kk::DeviceBuffer row_lse_of(const kk::DeviceBuffer& dq, const kk::DeviceBuffer& dk, DType dt, int hq, int hkv, int d,
+                            int64_t n, kk::AttnImpl impl) {
+  kk::DeviceBuffer lse = test::poisoned(int64_t(hq) * n, kk::ElemType::f32);
+  kk::AttentionParams p = test::attn_params(dq, dk, nullptr, dt, hq, hkv, d, n, impl);
+  p.lse = lse.as<float>();
+  p.kv_splits = 1;
+  test::kcheck(kk::row_lse(p), "row_lse");
+  return lse;
+}
+
+// block_scores (block 128, keys unsplit) with `reduce`; its status, and the scores when ok.
+std::pair<kk::Status, std::vector<float>> block_scores_of(const kk::DeviceBuffer& dq, const kk::DeviceBuffer& dk,
+                                                          const kk::DeviceBuffer& lse, DType dt, int hq, int hkv, int d,
+                                                          int64_t n, kk::BlockReduce reduce, int stride,
+                                                          kk::AttnImpl impl) {
+  const int nb = num_blocks_for(n, 128);
+  const int64_t ns = int64_t(hq) * nb * nb;
+  kk::DeviceBuffer out = test::poisoned(ns, kk::ElemType::f32);
+  kk::BlockScoreParams b;
+  b.q = dq.data();
+  b.k = dk.data();
+  b.lse = lse.as<float>();
+  b.out = out.as<float>();
+  b.in_type = test::elem_of(dt);
+  b.q_heads = hq;
+  b.kv_heads = hkv;
+  b.head_dim = d;
+  b.seq_len = n;
+  b.block = 128;
+  b.query_stride = stride;
+  b.reduce = reduce;
+  b.key_splits = 1;
+  b.impl = impl;
+  const kk::Status s = kk::block_scores(b);
+  if (s != kk::Status::ok) return {s, {}};
+  test::kcheck(kk::synchronize(), "block_scores sync");
+  return {s, test::download_as_float(out, ns, kk::ElemType::f32)};
+}
+
+// The score passes on Hopper: row LSE (no P V), the block max-pool of P (ProxyAttn's second
+// pass) and the block mass, vs the CPU (lse of full attention; maxpool_block_scores and
+// block_mass_cpu, one k head per q head) and vs the portable kernels with GQA; the max-pool
+// with query strides 1 and 3.
 TEST_P(HopperAttention, ScorePassesMatchCpuAndPortable) {
   REQUIRE_HOPPER();
   const auto [c, dt] = GetParam();
-  const kk::ElemType et = test::elem_of(dt);
   const double tol = test::rel_tol(dt);
   for (bool gqa : {false, true}) {
     const int hq = c.hq, hkv = gqa ? c.hkv : c.hq;
     if (gqa && hkv == hq) continue;
     const Tensor3 q = test::random_rounded(hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(hkv, c.n, c.d, dt);
-    const int nb = num_blocks_for(c.n, 128);
     kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt);
-    const int64_t nl = int64_t(hq) * c.n, ns = int64_t(hq) * nb * nb;
-    auto run_lse = [&](kk::AttnImpl impl) {
-      kk::DeviceBuffer lse = test::poisoned(nl, kk::ElemType::f32);
-      kk::AttentionParams p = test::attn_params(dq, dk, nullptr, dt, hq, hkv, c.d, c.n, impl);
-      p.lse = lse.as<float>();
-      p.kv_splits = 1;
-      test::kcheck(kk::row_lse(p), "row_lse");
-      return lse;
-    };
-    kk::DeviceBuffer lse_h = run_lse(kk::AttnImpl::hopper), lse_p = run_lse(kk::AttnImpl::portable);
+    const int64_t nl = int64_t(hq) * c.n;
+    kk::DeviceBuffer lse_h = row_lse_of(dq, dk, dt, hq, hkv, c.d, c.n, kk::AttnImpl::hopper),
+                     lse_p = row_lse_of(dq, dk, dt, hq, hkv, c.d, c.n, kk::AttnImpl::portable);
     const std::vector<float> lh = test::download_as_float(lse_h, nl, kk::ElemType::f32);
     test::expect_rel("hopper row_lse vs portable", lh, test::download_as_float(lse_p, nl, kk::ElemType::f32), tol);
     if (!gqa) {
       Tensor3 v = test::random_rounded(hkv, c.n, c.d, dt);
       test::expect_rel("hopper row_lse vs cpu", lh, full_attention_cpu(q, k, v).lse, tol);
     }
+    const std::string kind = gqa ? "gqa" : "mha";
     for (int stride : {1, 3}) {
-      auto run_max = [&](kk::AttnImpl impl, const kk::DeviceBuffer& lse) {
-        kk::DeviceBuffer out = test::poisoned(ns, kk::ElemType::f32);
-        kk::BlockScoreParams b;
-        b.q = dq.data();
-        b.k = dk.data();
-        b.lse = lse.as<float>();
-        b.out = out.as<float>();
-        b.in_type = et;
-        b.q_heads = hq;
-        b.kv_heads = hkv;
-        b.head_dim = c.d;
-        b.seq_len = c.n;
-        b.block = 128;
-        b.query_stride = stride;
-        b.reduce = kk::BlockReduce::max;
-        b.key_splits = 1;
-        b.impl = impl;
-        test::kcheck(kk::block_scores(b), "block_scores max");
-        test::kcheck(kk::synchronize(), "block_scores sync");
-        return test::download_as_float(out, ns, kk::ElemType::f32);
+      auto run = [&](kk::AttnImpl impl, const kk::DeviceBuffer& lse) {
+        auto [s, out] = block_scores_of(dq, dk, lse, dt, hq, hkv, c.d, c.n, kk::BlockReduce::max, stride, impl);
+        test::kcheck(s, "block_scores max");
+        return out;
       };
-      const std::vector<float> gh = run_max(kk::AttnImpl::hopper, lse_h), gp = run_max(kk::AttnImpl::portable, lse_p);
-      const std::string tag = std::string(gqa ? "gqa" : "mha") + " stride " + std::to_string(stride);
+      const std::vector<float> gh = run(kk::AttnImpl::hopper, lse_h), gp = run(kk::AttnImpl::portable, lse_p);
+      const std::string tag = kind + " stride " + std::to_string(stride);
       test::expect_rel(("hopper maxpool vs portable " + tag).c_str(), gh, gp, tol);
       if (!gqa) test::expect_rel(("hopper maxpool vs cpu " + tag).c_str(), gh, maxpool_block_scores(q, k, 128, stride), tol);
     }
+    auto run_mass = [&](kk::AttnImpl impl, const kk::DeviceBuffer& lse) {
+      auto [s, out] = block_scores_of(dq, dk, lse, dt, hq, hkv, c.d, c.n, kk::BlockReduce::mean_sum, 1, impl);
+      test::kcheck(s, "block_scores mass");
+      return out;
+    };
+    const std::vector<float> mh = run_mass(kk::AttnImpl::hopper, lse_h), mp = run_mass(kk::AttnImpl::portable, lse_p);
+    test::expect_rel(("hopper mass vs portable " + kind).c_str(), mh, mp, tol);
+    if (!gqa) test::expect_rel(("hopper mass vs cpu " + kind).c_str(), mh, block_mass_cpu(q, k, 128).mass, tol);
+    // Reproducible: the per-warp sums are added in a fixed order (no atomics).
+    EXPECT_EQ(mh, run_mass(kk::AttnImpl::hopper, lse_h)) << "hopper mass " << kind << " differs between two runs";
   }
+}
+
+// head_dim 256 (the exact proxy's [hi, lo] fp16 pieces): Hopper's row LSE and block max-pool vs
+// the portable kernels, GQA and odd N; the block mass at 256 is refused (the portable kernel
+// has it).
+TEST(HopperScores, HeadDim256MatchesPortable) {
+  REQUIRE_HOPPER();
+  for (DType dt : {DType::f16, DType::bf16})
+    for (const Case c : {Case{3, 1, 256, 1031}, Case{2, 2, 256, 300}, Case{4, 2, 256, 129}}) {
+      const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, dt, 1.5f), k = test::random_rounded(c.hkv, c.n, c.d, dt);
+      kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt);
+      const double tol = test::rel_tol(dt);
+      const int64_t nl = int64_t(c.hq) * c.n;
+      kk::DeviceBuffer lse_h = row_lse_of(dq, dk, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::hopper),
+                       lse_p = row_lse_of(dq, dk, dt, c.hq, c.hkv, c.d, c.n, kk::AttnImpl::portable);
+      const std::string tag = std::string(dt == DType::bf16 ? "bf16" : "f16") + " N " + std::to_string(c.n);
+      test::expect_rel(("d256 row_lse " + tag).c_str(), test::download_as_float(lse_h, nl, kk::ElemType::f32),
+                       test::download_as_float(lse_p, nl, kk::ElemType::f32), tol);
+      for (int stride : {1, 3}) {
+        auto [sh, gh] = block_scores_of(dq, dk, lse_h, dt, c.hq, c.hkv, c.d, c.n, kk::BlockReduce::max, stride,
+                                        kk::AttnImpl::hopper);
+        auto [sp, gp] = block_scores_of(dq, dk, lse_p, dt, c.hq, c.hkv, c.d, c.n, kk::BlockReduce::max, stride,
+                                        kk::AttnImpl::portable);
+        ASSERT_EQ(sh, kk::Status::ok);
+        ASSERT_EQ(sp, kk::Status::ok);
+        test::expect_rel(("d256 maxpool " + tag + " stride " + std::to_string(stride)).c_str(), gh, gp, tol);
+      }
+      EXPECT_EQ(block_scores_of(dq, dk, lse_h, dt, c.hq, c.hkv, c.d, c.n, kk::BlockReduce::mean_sum, 1,
+                                kk::AttnImpl::hopper).first,
+                kk::Status::unsupported);
+    }
 }
 
 // fused_block_scores (one pass: per-tile statistics + reduction) vs the CPU and vs the two
