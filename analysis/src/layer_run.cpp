@@ -98,9 +98,12 @@ class LayerRun {
     const MethodInfo* method;
     int groups;
     double gamma;
+    bool with_order;  // the selections will rank these scores (order_of): ranked on the worker too
     std::promise<BlockScores> promise;
     std::future<BlockScores> result = promise.get_future();
-    double wall = 0;  // on the worker, written before the result is set
+    // On the worker, written before the result is set:
+    double wall = 0;
+    std::vector<int32_t> order;  // selection_order of the scores, when with_order
   };
   // Methods whose estimate gives every gamma's native at once (estimate_coverages).
   static bool coverages_in_one(const MethodInfo& m) {
@@ -279,8 +282,10 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
       s = pf->second->result.get();
     }
     tm_.stages["estimate:" + method.name + " (background)"].wall += pf->second->wall;
+    const BlockScores& sc = score_cache_.emplace(key, std::move(s)).first->second;
+    if (pf->second->with_order) order_cache_.emplace(&sc, std::move(pf->second->order));
     prefetch_.erase(pf);  // the worker is done with it (its result was set)
-    return score_cache_.emplace(key, std::move(s)).first->second;
+    return sc;
   }
   if (auto bg = background_.find(key); bg != background_.end()) {
     // Waiting for it is this stage's wall time; its own run is reported beside, as "background".
@@ -377,6 +382,8 @@ void LayerRun::start_gpu_estimates() {
         p->method = m;
         p->groups = g;
         p->gamma = gamma;
+        // Budget-driven masks are prefixes of the order; "auto" fixed densities start from it.
+        p->with_order = m->grouped() || cfg_.density_rule == "auto";
         const auto [it, fresh] = prefetch_.try_emplace(score_key(*m, g, gamma), std::move(p));
         if (fresh) todo.push_back(it->second.get());
       }
@@ -395,6 +402,10 @@ void LayerRun::start_gpu_estimates() {
       try {
         const auto w0 = std::chrono::steady_clock::now();
         BlockScores s = gpu_scores(*p->method, p->groups, p->gamma);
+        if (p->with_order) {
+          TraceScope trace("selection order " + score_key(*p->method, p->groups, p->gamma));
+          p->order = selection_order(s);
+        }
         p->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
         p->promise.set_value(std::move(s));
       } catch (...) {
