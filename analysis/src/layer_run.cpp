@@ -84,6 +84,9 @@ class LayerRun {
   struct Background {
     std::future<std::vector<std::pair<std::string, BlockScores>>> scores;  // by score_key
     double wall = 0, cpu = 0;  // of the estimate on its own thread
+    // The selection order of the scores the "auto" fixed densities start from (written before
+    // the scores are set).
+    std::map<std::string, std::vector<int32_t>> orders;
   };
   // --device cuda: the scores computed on the GPU (the estimates the analysis takes from the
   // device, and the block max of the after-pass score sets), one after another on a thread of
@@ -254,12 +257,15 @@ void LayerRun::start_cpu_estimates() {
       keys.push_back(score_key(m, 0, gamma));
     auto b = std::make_shared<Background>();
     Background* raw = b.get();
-    b->scores = std::async(std::launch::async, [this, &m, gamma, raw, threads] {
+    const std::string ranked = cfg_.density_rule == "auto" ? score_key(m, 0, gamma) : "";
+    b->scores = std::async(std::launch::async, [this, &m, gamma, raw, threads, ranked] {
       set_cpu_threads(threads);  // the lane's share of the cores, as on this thread
       yield_to_foreground();
       const auto w0 = std::chrono::steady_clock::now();
       const double c0 = cpu_now(true);
       auto out = cpu_estimates(m, 0, gamma);
+      for (const auto& [k, sc] : out)
+        if (k == ranked) raw->orders.emplace(k, selection_order(sc));
       raw->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
       raw->cpu = cpu_now(true) - c0;
       return out;
@@ -300,7 +306,8 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     st.cpu += b->cpu;
     for (auto& [k, sc] : got) {
       background_.erase(k);
-      score_cache_.try_emplace(k, std::move(sc));
+      const auto [at, fresh] = score_cache_.try_emplace(k, std::move(sc));
+      if (auto o = b->orders.find(k); fresh && o != b->orders.end()) order_cache_.emplace(&at->second, std::move(o->second));
     }
     return score_cache_.at(key);
   }
