@@ -170,6 +170,17 @@ __device__ __forceinline__ int next_prefix(const AttnArgs& a, int h, int i, int 
   return best;
 }
 
+// prefix mode: the warp's squared error (sq: this lane's share) added to every mask whose row
+// (h, i) ends after `count` blocks (row (h, i) of CTA (i, h); gridDim.y = Hq).
+__device__ __forceinline__ void prefix_add_error(const AttnArgs& a, float sq, int h, int i, int count, int lane) {
+  double w = sq;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
+  if (lane == 0)
+    for (int m = 0; m < a.masks; ++m)
+      if (__ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + i) == count) atomicAdd(a.err + m * gridDim.y + h, w);
+}
+
 // prefix mode: the warp's rows normalised now (O / l; 0 where l = 0, as an empty row) against
 // o_ref, the squared error summed and added to every mask whose row (h, i) ends here.
 template <int D, int MT>
@@ -193,12 +204,7 @@ __device__ __forceinline__ void prefix_snapshot(const AttnArgs& a, const float (
         sq = fmaf(d0, d0, fmaf(d1, d1, sq));
       }
     }
-  double w = sq;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
-  if (lane == 0)
-    for (int m = 0; m < a.masks; ++m)
-      if (__ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + i) == count) atomicAdd(a.err + m * gridDim.y + h, w);
+  prefix_add_error(a, sq, h, i, count, lane);
 }
 
 // PIPE 0: FlashAttention-2's schedule (one K and one V buffer; V(t) loads during S(t) and the

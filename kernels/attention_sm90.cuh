@@ -354,12 +354,7 @@ __global__ void __launch_bounds__(384, 1)
         sq = fmaf(d0, d0, fmaf(d1, d1, sq));
       }
     }
-    double w = sq;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
-    if (lane == 0)
-      for (int m = 0; m < a.masks; ++m)
-        if (__ldg(a.counts + (int64_t(m) * gridDim.y + h) * a.nb + qt) == cut) atomicAdd(a.err + m * gridDim.y + h, w);
+    prefix_add_error(a, sq, h, qt, cut, lane);
   };
 
   if constexpr (!WITH_V) {
