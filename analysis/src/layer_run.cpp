@@ -177,6 +177,18 @@ class LayerRun {
   LayerPass pass_;                      // errors and prefix tables (oracle moved to oracle_)
   std::vector<int> explicit_of_;        // per selection: index into pass_.errors, or -1
   std::vector<OracleBudget> obudget_;   // per cfg.gamma
+  // --device cuda: the last query block's token probabilities, computed beside the kernels
+  // (gpu_pass) and waited for at their first use (dynamic / token budgets, head similarity).
+  std::future<std::vector<double>> last_block_;
+  const std::vector<float>& last_block_probs() {
+    if (last_block_.valid()) {
+      Timing::Scope scope(tm_, "last_block");  // what is left of it
+      TraceScope trace("wait for the last block's probabilities");
+      const std::vector<double> p = last_block_.get();
+      oracle_.last_block_probs.assign(p.begin(), p.end());
+    }
+    return oracle_.last_block_probs;
+  }
   // Each oracle mass row's ranking (mass_rank_positions), once: oracle budgets, top-k masks and
   // block recall read it.
   std::vector<int32_t> rank_pos_;
@@ -401,6 +413,9 @@ void LayerRun::start_gpu_estimates() {
   prefetch_worker_ = std::async(std::launch::async, [this, todo, device, threads] {
     use_cuda_device(device);
     set_cpu_threads(threads);
+    // Each estimate's ranking runs on a thread of its own beside the next estimate's kernels
+    // (one at a time); the result is set once it is ranked.
+    std::future<void> ranking;
     for (Prefetch* p : todo) {
       if (prefetch_stop_) {
         p->promise.set_exception(std::make_exception_ptr(Error("the layer's run stopped")));
@@ -409,16 +424,25 @@ void LayerRun::start_gpu_estimates() {
       try {
         const auto w0 = std::chrono::steady_clock::now();
         BlockScores s = gpu_scores(*p->method, p->groups, p->gamma);
-        if (p->with_order) {
-          TraceScope trace("selection order " + score_key(*p->method, p->groups, p->gamma));
-          p->order = selection_order(s);
-        }
         p->wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
-        p->promise.set_value(std::move(s));
+        if (ranking.valid()) ranking.get();
+        ranking = std::async(std::launch::async, [this, p, threads, s = std::move(s)]() mutable {
+          set_cpu_threads(threads);
+          try {
+            if (p->with_order) {
+              TraceScope trace("selection order " + score_key(*p->method, p->groups, p->gamma));
+              p->order = selection_order(s);
+            }
+            p->promise.set_value(std::move(s));
+          } catch (...) {
+            p->promise.set_exception(std::current_exception());
+          }
+        });
       } catch (...) {
         p->promise.set_exception(std::current_exception());
       }
     }
+    if (ranking.valid()) ranking.get();
   });
 }
 
@@ -444,7 +468,7 @@ const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& 
   const BlockMass* mass = kind.needs_oracle_mass ? &oracle_.mass : nullptr;
   // On the GPU path the last block's token probabilities were computed once (gpu_pass); the CPU
   // path lets the budget compute them in float64 as the spec does.
-  const std::vector<float>* probs = cuda() ? &oracle_.last_block_probs : nullptr;
+  const std::vector<float>* probs = cuda() && kind.reads_last_block ? &last_block_probs() : nullptr;
   Budgets b = make_budget(kind.name)->compute(q_, k_, sc, c, mass, probs);
   return budget_cache_.emplace(key, std::move(b)).first->second;
 }
@@ -506,7 +530,7 @@ void LayerRun::similarity() {
   so.topk_fractions = cfg_.topk_fractions;
   so.max_rows = cfg_.sim_rows;
   std::optional<TraceScope> trace(std::in_place, "head similarity");
-  const HeadSimilarity s = head_similarity(oracle_.mass, oracle_.last_block_probs,
+  const HeadSimilarity s = head_similarity(oracle_.mass, last_block_probs(),
                                            oracle_.shape.seq_len, so);
   trace.reset();
   const size_t F = s.topk_fractions.size();
@@ -746,7 +770,6 @@ void LayerRun::pass() {
 }
 
 void LayerRun::gpu_pass() {
-  std::future<std::vector<double>> last_block;
   {
     Timing::Scope scope(tm_, "oracle:cuda");
     oracle_.shape = check_qkv(q_, k_);
@@ -759,19 +782,15 @@ void LayerRun::gpu_pass() {
     // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
     // B rows against every key, float64 on the CPU as the spec computes them; on another
     // thread while the kernels run.
+    // thread while the kernels run, waited for where they are first read (last_block_probs).
     const int threads = cpu_threads();
-    last_block = std::async(std::launch::async, [this, threads] {
+    last_block_ = std::async(std::launch::async, [this, threads] {
       set_cpu_threads(threads);
       return last_block_token_probs_cpu(q_, k_, cfg_.block);
     });
     TraceScope trace("block mass + row lse", true);
     oracle_.mass = gpu().block_mass(cfg_.block);
     oracle_.lse = gpu().row_lse();
-  }
-  {
-    Timing::Scope scope(tm_, "last_block");  // what is left of it
-    const std::vector<double> p = last_block.get();
-    oracle_.last_block_probs.assign(p.begin(), p.end());
   }
   Timing::Scope scope(tm_, "oracle");
   TraceScope trace("oracle budgets");

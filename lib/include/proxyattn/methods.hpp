@@ -169,6 +169,7 @@ struct BudgetKindInfo {
   bool needs_oracle_mass = false; // reads the exact block mass (oracle)
   bool mean_of_dynamic = false;   // uniform_k = round(mean dynamic k_h at the same gamma) (uniform)
   bool fig5c = false;             // brought to each fixed sparsity with its proportions (dynamic, token)
+  bool reads_last_block = false;  // reads the last query block's token probabilities (dynamic, token)
 };
 // dynamic, token, uniform, cumulative, oracle (report order).
 const std::vector<const BudgetKindInfo*>& all_budget_kinds();

@@ -143,7 +143,8 @@ bool renative_from_scores(BlockScores& s, const EstimatorConfig& c) {
 // ---- budget kinds -----------------------------------------------------------------------------
 
 namespace {
-BudgetKindInfo budget_kind(std::string name, bool reads_scores, bool needs_oracle, bool mean_of_dynamic, bool fig5c) {
+BudgetKindInfo budget_kind(std::string name, bool reads_scores, bool needs_oracle, bool mean_of_dynamic, bool fig5c,
+                           bool reads_last_block) {
   BudgetKindInfo b;
   b.name = name;
   b.description = make_budget(name)->description();
@@ -151,15 +152,16 @@ BudgetKindInfo budget_kind(std::string name, bool reads_scores, bool needs_oracl
   b.needs_oracle_mass = needs_oracle;
   b.mean_of_dynamic = mean_of_dynamic;
   b.fig5c = fig5c;
+  b.reads_last_block = reads_last_block;
   return b;
 }
 }  // namespace
 
 const std::vector<const BudgetKindInfo*>& all_budget_kinds() {
   static const std::vector<BudgetKindInfo> kinds{
-      budget_kind("dynamic", false, false, false, true), budget_kind("token", false, false, false, true),
-      budget_kind("uniform", false, false, true, false), budget_kind("cumulative", true, false, false, false),
-      budget_kind("oracle", false, true, false, false)};
+      budget_kind("dynamic", false, false, false, true, true), budget_kind("token", false, false, false, true, true),
+      budget_kind("uniform", false, false, true, false, false), budget_kind("cumulative", true, false, false, false, false),
+      budget_kind("oracle", false, true, false, false, false)};
   static const std::vector<const BudgetKindInfo*> list = [] {
     std::vector<const BudgetKindInfo*> l;
     for (const BudgetKindInfo& k : kinds) l.push_back(&k);
