@@ -41,7 +41,8 @@ Status prefix_output_errors(const PrefixErrorParams& p) noexcept {
   bool hopper = false;
   s = detail::pick_sm90(ap.impl, a, ap.head_dim, true, p.block, &hopper);
   if (s != Status::ok) return s;
-  if (hopper) return detail::launch_sm90(detail::Sm90Mode::prefix, a, ap.in_type, ap.head_dim, ap.q_heads, ap.kv_heads, {}, st);
+  if (hopper)
+    return detail::launch_sm90(detail::Sm90Mode::prefix, a, ap.in_type, ap.head_dim, ap.q_heads, ap.kv_heads, {}, st);
   return ap.in_type == ElemType::bf16
              ? detail::launch_csr<__nv_bfloat16, AttnMode::prefix>(a, p.block, ap.head_dim, ap.q_heads, st)
              : detail::launch_csr<__half, AttnMode::prefix>(a, p.block, ap.head_dim, ap.q_heads, st);

@@ -319,12 +319,14 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     for (auto& [k, sc] : got) {
       background_.erase(k);
       const auto [at, fresh] = score_cache_.try_emplace(k, std::move(sc));
-      if (auto o = b->orders.find(k); fresh && o != b->orders.end()) order_cache_.emplace(&at->second, std::move(o->second));
+      if (auto o = b->orders.find(k); fresh && o != b->orders.end())
+        order_cache_.emplace(&at->second, std::move(o->second));
     }
     return score_cache_.at(key);
   }
   const bool gpu_estimate = cuda() && method.has_gpu() && method.gpu_in_analysis;
-  if (coverages_in_one(method) && !gpu_estimate && std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
+  if (coverages_in_one(method) && !gpu_estimate &&
+      std::find(cfg_.gamma.begin(), cfg_.gamma.end(), gamma) != cfg_.gamma.end()) {
     // The native selection depends on gamma through the estimate: every gamma in one estimate.
     Timing::Scope scope(tm_, "estimate:" + method.name);
     for (auto& [k, sc] : cpu_estimates(method, groups, gamma)) score_cache_.try_emplace(k, std::move(sc));

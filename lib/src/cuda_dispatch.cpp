@@ -50,12 +50,10 @@ kk::DeviceBuffer alloc(size_t bytes, const std::string& what) {
 }
 
 // Uploads a float32 view as a contiguous [heads, tokens, dim] tensor of 16-bit type t (the
-// compute dtypes, elem_of), rounded on the host in parallel so half the bytes cross the bus. The
-// rounding is the device conversion's (round to nearest even; tests/gpu/test_full_attention.cpp,
-// HostRounding).
-// A [H, N, d] float32 view rounded to 16 bits on the host (in parallel, a chunk of rows at a
-// time into page-locked staging) while the previous chunk crosses the bus: half the bytes of a
-// float32 upload, no pageable copy, no N-sized host buffer.
+// compute dtypes, elem_of), rounded on the host in parallel so half the bytes cross the bus, a
+// chunk of rows at a time into page-locked staging while the previous chunk crosses it (no
+// pageable copy, no N-sized host buffer). The rounding is the device conversion's (round to
+// nearest even; tests/gpu/test_full_attention.cpp, HostRounding).
 kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, kk::StagedUpload& staging, const std::string& what) {
   if (t == kk::ElemType::f32) throw Error("cuda: upload_view: " + what + " must be uploaded as bf16 or f16");
   const size_t n = static_cast<size_t>(v.heads) * v.tokens * v.dim;

@@ -200,8 +200,9 @@ TEST_P(HopperAttention, PrefixErrorsMatchPortable) {
         counts[(size_t(m) * c.hq + h) * nb + i] =
             m == 0 ? 0 : m == masks - 1 ? i + 1 : std::uniform_int_distribution<int>(0, i + 1)(test::rng());
     }
+  const std::vector<float> full_o(full.o.storage().begin(), full.o.storage().end());
   kk::DeviceBuffer dq = test::upload16(q.storage(), dt), dk = test::upload16(k.storage(), dt),
-                   dv = test::upload16(v.storage(), dt), ref = test::upload_raw(std::vector<float>(full.o.storage().begin(), full.o.storage().end())),
+                   dv = test::upload16(v.storage(), dt), ref = test::upload_raw(full_o),
                    d_order = test::upload_raw(order), d_counts = test::upload_raw(counts);
   std::vector<double> ref_sq(size_t(c.hq), 0.0);
   for (int h = 0; h < c.hq; ++h)

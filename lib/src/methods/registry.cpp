@@ -159,8 +159,11 @@ BudgetKindInfo budget_kind(std::string name, bool reads_scores, bool needs_oracl
 
 const std::vector<const BudgetKindInfo*>& all_budget_kinds() {
   static const std::vector<BudgetKindInfo> kinds{
-      budget_kind("dynamic", false, false, false, true, true), budget_kind("token", false, false, false, true, true),
-      budget_kind("uniform", false, false, true, false, false), budget_kind("cumulative", true, false, false, false, false),
+      // name, reads_scores, needs_oracle_mass, mean_of_dynamic, fig5c, reads_last_block
+      budget_kind("dynamic", false, false, false, true, true),
+      budget_kind("token", false, false, false, true, true),
+      budget_kind("uniform", false, false, true, false, false),
+      budget_kind("cumulative", true, false, false, false, false),
       budget_kind("oracle", false, true, false, false, false)};
   static const std::vector<const BudgetKindInfo*> list = [] {
     std::vector<const BudgetKindInfo*> l;
