@@ -229,8 +229,9 @@ class LayerRun {
   std::vector<size_t> error_rep_;                 // per selection: its mask's index in error_distinct_
   bool budget_done_ = false;                      // the budget topic ran in this phase
   std::vector<ErrorBatch> error_batches_;         // destroyed (waited for) before what they read
-  // The GPU estimates running ahead (start_gpu_estimates), by score key; the worker goes through
-  // them in order and is waited for before them and the layer it reads are destroyed.
+  // The GPU estimates running ahead (start_gpu_estimates), by score key (score_cache_ is looked up
+  // first, so a taken entry is not read again); the worker goes through them in order and is
+  // waited for before them and the layer it reads are destroyed.
   std::map<std::string, std::unique_ptr<Prefetch>> prefetch_;
   std::atomic<bool> prefetch_stop_{false};
   std::future<void> prefetch_worker_;  // last: destroyed (waited for) first
@@ -302,7 +303,8 @@ const BlockScores& LayerRun::scores(const MethodInfo& method, int groups, double
     tm_.stages["estimate:" + method.name + " (background)"].wall += pf->second->wall;
     const BlockScores& sc = score_cache_.emplace(key, std::move(s)).first->second;
     if (pf->second->with_order) order_cache_.emplace(&sc, std::move(pf->second->order));
-    prefetch_.erase(pf);  // the worker is done with it (its result was set)
+    // The entry stays (emptied) until the worker is joined: the thread that set the result may
+    // still be inside set_value.
     return sc;
   }
   if (auto bg = background_.find(key); bg != background_.end()) {
