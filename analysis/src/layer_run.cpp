@@ -597,15 +597,17 @@ void LayerRun::similarity() {
   }
 
   // Fidelity of each proxy: its ranking at each member head's own oracle budget. Every group
-  // count at once per gamma (the oracle's top blocks ranked once), rows in (group, gamma) order.
+  // count and gamma at once (each ranking taken once, at the largest budget), rows in (group,
+  // gamma) order.
   std::vector<ScoreView> views;
   for (int g : store_.groups) {
     const BlockScores& sc = scores(proxyattn_method(), g, kNaN);
     views.push_back({sc.score.data(), sc.heads, sc.num_blocks, H});
   }
-  std::vector<std::vector<std::vector<RankingFidelity>>> fid;  // [gamma][group][head]
+  std::vector<const OracleBudget*> at_gammas;
+  for (const OracleBudget& b : obudget_) at_gammas.push_back(&b);
   trace.emplace("ranking fidelity");
-  for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) fid.push_back(ranking_fidelity(views, oracle_.mass, obudget_[gi]));
+  const auto fid = ranking_fidelity(views, oracle_.mass, at_gammas);  // [gamma][group][head]
   for (size_t gx = 0; gx < store_.groups.size(); ++gx) {
     const int g = store_.groups[gx];
     for (size_t gi = 0; gi < cfg_.gamma.size(); ++gi) {

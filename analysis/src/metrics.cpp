@@ -593,6 +593,13 @@ std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const Blo
 
 std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const ScoreView> views, const BlockMass& mass,
                                                            const OracleBudget& budget) {
+  const OracleBudget* one[] = {&budget};
+  return ranking_fidelity(views, mass, std::span<const OracleBudget* const>(one)).front();
+}
+
+std::vector<std::vector<std::vector<RankingFidelity>>> ranking_fidelity(std::span<const ScoreView> views,
+                                                                        const BlockMass& mass,
+                                                                        std::span<const OracleBudget* const> budgets) {
   check_mass(mass, "ranking fidelity");
   for (const ScoreView& scores : views)
     if (!scores.data || scores.score_heads <= 0 || scores.q_heads != mass.heads ||
@@ -601,15 +608,23 @@ std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const Score
                   std::to_string(scores.num_blocks) + " blocks] do not fit " +
                   std::to_string(mass.heads) + " query heads x " + std::to_string(mass.num_blocks) +
                   " blocks");
-  if (budget.heads != mass.heads || budget.num_blocks != mass.num_blocks)
-    throw Error("ranking fidelity: oracle budget does not match the block mass");
+  for (const OracleBudget* budget : budgets)
+    if (!budget || budget->heads != mass.heads || budget->num_blocks != mass.num_blocks)
+      throw Error("ranking fidelity: oracle budget does not match the block mass");
   const int nb = mass.num_blocks;
+  const size_t B = budgets.size(), V = views.size();
+  // Row (h, i)'s largest clamped budget: every ranking is taken that deep once.
+  auto deepest = [&](int h, int i) {
+    int k = 0;
+    for (const OracleBudget* budget : budgets) k = std::max(k, std::clamp(budget->at(h, i), 0, i + 1));
+    return k;
+  };
   const bool par = worth_threads(mass);
   const size_t per_head = static_cast<size_t>(nb) * nb;
   // Per score set: query heads that read the same scores (one score head, or score heads
   // bitwise equal to the previous one: the copies of one proxy group) share its ranking: each
-  // distinct score row's top k_max (the largest budget of its readers) once; each reader's top k
-  // is a prefix of it.
+  // distinct score row's top k_max (the largest budget of its readers, at any of the budgets)
+  // once; each reader's top k is a prefix of it.
   struct Tops {
     std::vector<int> leader;     // per score head
     std::vector<int64_t> sptr;   // per score row: its top ids in stop[sptr[r] .. sptr[r + 1])
@@ -638,7 +653,7 @@ std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const Score
     for (int h = 0; h < mass.heads; ++h)
       for (int i = 0; i < nb; ++i) {
         int32_t& km = kmax[static_cast<size_t>(tp.row_of(scores, h, i, nb))];
-        km = std::max(km, std::clamp(budget.at(h, i), 0, i + 1));
+        km = std::max(km, deepest(h, i));
       }
     tp.sptr.assign(static_cast<size_t>(srows) + 1, 0);
     for (int64_t t = 0; t < srows; ++t)
@@ -657,39 +672,48 @@ std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const Score
       }
     }
   }
-  // Per head: each mass row's top k (the oracle's S*) once for every score set.
-  std::vector<std::vector<RankingFidelity>> out(views.size(), std::vector<RankingFidelity>(static_cast<size_t>(mass.heads)));
+  // Per head: each mass row's top k (the oracle's S*) once for every score set and budget.
+  std::vector<std::vector<std::vector<RankingFidelity>>> out(
+      B, std::vector<std::vector<RankingFidelity>>(V, std::vector<RankingFidelity>(static_cast<size_t>(mass.heads))));
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int h = 0; h < mass.heads; ++h) {
     std::vector<uint64_t> keys;
     std::vector<int32_t> best(static_cast<size_t>(nb));
     std::vector<uint8_t> flag(static_cast<size_t>(nb), 0);  // bit 0: in S, bit 1: in S*
-    std::vector<double> br(views.size(), 0.0), mr(views.size(), 0.0), ratio(views.size(), 0.0);
+    std::vector<double> br(B * V, 0.0), mr(B * V, 0.0), ratio(B * V, 0.0);  // [budget][set]
     for (int i = 0; i < nb; ++i) {
-      const int k = budget.at(h, i), kk = std::clamp(k, 0, i + 1);
       const float* m = mass.row(h, i);
-      rank::top_desc(m, i + 1, kk, best.data(), keys);
-      for (size_t v = 0; v < views.size(); ++v) {
-        const int32_t* s = tops[v].stop.data() + tops[v].sptr[static_cast<size_t>(tops[v].row_of(views[v], h, i, nb))];
-        for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
-        for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;
-        // Both sets summed in ascending block order (as sorted lists were).
-        double ms = 0, mb = 0;
-        int common = 0;
-        for (int j = 0; j <= i; ++j) {
-          const uint8_t f = flag[static_cast<size_t>(j)];
-          if (!f) continue;
-          if (f & 1) ms += m[j];
-          if (f & 2) mb += m[j];
-          common += f == 3;
-          flag[static_cast<size_t>(j)] = 0;
+      rank::top_desc(m, i + 1, deepest(h, i), best.data(), keys);
+      for (size_t b = 0; b < B; ++b) {
+        for (size_t v = 0; v < V; ++v) {
+          const int k = budgets[b]->at(h, i), kk = std::clamp(k, 0, i + 1);
+          const size_t bv = b * V + v;
+          const Tops& tp = tops[v];
+          const int32_t* s = tp.stop.data() + tp.sptr[static_cast<size_t>(tp.row_of(views[v], h, i, nb))];
+          for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(s[t])] |= 1;
+          for (int t = 0; t < kk; ++t) flag[static_cast<size_t>(best[static_cast<size_t>(t)])] |= 2;
+          // Both sets summed in ascending block order (as sorted lists were).
+          double ms = 0, mb = 0;
+          int common = 0;
+          for (int j = 0; j <= i; ++j) {
+            const uint8_t f = flag[static_cast<size_t>(j)];
+            if (!f) continue;
+            if (f & 1) ms += m[j];
+            if (f & 2) mb += m[j];
+            common += f == 3;
+            flag[static_cast<size_t>(j)] = 0;
+          }
+          br[bv] += k > 0 ? static_cast<double>(common) / k : 1.0;
+          mr[bv] += ms;
+          ratio[bv] += mb > 0 ? ms / mb : 1.0;
         }
-        br[v] += k > 0 ? static_cast<double>(common) / k : 1.0;
-        mr[v] += ms;
-        ratio[v] += mb > 0 ? ms / mb : 1.0;
       }
     }
-    for (size_t v = 0; v < views.size(); ++v) out[v][static_cast<size_t>(h)] = {h, br[v] / nb, mr[v] / nb, ratio[v] / nb};
+    for (size_t b = 0; b < B; ++b)
+      for (size_t v = 0; v < V; ++v) {
+        const size_t bv = b * V + v;
+        out[b][v][static_cast<size_t>(h)] = {h, br[bv] / nb, mr[bv] / nb, ratio[bv] / nb};
+      }
   }
   return out;
 }

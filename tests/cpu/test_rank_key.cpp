@@ -8,6 +8,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <span>
 
 #include "proxyattn/analysis/metrics.hpp"
 #include "proxyattn/rank_key.hpp"
@@ -369,6 +370,21 @@ TEST(RankKey, RankingFidelityEqualsTheReference) {
       EXPECT_EQ(all[v][h].mass_ratio, ref[h].mass_ratio) << v << " " << h;
     }
   }
+  // ... and at several budgets at once (rankings taken at the largest): each budget's numbers
+  // as the reference gives them alone, the largest budget neither first nor last.
+  const analysis::OracleBudget b50 = analysis::oracle_budget(m, 0.5), b95 = analysis::oracle_budget(m, 0.95);
+  const analysis::OracleBudget* budgets[] = {&b50, &b95, &b75};
+  const auto by_budget = analysis::ranking_fidelity(views, m, std::span<const analysis::OracleBudget* const>(budgets));
+  ASSERT_EQ(by_budget.size(), 3u);
+  for (size_t b = 0; b < 3; ++b)
+    for (size_t v = 0; v < views.size(); ++v) {
+      const auto ref = ref_fidelity(views[v], m, *budgets[b]);
+      for (int h = 0; h < H; ++h) {
+        EXPECT_EQ(by_budget[b][v][h].block_recall, ref[h].block_recall) << b << " " << v << " " << h;
+        EXPECT_EQ(by_budget[b][v][h].mass_recall, ref[h].mass_recall) << b << " " << v << " " << h;
+        EXPECT_EQ(by_budget[b][v][h].mass_ratio, ref[h].mass_ratio) << b << " " << v << " " << h;
+      }
+    }
   for (int score_heads : {1, 2, 3, 6}) {
     const BlockScores s = random_scores(score_heads, nb, 32, false);
     const analysis::ScoreView view{s.score.data(), score_heads, nb, H};

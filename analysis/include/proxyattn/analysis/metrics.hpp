@@ -153,6 +153,11 @@ std::vector<RankingFidelity> ranking_fidelity(const ScoreView& scores, const Blo
 // The same for several score sets ([set][head]): each mass row's top k is ranked once for all.
 std::vector<std::vector<RankingFidelity>> ranking_fidelity(std::span<const ScoreView> views, const BlockMass& mass,
                                                            const OracleBudget& budget);
+// ... and at several oracle budgets ([budget][set][head], each as the one-budget call gives it):
+// every ranking once, at the largest budget (a smaller one's top k is a prefix of it).
+std::vector<std::vector<std::vector<RankingFidelity>>> ranking_fidelity(std::span<const ScoreView> views,
+                                                                        const BlockMass& mass,
+                                                                        std::span<const OracleBudget* const> budgets);
 
 // ---- budget accuracy -------------------------------------------------------------------------
 
