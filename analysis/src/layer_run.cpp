@@ -914,8 +914,10 @@ void LayerRun::evaluate() {
   std::vector<std::vector<BudgetAccuracy>> acc;
   {
     TraceScope trace("budget accuracy");
+    std::vector<BudgetAccuracyRequest> requests;  // all at once: each mass row ranked once
     for (const PendingBudget& p : pending_)
-      acc.push_back(budget_accuracy(p.budgets->per_head_k, p.budgets->per_row_k, oracle_.mass, obudget_[p.gamma_index]));
+      requests.push_back({p.budgets->per_head_k, p.budgets->per_row_k, &obudget_[p.gamma_index]});
+    acc = budget_accuracy(requests, oracle_.mass, rank_pos);
   }
 
   // Output errors: from the pass (explicit masks), else from a prefix table; a mask neither

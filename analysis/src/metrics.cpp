@@ -720,27 +720,49 @@ std::vector<std::vector<std::vector<RankingFidelity>>> ranking_fidelity(std::spa
 
 // ---- budget accuracy -------------------------------------------------------------------------
 
-std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est,
-                                            std::span<const int32_t> k_per_row,
-                                            const BlockMass& mass, const OracleBudget& budget) {
-  check_mass(mass, "budget accuracy");
+namespace {
+
+// The checks of one request (both forms): the budgets' sizes and the oracle's shape.
+void check_budget_request(std::span<const double> k_est, std::span<const int32_t> k_per_row, const BlockMass& mass,
+                          const OracleBudget* budget) {
   const int nb = mass.num_blocks;
   if (k_est.size() != static_cast<size_t>(mass.heads) ||
       k_per_row.size() != static_cast<size_t>(mass.heads) * nb)
     throw Error("budget accuracy: " + std::to_string(k_est.size()) + " head budgets and " +
                 std::to_string(k_per_row.size()) + " row budgets for " + std::to_string(mass.heads) +
                 " heads x " + std::to_string(nb) + " blocks");
-  if (budget.heads != mass.heads || budget.num_blocks != nb)
+  if (!budget || budget->heads != mass.heads || budget->num_blocks != nb)
     throw Error("budget accuracy: oracle budget does not match the block mass");
+}
+
+// What one request's sums give (the two forms share it).
+BudgetAccuracy accuracy_of(int h, double k_est, const OracleBudget& budget, double used, double reached, int below) {
+  const int nb = budget.num_blocks;
+  BudgetAccuracy a;
+  a.head = h;
+  a.k_est = k_est;
+  a.oracle_mean = budget.mean(h);
+  a.oracle_last_row = budget.at(h, nb - 1);
+  a.k_effective = used / nb;
+  a.rel_error = (a.k_effective - a.oracle_mean) / a.oracle_mean;
+  a.abs_rel_error = std::abs(a.rel_error);
+  a.mass_reached = reached / nb;
+  a.rows_below_gamma = static_cast<double>(below) / nb;
+  return a;
+}
+
+}  // namespace
+
+std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est,
+                                            std::span<const int32_t> k_per_row,
+                                            const BlockMass& mass, const OracleBudget& budget) {
+  check_mass(mass, "budget accuracy");
+  check_budget_request(k_est, k_per_row, mass, &budget);
+  const int nb = mass.num_blocks;
   std::vector<BudgetAccuracy> out(static_cast<size_t>(mass.heads));
   const bool par = worth_threads(mass);
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int h = 0; h < mass.heads; ++h) {
-    BudgetAccuracy a;
-    a.head = h;
-    a.k_est = k_est[static_cast<size_t>(h)];
-    a.oracle_mean = budget.mean(h);
-    a.oracle_last_row = budget.at(h, nb - 1);
     double reached = 0, used = 0;
     int below = 0;
     for (int i = 0; i < nb; ++i) {
@@ -753,12 +775,47 @@ std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est,
       reached += s;
       if (s < budget.gamma * row_sum(m, i) * (1.0 - kGammaSlack)) ++below;
     }
-    a.k_effective = used / nb;
-    a.rel_error = (a.k_effective - a.oracle_mean) / a.oracle_mean;
-    a.abs_rel_error = std::abs(a.rel_error);
-    a.mass_reached = reached / nb;
-    a.rows_below_gamma = static_cast<double>(below) / nb;
-    out[static_cast<size_t>(h)] = a;
+    out[static_cast<size_t>(h)] = accuracy_of(h, k_est[static_cast<size_t>(h)], budget, used, reached, below);
+  }
+  return out;
+}
+
+std::vector<std::vector<BudgetAccuracy>> budget_accuracy(std::span<const BudgetAccuracyRequest> requests,
+                                                         const BlockMass& mass, const std::vector<int32_t>& rank_pos) {
+  check_mass(mass, "budget accuracy");
+  const int nb = mass.num_blocks;
+  const size_t per_head = static_cast<size_t>(nb) * (nb + 1) / 2;
+  if (rank_pos.size() != per_head * static_cast<size_t>(mass.heads))
+    throw Error("budget accuracy: rank positions are not of this mass");
+  for (const BudgetAccuracyRequest& r : requests) check_budget_request(r.k_est, r.k_per_row, mass, r.oracle);
+  const size_t R = requests.size();
+  std::vector<std::vector<BudgetAccuracy>> out(R, std::vector<BudgetAccuracy>(static_cast<size_t>(mass.heads)));
+  const bool par = worth_threads(mass);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int h = 0; h < mass.heads; ++h) {
+    std::vector<double> reached(R, 0.0), used(R, 0.0);
+    std::vector<int> below(R, 0);
+    std::vector<int32_t> order(static_cast<size_t>(nb));
+    std::vector<double> cum(static_cast<size_t>(nb) + 1, 0.0);  // cum[t]: mass of the t top blocks
+    for (int i = 0; i < nb; ++i) {
+      const float* m = mass.row(h, i);
+      const int32_t* pos = rank_pos.data() + static_cast<size_t>(h) * per_head + static_cast<size_t>(i) * (i + 1) / 2;
+      for (int j = 0; j <= i; ++j) order[static_cast<size_t>(pos[j])] = j;
+      // Summed in rank order from 0, as the first form sums each top-k list.
+      for (int t = 0; t <= i; ++t)
+        cum[static_cast<size_t>(t) + 1] = cum[static_cast<size_t>(t)] + m[order[static_cast<size_t>(t)]];
+      const double total = row_sum(m, i);
+      for (size_t r = 0; r < R; ++r) {
+        const int k = std::clamp<int>(requests[r].k_per_row[static_cast<size_t>(h) * nb + i], 0, i + 1);
+        used[r] += k;
+        const double s = cum[static_cast<size_t>(k)];
+        reached[r] += s;
+        if (s < requests[r].oracle->gamma * total * (1.0 - kGammaSlack)) ++below[r];
+      }
+    }
+    for (size_t r = 0; r < R; ++r)
+      out[r][static_cast<size_t>(h)] =
+          accuracy_of(h, requests[r].k_est[static_cast<size_t>(h)], *requests[r].oracle, used[r], reached[r], below[r]);
   }
   return out;
 }

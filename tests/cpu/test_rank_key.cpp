@@ -352,6 +352,50 @@ std::vector<analysis::RankingFidelity> ref_fidelity(const analysis::ScoreView& s
   return out;
 }
 
+// Budget accuracy of several budgets at once (each mass row put in rank order once, from its rank
+// positions) equals each budget's own call bit for bit: ties and zeros in the mass, values whose
+// sums depend on the order, row budgets of 0, within and above the row.
+TEST(RankKey, BudgetAccuracyOfManyEqualsOneByOne) {
+  const int H = 5, nb = 23;
+  BlockMass m = random_mass(H, nb, 32);
+  for (float& x : m.mass) x *= 0.8f;  // 0.1-steps: float sums that depend on their order
+  const std::vector<int32_t> pos = analysis::mass_rank_positions(m);
+  std::uniform_int_distribution<int> extra(-2, 3);
+  std::vector<analysis::OracleBudget> oracles;
+  for (double gamma : {0.6, 0.95}) oracles.push_back(analysis::oracle_budget(m, gamma));
+  std::vector<std::vector<double>> k_est;
+  std::vector<std::vector<int32_t>> k_rows;
+  std::vector<analysis::BudgetAccuracyRequest> requests;
+  for (int r = 0; r < 4; ++r) {
+    std::vector<int32_t> rows(static_cast<size_t>(H) * nb);
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < nb; ++i) rows[static_cast<size_t>(h) * nb + i] = std::max(0, i / (r + 1) + extra(test::rng()));
+    k_rows.push_back(std::move(rows));
+    k_est.push_back(std::vector<double>(static_cast<size_t>(H), 1.5 * r));
+  }
+  for (int r = 0; r < 4; ++r) requests.push_back({k_est[r], k_rows[r], &oracles[static_cast<size_t>(r % 2)]});
+  const auto all = analysis::budget_accuracy(requests, m, pos);
+  ASSERT_EQ(all.size(), requests.size());
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const auto one = analysis::budget_accuracy(k_est[r], k_rows[r], m, *requests[r].oracle);
+    for (int h = 0; h < H; ++h) {
+      const analysis::BudgetAccuracy &a = all[r][h], &b = one[h];
+      EXPECT_EQ(a.head, b.head);
+      EXPECT_EQ(a.k_est, b.k_est) << r << " " << h;
+      EXPECT_EQ(a.k_effective, b.k_effective) << r << " " << h;
+      EXPECT_EQ(a.oracle_mean, b.oracle_mean) << r << " " << h;
+      EXPECT_EQ(a.oracle_last_row, b.oracle_last_row) << r << " " << h;
+      EXPECT_EQ(a.rel_error, b.rel_error) << r << " " << h;
+      EXPECT_EQ(a.mass_reached, b.mass_reached) << r << " " << h;
+      EXPECT_EQ(a.rows_below_gamma, b.rows_below_gamma) << r << " " << h;
+    }
+  }
+  const std::vector<int32_t> short_rows(3, 1);
+  const analysis::BudgetAccuracyRequest bad{k_est[0], short_rows, &oracles[0]};
+  EXPECT_THROW(analysis::budget_accuracy(std::span(&bad, 1), m, pos), Error);
+  EXPECT_THROW(analysis::budget_accuracy(requests, m, std::vector<int32_t>(5)), Error);
+}
+
 TEST(RankKey, RankingFidelityEqualsTheReference) {
   const int H = 6, nb = 29;
   const BlockMass m = random_mass(H, nb, 32);

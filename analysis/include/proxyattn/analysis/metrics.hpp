@@ -187,6 +187,16 @@ std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est,
 // max(1, ceil(k_h * (i + 1) / Nb)) (ALGORITHMS.md step 5).
 std::vector<BudgetAccuracy> budget_accuracy(std::span<const double> k_est, const BlockMass& mass,
                                             const OracleBudget& budget, bool proportional = false);
+// Several budgets at once ([request][head], each as the first form gives it alone): each mass row
+// is put in rank order once (from mass_rank_positions) and every request's top-k mass is read off
+// one running sum of it, instead of a partial sort per row and request.
+struct BudgetAccuracyRequest {
+  std::span<const double> k_est;        // [heads]
+  std::span<const int32_t> k_per_row;   // [heads * Nb]
+  const OracleBudget* oracle = nullptr;
+};
+std::vector<std::vector<BudgetAccuracy>> budget_accuracy(std::span<const BudgetAccuracyRequest> requests,
+                                                         const BlockMass& mass, const std::vector<int32_t>& rank_pos);
 
 // ---- head similarity (paper Fig. 2) ----------------------------------------------------------
 
