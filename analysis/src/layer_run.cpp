@@ -470,8 +470,9 @@ const Budgets& LayerRun::budgets(const BudgetKindInfo& kind, const BlockScores& 
   Timing::Scope scope(tm_, "budget");
   TraceScope trace("budget " + key);
   const BlockMass* mass = kind.needs_oracle_mass ? &oracle_.mass : nullptr;
-  // On the GPU path the last block's token probabilities were computed once (gpu_pass); the CPU
-  // path lets the budget compute them in float64 as the spec does.
+  // On the GPU path the last block's token probabilities are computed once beside the kernels
+  // (gpu_pass) and waited for here by the kinds that read them; the CPU path lets the budget
+  // compute them in float64 as the spec does.
   const std::vector<float>* probs = cuda() && kind.reads_last_block ? &last_block_probs() : nullptr;
   Budgets b = make_budget(kind.name)->compute(q_, k_, sc, c, mass, probs);
   return budget_cache_.emplace(key, std::move(b)).first->second;
@@ -787,7 +788,6 @@ void LayerRun::gpu_pass() {
     if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
     // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
     // B rows against every key, float64 on the CPU as the spec computes them; on another
-    // thread while the kernels run.
     // thread while the kernels run, waited for where they are first read (last_block_probs).
     const int threads = cpu_threads();
     last_block_ = std::async(std::launch::async, [this, threads] {
