@@ -5,7 +5,6 @@
 #include "proxyattn/select.hpp"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -637,17 +636,7 @@ std::vector<std::vector<std::vector<RankingFidelity>>> ranking_fidelity(std::spa
   for (size_t v = 0; v < views.size(); ++v) {
     const ScoreView& scores = views[v];
     Tops& tp = tops[v];
-    // Which score heads equal the one before (compared in parallel: a head is Nb^2 floats).
-    std::vector<char> same_as_previous(static_cast<size_t>(scores.score_heads), 0);
-#pragma omp parallel for schedule(dynamic) if (par)
-    for (int sh = 1; sh < scores.score_heads; ++sh)
-      same_as_previous[static_cast<size_t>(sh)] =
-          std::equal(scores.data + sh * per_head, scores.data + (sh + 1) * per_head, scores.data + (sh - 1) * per_head,
-                     [](float x, float y) { return std::bit_cast<uint32_t>(x) == std::bit_cast<uint32_t>(y); });
-    tp.leader.resize(static_cast<size_t>(scores.score_heads));
-    for (int sh = 0; sh < scores.score_heads; ++sh)
-      tp.leader[static_cast<size_t>(sh)] =
-          same_as_previous[static_cast<size_t>(sh)] ? tp.leader[static_cast<size_t>(sh - 1)] : sh;
+    tp.leader = equal_head_leaders(scores.data, scores.score_heads, per_head);
     const int64_t srows = static_cast<int64_t>(scores.score_heads) * nb;
     std::vector<int32_t> kmax(static_cast<size_t>(srows), 0);
     for (int h = 0; h < mass.heads; ++h)

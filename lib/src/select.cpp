@@ -243,28 +243,33 @@ std::vector<int32_t> selection_order(const BlockScores& s, const SelectOptions& 
   std::vector<int32_t> order(order_offset(s.heads, 0, nb));
   // Heads whose scores are bitwise those of the previous head (the members of one proxy group)
   // get its order copied instead of sorted again.
-  const size_t per_head = static_cast<size_t>(nb) * nb;
-  std::vector<int> same_as(static_cast<size_t>(s.heads), -1);
-  for (int h = 1; h < s.heads; ++h)
-    if (std::equal(s.score.begin() + h * per_head, s.score.begin() + (h + 1) * per_head,
-                   s.score.begin() + (h - 1) * per_head, [](float a, float b) {
-                     return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b);
-                   }))
-      same_as[static_cast<size_t>(h)] = same_as[static_cast<size_t>(h - 1)] >= 0 ? same_as[static_cast<size_t>(h - 1)] : h - 1;
+  const std::vector<int> leader = equal_head_leaders(s.score.data(), s.heads, static_cast<size_t>(nb) * nb);
   std::vector<int> own;  // heads sorted here; in parallel over (head, row): one head may be all
   for (int h = 0; h < s.heads; ++h)
-    if (same_as[static_cast<size_t>(h)] < 0) own.push_back(h);
+    if (leader[static_cast<size_t>(h)] == h) own.push_back(h);
   detail::parallel_heads_blocks(static_cast<int>(own.size()), nb, [&](int x, int i) {
     const int h = own[static_cast<size_t>(x)];
     selection_order_row(s.row(h, i), i, o, order.data() + order_offset(h, i, nb));
   });
   detail::parallel_for(s.heads, [&](int64_t h64) {
-    const int h = static_cast<int>(h64), from = same_as[static_cast<size_t>(h)];
-    if (from >= 0)
+    const int h = static_cast<int>(h64), from = leader[static_cast<size_t>(h)];
+    if (from != h)
       std::copy(order.begin() + order_offset(from, 0, nb), order.begin() + order_offset(from + 1, 0, nb),
                 order.begin() + order_offset(h, 0, nb));
   });
   return order;
+}
+
+std::vector<int> equal_head_leaders(const float* data, int heads, size_t per_head) {
+  std::vector<char> same(static_cast<size_t>(std::max(heads, 0)), 0);  // equal to the head before
+  detail::parallel_for(std::max(heads - 1, 0), [&](int64_t x) {
+    const size_t h = static_cast<size_t>(x) + 1;
+    same[h] = std::equal(data + h * per_head, data + (h + 1) * per_head, data + (h - 1) * per_head,
+                         [](float a, float b) { return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b); });
+  });
+  std::vector<int> leader(same.size());
+  for (size_t h = 0; h < leader.size(); ++h) leader[h] = same[h] ? leader[h - 1] : static_cast<int>(h);
+  return leader;
 }
 
 void selection_order_row(const float* score, int i, const SelectOptions& o, int32_t* out) {

@@ -3,6 +3,7 @@
 // literal form) and a tolerance check that reports max/mean error and the count over tolerance.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -31,6 +32,20 @@ inline std::mt19937_64& rng() {
     return std::mt19937_64(test_seed());
   }();
   return g;
+}
+
+// A random rank order of every row's blocks 0..i (selection_order's causal layout: row (h, i) at
+// h Nb (Nb + 1) / 2 + i (i + 1) / 2), for the prefix-error kernels' tests.
+inline std::vector<int32_t> random_rank_order(int heads, int nb) {
+  std::vector<int32_t> order;
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < nb; ++i) {
+      std::vector<int32_t> row(static_cast<size_t>(i) + 1);
+      for (int j = 0; j <= i; ++j) row[static_cast<size_t>(j)] = j;
+      std::shuffle(row.begin(), row.end(), rng());
+      order.insert(order.end(), row.begin(), row.end());
+    }
+  return order;
 }
 
 // Normal(0, scale) values; scale > 1 on q makes softmax peaky like real attention.

@@ -94,20 +94,8 @@ TEST_P(OutputError, MatchesCpuSpec) {
   EXPECT_EQ(over, 0);
 }
 
-// A random rank order per row (selection_order's causal layout) and masks that are prefixes of
-// it: per row a random length in [0, i + 1] (so empty rows and whole rows too).
-std::vector<int32_t> random_order(int heads, int nb) {
-  std::vector<int32_t> order;
-  for (int h = 0; h < heads; ++h)
-    for (int i = 0; i < nb; ++i) {
-      std::vector<int32_t> row(size_t(i) + 1);
-      for (int j = 0; j <= i; ++j) row[size_t(j)] = j;
-      std::shuffle(row.begin(), row.end(), test::rng());
-      order.insert(order.end(), row.begin(), row.end());
-    }
-  return order;
-}
-
+// Masks that are prefixes of a random rank order (test::random_rank_order): per row a random
+// length in [0, i + 1] (so empty rows and whole rows too).
 BlockMask prefix_mask(const std::vector<int32_t>& order, int heads, int64_t n, int block, double fill) {
   const int nb = num_blocks_for(n, block);
   std::vector<std::vector<int32_t>> rows(size_t(heads) * nb);
@@ -131,7 +119,7 @@ TEST_P(OutputError, PrefixMasksShareAPass) {
   const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, DType::f16, 1.5f),
                 k = test::random_rounded(c.hkv, c.n, c.d, DType::f16), v = test::random_rounded(c.hkv, c.n, c.d, DType::f16);
   const int nb = num_blocks_for(c.n, c.block);
-  const std::vector<int32_t> a = random_order(c.hq, nb), b = random_order(c.hq, nb);
+  const std::vector<int32_t> a = test::random_rank_order(c.hq, nb), b = test::random_rank_order(c.hq, nb);
   std::vector<BlockMask> masks;
   for (double fill : {0.0, 0.2, 0.5, 2.0}) masks.push_back(prefix_mask(a, c.hq, c.n, c.block, fill));
   masks.push_back(random_mask(c.hq, c.n, c.block, 0.3, true));  // a prefix of neither (almost surely)

@@ -29,6 +29,10 @@ BlockMask select_blocks(const BlockScores& scores, const Budgets& budgets,
 // (h, i) at h Nb (Nb + 1) / 2 + i (i + 1) / 2. Computed once per score set, it turns every later
 // selection from those scores into a prefix per row (select_blocks_in_order).
 std::vector<int32_t> selection_order(const BlockScores& scores, const SelectOptions& options = {});
+// Per score head (data: heads x per_head floats), the first head of its run of bitwise-equal
+// neighbours: itself unless it equals the head before (the members of one proxy group carry
+// copies of its scores), so rankings are taken once per run. Compared in parallel.
+std::vector<int> equal_head_leaders(const float* data, int heads, size_t per_head);
 // One row of it: the blocks 0..i of `row` into out[0..i].
 void selection_order_row(const float* row, int i, const SelectOptions& options, int32_t* out);
 // True when every row of mask holds (as a set) the first |row| blocks of that row of `order`
