@@ -18,10 +18,12 @@
 #include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/distributed.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/host_memory.hpp"
 #include "proxyattn/id_ranges.hpp"
 #include "proxyattn/methods.hpp"
 #include "proxyattn/progress.hpp"
 #include "proxyattn/select.hpp"
+#include "proxyattn/trace.hpp"
 
 namespace proxyattn::analysis {
 
@@ -544,7 +546,9 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   for (const StoreCtx& s : stores)
     per_store.push_back({{"store", s.label}, {"layers", s.layers.size()}, {"thread_seconds", store_seconds[s.label]}});
   progress.done();
+  std::optional<TraceScope> trace(std::in_place, "aggregate tables");
   aggregate_tables(report, cfg, A);
+  trace.reset();
 
   json& t = report["timing"];
   t["total_seconds"] = seconds_since(wall0);
@@ -552,6 +556,7 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   t["threads"] = threads;
   t["parallel_over"] = outer ? "layers" : (lanes == 2 ? "heads and blocks, 2 units in flight" : "heads and blocks");
   t["lanes"] = lanes;
+  t["host_huge_pages"] = host_huge_pages();
   // Exclusive per stage, summed over units (thread-seconds when units ran in parallel);
   // estimate:<method> is each estimator's scoring time.
   json stages = json::object();

@@ -31,6 +31,7 @@
 #include <deque>
 #include <future>
 #include <mutex>
+#include <optional>
 
 #include "analyze_internal.hpp"
 #include "proxyattn/analysis/layer_oracle.hpp"
@@ -1056,7 +1057,10 @@ void LayerRun::run() {
 
 void run_layer(const AnalyzeConfig& cfg, const Topics& topics, StoreCtx& store, LayerData&& data, Tables& tables,
                Aggregates& agg, Timing& timing, std::set<std::string>& notes) {
-  LayerRun(cfg, topics, store, std::move(data), tables, agg, timing, notes).run();
+  std::optional<LayerRun> run(std::in_place, cfg, topics, store, std::move(data), tables, agg, timing, notes);
+  run->run();
+  TraceScope trace("layer teardown");  // the layer's host buffers freed, its threads joined
+  run.reset();
 }
 
 }  // namespace proxyattn::analysis::detail

@@ -24,8 +24,10 @@
 #include "proxyattn/attention.hpp"
 #include "proxyattn/checked.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/host_memory.hpp"
 #include "proxyattn/io.hpp"
 #include "proxyattn/store.hpp"
+#include "proxyattn/trace.hpp"
 
 namespace {
 
@@ -119,6 +121,7 @@ void require_sane_numbers(const analysis::AnalyzeConfig& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  reexec_with_huge_pages(argv);  // before MPI, threads and CUDA (host_memory.hpp)
   // Under mpirun every rank runs its share of the (store, layer) units; rank 0 alone prints
   // progress and errors (the others' lines would repeat it) and writes the report.
   std::optional<Distributed> dist_holder;
@@ -180,7 +183,9 @@ int main(int argc, char** argv) {
     }
     const nlohmann::json report = analysis::analyze(c, &dist);
     if (report.is_null()) return 0;  // not rank 0: rank 0 writes the report
+    std::optional<TraceScope> trace(std::in_place, "write report");
     const std::vector<std::string> files = analysis::write_report(report, a.out);
+    trace.reset();
     if (!c.quiet)
       std::printf("%s\n", fmt::format("proxyattn-analyze {}: {} files in {} ({:.1f} s)", c.command, files.size(),
                                       a.out, report["timing"]["total_seconds"].get<double>())

@@ -29,6 +29,7 @@
 #include "eval_set.hpp"
 #include "proxyattn/analysis/report.hpp"
 #include "proxyattn/error.hpp"
+#include "proxyattn/host_memory.hpp"
 #include "proxyattn/model/gguf.hpp"
 #include "proxyattn/model/model.hpp"
 #include "proxyattn/store.hpp"
@@ -121,6 +122,7 @@ std::unique_ptr<model::Model> open(const Common& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  proxyattn::reexec_with_huge_pages(argv);  // before threads and CUDA (host_memory.hpp)
   CLI::App app{"Run a GGUF model with the C++ runtime on prepared token ids", "proxyattn-eval"};
   cli::add_version_flag(app);
   app.require_subcommand(1);

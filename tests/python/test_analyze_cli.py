@@ -225,6 +225,40 @@ def test_two_lanes_give_the_same_report(tmp_path):
     assert c1 == c2 and len(c1) > 5
 
 
+def test_huge_pages_for_the_host_arrays(stores, tmp_path):
+    # Where the kernel backs only madvised memory with huge pages (THP "madvise") and glibc has
+    # the hugetlb tunable (2.35+), the tool re-executes itself once with it (host_memory.hpp);
+    # the report says what the run had. PROXYATTN_HUGEPAGES=0 and a user's own setting win.
+    import platform
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        mode = ""
+    lib, ver = platform.libc_ver()
+    glibc_ok = lib == "glibc" and tuple(int(x) for x in ver.split(".")[:2]) >= (2, 35)
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PROXYATTN_HUGEPAGES",
+                                                             "PROXYATTN_HUGEPAGES_REEXEC")}
+
+    def mode_of(env, name):
+        out = tmp_path / name
+        subprocess.run([str(ANALYZE), "recall", str(stores["a"]), "--out", str(out), "--quiet", *FAST], env=env,
+                       check=True, capture_output=True, timeout=600)
+        return json.loads((out / "report.json").read_text())["timing"]["host_huge_pages"]
+
+    by_default = mode_of(base, "default")
+    if mode == "madvise":
+        assert by_default == ("glibc.malloc.hugetlb=1 (THP madvise)" if glibc_ok else
+                              "off: THP madvise without glibc.malloc.hugetlb")
+        assert mode_of({**base, "PROXYATTN_HUGEPAGES": "0"}, "optout") == "off: THP madvise without glibc.malloc.hugetlb"
+        assert mode_of({**base, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "user") == \
+            "off: THP madvise without glibc.malloc.hugetlb"
+    elif mode == "always":
+        assert by_default == "THP always"
+    else:
+        assert by_default.startswith("off: ")
+
+
 def test_device_cuda(stores, tmp_path):
     # Without a CUDA build or a visible device: one clear error line and no report; with one,
     # the report records the GPU it ran on.
