@@ -127,11 +127,14 @@ class LayerRun {
   template <class F>
   size_t add(SelDesc d, F&& make);
   void similarity();
+  // The similarity topic's tables and aggregates from what similarity() took (reads only the
+  // oracle, its budgets and these, so it may run on another thread).
+  void similarity_tables(const std::vector<float>& probs, const std::vector<const BlockScores*>& proxies);
   void recall_selections();
   void budget_selections();
   void budget_selections_in_phase();
   void pass();
-  void gpu_pass();
+  void gpu_pass();  // the exact quantities on the device, then the GPU estimates started
   // --device cuda: the output errors are computed in batches on a worker thread while the CPU
   // goes on making selections. submit_errors() sends the distinct masks made since the last
   // batch with the rankings known by then (a ranking's prefix masks share one pass); masks that
@@ -235,7 +238,10 @@ class LayerRun {
   // waited for before them and the layer it reads are destroyed.
   std::map<std::string, std::unique_ptr<Prefetch>> prefetch_;
   std::atomic<bool> prefetch_stop_{false};
-  std::future<void> prefetch_worker_;  // last: destroyed (waited for) first
+  std::future<void> prefetch_worker_;
+  // --device cuda: the similarity topic on its own thread (its wall seconds); last: destroyed
+  // (waited for) first.
+  std::future<double> similarity_;
 };
 
 EstimatorConfig LayerRun::config_for(const MethodInfo& method, int groups, double gamma) const {
@@ -531,13 +537,33 @@ size_t LayerRun::add(SelDesc d, F&& make) {
 }
 
 void LayerRun::similarity() {
+  // What the topic reads from this thread's caches, taken here: the last block's probabilities
+  // and every proxy group's scores.
+  const std::vector<float>& probs = last_block_probs();
+  std::vector<const BlockScores*> proxies;
+  for (int g : store_.groups) proxies.push_back(&scores(proxyattn_method(), g, kNaN));
+  if (!cuda()) {
+    similarity_tables(probs, proxies);
+    return;
+  }
+  // --device cuda: on a thread of its own (its tables and aggregates are written by it alone)
+  // while this one goes on with the selections; waited for before the selection rows.
+  const int threads = cpu_threads();
+  similarity_ = std::async(std::launch::async, [this, &probs, proxies, threads] {
+    set_cpu_threads(threads);
+    const auto w0 = std::chrono::steady_clock::now();
+    similarity_tables(probs, proxies);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+  });
+}
+
+void LayerRun::similarity_tables(const std::vector<float>& probs, const std::vector<const BlockScores*>& proxies) {
   const int H = oracle_.mass.heads, nb = oracle_.mass.num_blocks, r = oracle_.shape.group();
   SimilarityOptions so;
   so.topk_fractions = cfg_.topk_fractions;
   so.max_rows = cfg_.sim_rows;
   std::optional<TraceScope> trace(std::in_place, "head similarity");
-  const HeadSimilarity s = head_similarity(oracle_.mass, last_block_probs(),
-                                           oracle_.shape.seq_len, so);
+  const HeadSimilarity s = head_similarity(oracle_.mass, probs, oracle_.shape.seq_len, so);
   trace.reset();
   const size_t F = s.topk_fractions.size();
   std::vector<std::vector<double>> pair_topk(F);
@@ -602,10 +628,7 @@ void LayerRun::similarity() {
   // count and gamma at once (each ranking taken once, at the largest budget), rows in (group,
   // gamma) order.
   std::vector<ScoreView> views;
-  for (int g : store_.groups) {
-    const BlockScores& sc = scores(proxyattn_method(), g, kNaN);
-    views.push_back({sc.score.data(), sc.heads, sc.num_blocks, H});
-  }
+  for (const BlockScores* sc : proxies) views.push_back({sc->score.data(), sc->heads, sc->num_blocks, H});
   std::vector<const OracleBudget*> at_gammas;
   for (const OracleBudget& b : obudget_) at_gammas.push_back(&b);
   trace.emplace("ranking fidelity");
@@ -795,10 +818,18 @@ void LayerRun::gpu_pass() {
       set_cpu_threads(threads);
       return last_block_token_probs_cpu(q_, k_, cfg_.block);
     });
+    if (errors_) {
+      // The output errors' reference first: its pass writes the row LSE the block mass reads,
+      // so the layer needs no LSE pass of its own.
+      TraceScope trace("full output + row lse", true);
+      gpu().compute_full_output();
+    }
     TraceScope trace("block mass + row lse", true);
     oracle_.mass = gpu().block_mass(cfg_.block);
     oracle_.lse = gpu().row_lse();
   }
+  // The GPU estimates start before the oracle budgets: the device works while the CPU ranks.
+  start_gpu_estimates();
   Timing::Scope scope(tm_, "oracle");
   TraceScope trace("oracle budgets");
   A_.store_blocks[store_.label] = oracle_.mass.num_blocks;
@@ -956,6 +987,12 @@ void LayerRun::evaluate() {
     }
   }
 
+  if (similarity_.valid()) {
+    Timing::Scope sim(tm_, "similarity");
+    TraceScope trace("wait for head similarity");
+    tm_.stages["similarity (background)"].wall += similarity_.get();
+  }
+
   TraceScope trace_rows("table rows");
 
   for (size_t i = 0; i < S; ++i) {
@@ -1034,10 +1071,7 @@ void LayerRun::run() {
   errors_ = topics_.error && store_.error_ok && data_.v.has_value();
   // The same phases on both devices, so the rows come in the same order; on the GPU the exact
   // quantities come first and nothing waits for a pass.
-  if (cuda()) {
-    gpu_pass();
-    start_gpu_estimates();
-  }
+  if (cuda()) gpu_pass();
   phase_ = Phase::before;
   if (topics_.recall) recall_selections();
   if (topics_.budget) budget_selections();

@@ -198,7 +198,8 @@ struct CudaLayer::Impl {
     if (!own_lse.data()) own_lse = lse_of(q.data(), k.data(), s.q_heads, s.kv_heads, 0);
     return own_lse;
   }
-  // The full attention output [Hq, N, d] in float32: the reference of every output error.
+  // The full attention output [Hq, N, d] in float32: the reference of every output error. The
+  // pass writes the row LSE too: kept when not yet known (then no LSE pass of its own).
   mutable kk::DeviceBuffer own_full_output;
   const kk::DeviceBuffer& full_output() const {
     std::lock_guard lock(cache_mutex);
@@ -207,7 +208,13 @@ struct CudaLayer::Impl {
       kk::AttentionParams p = attn_params();
       p.o = own_full_output.data();
       p.out_type = kk::ElemType::f32;
+      kk::DeviceBuffer lse;
+      if (!own_lse.data()) {
+        lse = alloc(sizeof(float) * s.q_heads * s.seq_len, "lse");
+        p.lse = lse.as<float>();
+      }
       check(kk::full_attention(p), "full_attention");
+      if (lse.data()) own_lse = std::move(lse);
     }
     return own_full_output;
   }
@@ -478,6 +485,13 @@ size_t cuda_device_memory_bytes() noexcept {
   kk::DeviceInfo info;
   if (kk::device_info(dev, &info) != kk::Status::ok) return 0;
   return info.global_mem;
+}
+
+void CudaLayer::compute_full_output() const {
+  if (!impl_->has_v) throw Error("cuda: compute_full_output needs V (the layer was uploaded without it)");
+  KernelTimer t;
+  (void)impl_->full_output();
+  impl_->last_ms = t.stop();
 }
 
 std::vector<float> CudaLayer::row_lse() const {

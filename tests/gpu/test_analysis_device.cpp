@@ -4,7 +4,8 @@
 //     output, a float64 reduction per head on the device) vs analysis::output_errors, masks of
 //     several densities, one with empty rows and the full causal mask (error 0);
 //   - the same with masks that are prefixes of a rank order (one shared pass per order);
-//   - the oracle's block max with GQA (CudaLayer::maxpool_block_scores) vs LayerOracle::block_max.
+//   - the oracle's block max with GQA (CudaLayer::maxpool_block_scores) vs LayerOracle::block_max;
+//   - the block mass and row LSE taken from the full output's pass (compute_full_output).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "gpu_test_util.hpp"
 #include "proxyattn/analysis/layer_oracle.hpp"
+#include "proxyattn/attention.hpp"
 #include "proxyattn/block_mask.hpp"
 #include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/select.hpp"
@@ -175,6 +177,35 @@ TEST_P(OutputError, BlockMaxMatchesCpuPass) {
   }
   std::printf("block max GPU vs CPU pass: max rel %.3g, %d of %zu over tolerance\n", max_rel, over, got.size());
   EXPECT_EQ(over, 0);
+}
+
+// compute_full_output first (the analysis with V): the block mass and row LSE then come from the
+// full-attention pass's LSE, not a pass of their own. Both against the layer without V (its own
+// LSE pass) and the CPU spec; the output errors after it unchanged.
+TEST_P(OutputError, FullOutputGivesTheRowLse) {
+  PROXYATTN_REQUIRE_GPU();
+  const Case c = GetParam();
+  const Tensor3 q = test::random_rounded(c.hq, c.n, c.d, DType::f16, 1.5f),
+                k = test::random_rounded(c.hkv, c.n, c.d, DType::f16), v = test::random_rounded(c.hkv, c.n, c.d, DType::f16);
+  const CudaLayer with_v(q, k, v, DType::f16), no_v(q, k, ConstView{}, DType::f16);
+  with_v.compute_full_output();
+  const std::vector<float> lse = with_v.row_lse(), own = no_v.row_lse();
+  const BlockMass mass = with_v.block_mass(c.block), own_mass = no_v.block_mass(c.block);
+  const BlockMass ref = block_mass_cpu(q, k, c.block);
+  ASSERT_EQ(lse.size(), own.size());
+  double max_lse = 0;
+  for (size_t x = 0; x < lse.size(); ++x) max_lse = std::max(max_lse, double(std::abs(lse[x] - own[x])));
+  EXPECT_LT(max_lse, 1e-4) << "row LSE of the full pass vs the LSE pass";
+  test::expect_rel("block mass (full pass LSE) vs LSE pass", mass.mass, own_mass.mass, 1e-4);
+  test::expect_rel("block mass (full pass LSE) vs cpu", mass.mass, ref.mass, test::rel_tol(DType::f16));
+  const BlockMask m = random_mask(c.hq, c.n, c.block, 0.4, false);
+  const analysis::LayerOracle oracle = analysis::layer_oracle(q, k, c.block);
+  const analysis::OutputErrors e_ref = analysis::output_errors(q, k, v, oracle, {&m});
+  const MaskErrors e = with_v.output_errors({&m});
+  for (int h = 0; h < c.hq; ++h)
+    EXPECT_NEAR(e.rel_error[0][size_t(h)], e_ref.rel_error[0][size_t(h)], 3e-3 + 2e-2 * e_ref.rel_error[0][size_t(h)])
+        << "head " << h;
+  EXPECT_THROW(no_v.compute_full_output(), Error);
 }
 
 TEST(OutputErrorArgs, RejectsAMaskOfAnotherShape) {

@@ -103,6 +103,10 @@ class CudaLayer {
   MaskErrors output_errors(const std::vector<const BlockMask*>& masks,
                            const std::vector<const std::vector<int32_t>*>& orders = {}) const;
   BlockMass block_mass(int block) const;
+  // The output errors' reference (the full output, kept on the device) computed now rather than
+  // by the first output_errors call. Its pass writes the row LSE as well: called before
+  // block_mass / row_lse, they need no LSE pass of their own. Needs V.
+  void compute_full_output() const;
 
   // estimator.hpp: make_estimator("proxy")->estimate(q, k, config) (score broadcast to the
   // member heads, group_of_head filled). Groups are scored 128 at a time.
