@@ -21,6 +21,7 @@ const char* last_error_detail() noexcept { return "proxyattn was built without C
 int device_count() noexcept { return 0; }
 Status device_info(int, DeviceInfo*) noexcept { return Status::no_cuda; }
 Status set_device(int) noexcept { return Status::no_cuda; }
+Status init_context() noexcept { return Status::no_cuda; }
 Status current_device(int*) noexcept { return Status::no_cuda; }
 int elem_size(ElemType t) noexcept { return t == ElemType::f32 ? 4 : 2; }
 

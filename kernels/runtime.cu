@@ -85,6 +85,8 @@ int device_count() noexcept {
 
 Status set_device(int device) noexcept { return from_cuda(cudaSetDevice(device), "cudaSetDevice"); }
 
+Status init_context() noexcept { return from_cuda(cudaFree(nullptr), "cudaFree(0)"); }
+
 Status current_device(int* current) noexcept {
   if (!current) return fail(Status::invalid_argument, "current_device: null output");
   return from_cuda(cudaGetDevice(current), "cudaGetDevice");

@@ -204,6 +204,9 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   cfg.groups.erase(std::unique(cfg.groups.begin(), cfg.groups.end()), cfg.groups.end());
   const auto wall0 = std::chrono::steady_clock::now();
   const double cpu0 = cpu_now();
+  // --device cuda: the driver makes the context while the stores are opened and read.
+  std::future<void> context;
+  if (cfg.device == "cuda") context = start_cuda_context();
 
   // Open and check every store before the heavy work.
   std::vector<StoreCtx> stores;

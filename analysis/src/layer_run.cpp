@@ -804,20 +804,21 @@ void LayerRun::gpu_pass() {
   {
     Timing::Scope scope(tm_, "oracle:cuda");
     oracle_.shape = check_qkv(q_, k_);
-    {
-      // First, with every core for its rounding: everything on the GPU waits for it.
-      TraceScope trace("upload layer");
-      gpu();
-    }
-    if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
     // The last query block's token probabilities (top-k token overlap, dynamic/token budgets):
     // B rows against every key, float64 on the CPU as the spec computes them; on another
-    // thread while the kernels run, waited for where they are first read (last_block_probs).
+    // thread from the start (the selections wait for them first), waited for where they are
+    // first read (last_block_probs).
     const int threads = cpu_threads();
     last_block_ = std::async(std::launch::async, [this, threads] {
       set_cpu_threads(threads);
       return last_block_token_probs_cpu(q_, k_, cfg_.block);
     });
+    {
+      // Before the other CPU work: everything on the GPU waits for it.
+      TraceScope trace("upload layer");
+      gpu();
+    }
+    if (topics_.recall) start_cpu_estimates();  // only the recall topic scores the peers
     if (errors_) {
       // The output errors' reference first: its pass writes the row LSE the block mass reads,
       // so the layer needs no LSE pass of its own.

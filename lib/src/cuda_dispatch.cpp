@@ -72,7 +72,10 @@ kk::DeviceBuffer upload_view(ConstView v, kk::ElemType t, kk::StagedUpload& stag
     for (int64_t r = r0; r < r1; ++r) {
       const float* src = v.row(r / v.tokens, r % v.tokens);
       uint16_t* dst = half + size_t(r - r0) * v.dim;
-      for (int64_t c = 0; c < v.dim; ++c) dst[c] = f16 ? float_to_half(src[c]) : float_to_bf16(src[c]);
+      if (f16)
+        floats_to_halves(src, dst, size_t(v.dim));
+      else
+        for (int64_t c = 0; c < v.dim; ++c) dst[c] = float_to_bf16(src[c]);
     }
     check(staging.push(static_cast<char*>(out.data()) + r0 * row_bytes, size_t((r1 - r0) * row_bytes)),
           "uploading " + what);
@@ -149,6 +152,14 @@ int current_cuda_device() noexcept {
   if (kk::device_count() <= 0) return -1;
   int dev = -1;
   return kk::current_device(&dev) == kk::Status::ok ? dev : -1;
+}
+
+std::future<void> start_cuda_context() {
+  const int device = current_cuda_device();
+  return std::async(std::launch::async, [device] {
+    if (device < 0 || kk::set_device(device) != kk::Status::ok) return;
+    (void)kk::init_context();
+  });
 }
 
 void use_cuda_device(int device) {

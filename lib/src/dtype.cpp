@@ -6,6 +6,10 @@
 
 #include "proxyattn/error.hpp"
 
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace proxyattn {
 
 std::string_view dtype_name(DType t) {
@@ -75,6 +79,23 @@ uint16_t float_to_half(float f) {
   const uint32_t halfway = 1u << (shift - 1);
   if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
   return sign | static_cast<uint16_t>(q);
+}
+
+void floats_to_halves(const float* src, uint16_t* dst, size_t n) {
+  size_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  // Hardware rounding to nearest even gives float_to_half's result for every non-NaN input
+  // (overflow to Inf, half subnormals, float32 subnormals to ±0); NaN payloads follow ours.
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) {
+      for (size_t j = i; j < i + 8; ++j) dst[j] = float_to_half(src[j]);
+      continue;
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
 float bf16_to_float(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }

@@ -3,6 +3,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "proxyattn/dtype.hpp"
 #include "test_util.hpp"
@@ -85,6 +86,29 @@ TEST(DType, FloatToHalfMatchesExactRounding) {
   EXPECT_EQ(float_to_half(-1e6f), 0xfc00);
   EXPECT_EQ(float_to_half(65504.0f), 0x7bff);
   EXPECT_TRUE(std::isnan(half_to_float(float_to_half(NAN))));
+}
+
+// The bulk conversion (F16C where the build has it) equals float_to_half bit for bit: random
+// bit patterns (NaNs with payloads, both infinities, float32 subnormals included), the ties
+// between neighbouring halves, and lengths that leave a scalar tail.
+TEST(DType, BulkFloatToHalfMatchesScalar) {
+  std::uniform_int_distribution<uint32_t> bits;
+  std::vector<float> src;
+  for (int n = 0; n < 1'000'003; ++n) src.push_back(std::bit_cast<float>(bits(test::rng())));
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const double a = half_to_float(static_cast<uint16_t>(h)), b = half_to_float(static_cast<uint16_t>(h + 1));
+    src.push_back(static_cast<float>((a + b) / 2));
+    src.push_back(-static_cast<float>((a + b) / 2));
+  }
+  for (float f : {0.0f, -0.0f, 65504.0f, 65519.996f, 65520.0f, 1e-45f, -1e-45f, 5.9604645e-8f, 2.9802322e-8f, INFINITY,
+                  -INFINITY, NAN, std::bit_cast<float>(0x7f800001u), std::bit_cast<float>(0xffbfffffu)})
+    src.push_back(f);
+  for (size_t len : {src.size(), size_t(7), size_t(8), size_t(13)}) {
+    std::vector<uint16_t> got(len);
+    floats_to_halves(src.data(), got.data(), len);
+    for (size_t i = 0; i < len; ++i)
+      ASSERT_EQ(got[i], float_to_half(src[i])) << "value " << i << " bits " << std::bit_cast<uint32_t>(src[i]);
+  }
 }
 
 TEST(DType, Bf16AllPatterns) {

@@ -49,6 +49,9 @@ Status device_info(int device, DeviceInfo* out) noexcept;
 // `current` receives the current device.
 Status set_device(int device) noexcept;
 Status current_device(int* current) noexcept;
+// Creates the current device's context now (the first allocation would otherwise: a tool can
+// overlap that with its reads).
+Status init_context() noexcept;
 
 enum class ElemType : int { f32 = 0, f16 = 1, bf16 = 2 };
 

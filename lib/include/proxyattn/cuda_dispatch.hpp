@@ -22,6 +22,7 @@
 // differ from the CPU's only where the CPU's own decision is a near tie (a cumulative sum within
 // float rounding of its threshold, or two scores within float rounding of each other at the
 // boundary of a top-k or of a coverage cut).
+#include <future>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -57,6 +58,11 @@ int use_cuda_device_for_rank(int local_rank);
 // another host thread (the CUDA device is per thread): no-op for -1.
 int current_cuda_device() noexcept;
 void use_cuda_device(int device);
+// The calling thread's device's context created on another thread, now: the ~0.1-0.3 s of
+// driver work overlaps what the caller does next (reading a store) instead of delaying the
+// first upload. Failures are left to the calls that follow (they report them). Wait for the
+// future before the process ends.
+std::future<void> start_cuda_context();
 
 // Output error of block masks against full attention (CudaLayer::output_errors).
 struct MaskErrors {
