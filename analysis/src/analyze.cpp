@@ -560,6 +560,7 @@ json analyze(const AnalyzeConfig& cfg_in, const Distributed* dist) {
   t["parallel_over"] = outer ? "layers" : (lanes == 2 ? "heads and blocks, 2 units in flight" : "heads and blocks");
   t["lanes"] = lanes;
   t["host_huge_pages"] = host_huge_pages();
+  t["cuda_module_loading"] = cuda_module_loading();
   // Exclusive per stage, summed over units (thread-seconds when units ran in parallel);
   // estimate:<method> is each estimator's scoring time.
   json stages = json::object();

@@ -122,6 +122,7 @@ void require_sane_numbers(const analysis::AnalyzeConfig& c) {
 
 int main(int argc, char** argv) {
   reexec_with_huge_pages(argv);  // before MPI, threads and CUDA (host_memory.hpp)
+  load_cuda_kernels_eagerly();   // before any CUDA call (cuda_dispatch.hpp)
   // Under mpirun every rank runs its share of the (store, layer) units; rank 0 alone prints
   // progress and errors (the others' lines would repeat it) and writes the report.
   std::optional<Distributed> dist_holder;

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <optional>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "proxyattn/dtype.hpp"
@@ -152,6 +153,15 @@ int current_cuda_device() noexcept {
   if (kk::device_count() <= 0) return -1;
   int dev = -1;
   return kk::current_device(&dev) == kk::Status::ok ? dev : -1;
+}
+
+std::string cuda_module_loading() {
+  const char* mode = std::getenv("CUDA_MODULE_LOADING");
+  return mode && *mode ? mode : "default";
+}
+
+void load_cuda_kernels_eagerly() {
+  if (!std::getenv("CUDA_MODULE_LOADING")) setenv("CUDA_MODULE_LOADING", "EAGER", 1);
 }
 
 std::future<void> start_cuda_context() {

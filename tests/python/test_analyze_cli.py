@@ -259,6 +259,21 @@ def test_huge_pages_for_the_host_arrays(stores, tmp_path):
         assert by_default.startswith("off: ")
 
 
+def test_cuda_kernels_loaded_eagerly(stores, tmp_path):
+    # The tools set CUDA_MODULE_LOADING=EAGER before any CUDA call (lazy loading hung the driver
+    # with kernels launched from several threads: cuda_dispatch.hpp); a user's own value stands.
+    base = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"}
+
+    def loading(env, name):
+        out = tmp_path / name
+        subprocess.run([str(ANALYZE), "recall", str(stores["a"]), "--out", str(out), "--quiet", *FAST], env=env,
+                       check=True, capture_output=True, timeout=600)
+        return json.loads((out / "report.json").read_text())["timing"]["cuda_module_loading"]
+
+    assert loading(base, "default") == "EAGER"
+    assert loading({**base, "CUDA_MODULE_LOADING": "LAZY"}, "user") == "LAZY"
+
+
 def test_device_cuda(stores, tmp_path):
     # Without a CUDA build or a visible device: one clear error line and no report; with one,
     # the report records the GPU it ran on.
