@@ -587,7 +587,6 @@ int run(int argc, char** argv, const Distributed& dist) {
 
 int main(int argc, char** argv) {
   using proxyattn::cli::guarded;
-  proxyattn::load_cuda_kernels_eagerly();  // before any CUDA call (cuda_dispatch.hpp)
   // MPI_Init only under a launcher (mpirun/srun); otherwise one rank and no MPI call.
   std::optional<proxyattn::Distributed> dist;
   if (const int rc = guarded("proxyattn-bench", [&] {

@@ -28,7 +28,6 @@
 #include "cli_common.hpp"
 #include "eval_set.hpp"
 #include "proxyattn/analysis/report.hpp"
-#include "proxyattn/cuda_dispatch.hpp"
 #include "proxyattn/error.hpp"
 #include "proxyattn/host_memory.hpp"
 #include "proxyattn/model/gguf.hpp"
@@ -124,7 +123,6 @@ std::unique_ptr<model::Model> open(const Common& c) {
 
 int main(int argc, char** argv) {
   proxyattn::reexec_with_huge_pages(argv);  // before threads and CUDA (host_memory.hpp)
-  proxyattn::load_cuda_kernels_eagerly();   // before any CUDA call (cuda_dispatch.hpp)
   CLI::App app{"Run a GGUF model with the C++ runtime on prepared token ids", "proxyattn-eval"};
   cli::add_version_flag(app);
   app.require_subcommand(1);

@@ -58,14 +58,16 @@ int use_cuda_device_for_rank(int local_rank);
 // another host thread (the CUDA device is per thread): no-op for -1.
 int current_cuda_device() noexcept;
 void use_cuda_device(int device);
-// Call first in main(), before any CUDA call: sets CUDA_MODULE_LOADING=EAGER unless the user
-// set it. The tools launch kernels from several host threads at once, and with CUDA's default
-// lazy loading the first launch of a kernel not yet loaded, beside the other threads' work, hung
-// the driver (H200, driver 580, one 128K layer of analyze --device cuda: 3 of 7 runs; the GPU
-// idle, the launching thread blocked inside cudaFuncSetAttribute, a driver thread spinning).
-// Eager loading puts the library's kernels (~20 MB of sm_90a code) into the context when it is
-// created, which the tools overlap with reading the store: 0 hangs in 17 runs, no measurable cost
-// (5.85 against 5.83 s on one machine).
+// Call first in main(), before any CUDA call, in a tool that launches kernels from several host
+// threads at once (proxyattn-analyze): sets CUDA_MODULE_LOADING=EAGER unless the user set it.
+// With CUDA's default lazy loading, the first launch of a kernel not yet loaded, beside the other
+// threads' work, hung the driver (H200, driver 580, one 128K layer of analyze --device cuda: 3 of
+// 7 runs; the GPU idle, the launching thread blocked inside cudaFuncSetAttribute, a driver thread
+// spinning). Eager loading puts the library's kernels (~20 MB of sm_90a code) into the context
+// when it is created, which analyze overlaps with reading the store: 0 hangs in 17 runs, no
+// measurable cost (5.85 against 5.83 s on one machine). Not for a process that calls cuBLASLt
+// (the model runtime): eagerly, its first matmul loads all of cuBLASLt's kernels (+2.8 s in the
+// GPU tests).
 void load_cuda_kernels_eagerly();
 // The CUDA_MODULE_LOADING the process runs with ("EAGER", "LAZY", or "default" when unset).
 std::string cuda_module_loading();
